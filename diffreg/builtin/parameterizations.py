@@ -1,0 +1,28 @@
+"""Built-in mean types (``eps``, ``x0``, ``v``) and variance types (``fixed_small``,
+``fixed_large``, ``learned``, ``learned_range``)."""
+
+from diffreg import hookimpl
+from diffreg.parameterization import (
+    EpsPrediction,
+    FixedLargeVariance,
+    FixedSmallVariance,
+    LearnedRangeVariance,
+    LearnedVariance,
+    VPrediction,
+    XStartPrediction,
+)
+
+
+@hookimpl
+def diffreg_register_parameterizations(register):
+    register("eps", EpsPrediction, paper="Ho et al. 2020")
+    register("x0", XStartPrediction)
+    register("v", VPrediction, paper="Salimans & Ho 2022")
+
+
+@hookimpl
+def diffreg_register_variances(register):
+    register("fixed_small", FixedSmallVariance, learned=False)
+    register("fixed_large", FixedLargeVariance, learned=False)
+    register("learned", LearnedVariance, learned=True, paper="Nichol & Dhariwal 2021")
+    register("learned_range", LearnedRangeVariance, learned=True, paper="Nichol & Dhariwal 2021")

@@ -1,0 +1,103 @@
+"""Built-in noise schedules: ``linear``, ``cosine``, ``scaled_linear``, ``sigmoid``, ``explicit``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffreg import hookimpl
+from diffreg.schedule import NoiseSchedule, betas_for_alpha_bar, cosine_alpha_bar
+
+
+class LinearSchedule(NoiseSchedule):
+    """Betas linear from ``beta_start * 1000 / T`` to ``beta_end * 1000 / T`` (Ho et al. 2020,
+    section 4; guided-diffusion's scaling so any T matches T = 1000)."""
+
+    def __init__(self, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 rescale_zero_terminal_snr: bool = False):
+        if not 0 < beta_start <= beta_end:
+            raise ValueError(f"need 0 < beta_start <= beta_end, got {beta_start} and {beta_end}")
+        self.beta_start, self.beta_end = beta_start, beta_end
+        if isinstance(num_timesteps, int) and num_timesteps >= 2 and 1000 / num_timesteps * beta_end >= 1:
+            raise ValueError(
+                f"linear schedule with num_timesteps={num_timesteps}: the last beta would be "
+                f"{1000 / num_timesteps * beta_end:.3g} >= 1 (betas are scaled by 1000 / T); "
+                "use more timesteps or the cosine schedule"
+            )
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def compute_betas(self, num_timesteps):
+        scale = 1000 / num_timesteps
+        return np.linspace(scale * self.beta_start, scale * self.beta_end, num_timesteps, dtype=np.float64)
+
+
+class CosineSchedule(NoiseSchedule):
+    """alpha_bar(t) = cos(((t + s) / (1 + s)) pi / 2)^2, betas clipped at ``max_beta`` (Nichol &
+    Dhariwal 2021, eq. 17)."""
+
+    def __init__(self, num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999,
+                 rescale_zero_terminal_snr: bool = False):
+        if not 0 < max_beta <= 1:
+            raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
+        if not s >= 0:
+            raise ValueError(f"s must be >= 0, got {s}")
+        self.s, self.max_beta = s, max_beta
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def compute_betas(self, num_timesteps):
+        return betas_for_alpha_bar(num_timesteps, lambda t: cosine_alpha_bar(t, self.s), self.max_beta)
+
+
+class ScaledLinearSchedule(NoiseSchedule):
+    """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (latent diffusion, Rombach et al.
+    2022; diffusers' ``scaled_linear``)."""
+
+    def __init__(self, num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 rescale_zero_terminal_snr: bool = False):
+        if not 0 < beta_start <= beta_end <= 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
+        self.beta_start, self.beta_end = beta_start, beta_end
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def compute_betas(self, num_timesteps):
+        return np.linspace(self.beta_start**0.5, self.beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+class SigmoidSchedule(NoiseSchedule):
+    """Betas = sigmoid(linspace(-6, 6)) scaled to [beta_start, beta_end] (as in diffusers' and
+    GeoDiff's ``sigmoid`` schedule)."""
+
+    def __init__(self, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 rescale_zero_terminal_snr: bool = False):
+        if not 0 < beta_start <= beta_end <= 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
+        self.beta_start, self.beta_end = beta_start, beta_end
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def compute_betas(self, num_timesteps):
+        x = np.linspace(-6, 6, num_timesteps, dtype=np.float64)
+        return 1 / (1 + np.exp(-x)) * (self.beta_end - self.beta_start) + self.beta_start
+
+
+class ExplicitSchedule(NoiseSchedule):
+    """The given ``betas`` (a list of T floats in (0, 1])."""
+
+    def __init__(self, num_timesteps: int, *, betas: Sequence[float],
+                 rescale_zero_terminal_snr: bool = False):
+        if len(betas) != num_timesteps:
+            raise ValueError(f"explicit schedule: got {len(betas)} betas for num_timesteps={num_timesteps}")
+        self._given = np.asarray(betas, dtype=np.float64)
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def compute_betas(self, num_timesteps):
+        return self._given
+
+
+@hookimpl
+def diffreg_register_schedules(register):
+    register("linear", LinearSchedule, paper="Ho et al. 2020")
+    register("cosine", CosineSchedule, paper="Nichol & Dhariwal 2021")
+    register("scaled_linear", ScaledLinearSchedule, paper="Rombach et al. 2022")
+    register("sigmoid", SigmoidSchedule, paper="Xu et al. 2022 (GeoDiff)")
+    register("explicit", ExplicitSchedule)

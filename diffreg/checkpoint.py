@@ -1,0 +1,218 @@
+"""Checkpoints: one ``.safetensors`` file that carries its own configuration.
+
+The header metadata holds (as strings, the only type safetensors metadata allows):
+
+- ``diffreg.kind``: ``"model"`` (a training-state file says ``"training_state"``);
+- ``diffreg.format_version``: the checkpoint format (this diffreg writes :data:`FORMAT_VERSION`);
+- ``diffreg.version``: the diffreg that wrote it;
+- ``diffreg.config``: the :class:`~diffreg.config.CheckpointConfig` as JSON (diffusion, model,
+  data), so loading needs no flags.
+
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffreg import registry
+from diffreg.config import CheckpointConfig
+from diffreg.diffusion import Diffusion
+from diffreg.errors import CheckpointError, ConfigError
+from diffreg.fileio import atomic_path
+
+FORMAT_VERSION = 1
+BUNDLED_DIGITS = "digits.safetensors"
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns: ``model, diffusion, config = load_checkpoint(path)``."""
+
+    model: torch.nn.Module
+    diffusion: Diffusion
+    config: CheckpointConfig
+
+
+def bundled_checkpoint_path() -> Path:
+    """Path of the digits model shipped inside the package."""
+    return Path(str(resources.files("diffreg") / "assets" / BUNDLED_DIGITS))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, EMA wrappers
+        model = model.module
+    return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    config: CheckpointConfig | dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model``'s weights and ``config`` to one ``.safetensors`` file, atomically.
+
+    Args:
+        path: the file to write (replaced atomically if it exists).
+        model: the network (a DDP wrapper is unwrapped).
+        config: a :class:`~diffreg.CheckpointConfig` or a dict with ``diffusion``, ``model``
+            (``{"name": ..., **options}``) and optionally ``data``.
+        dtype: store floating-point tensors in this dtype (e.g. ``torch.float16`` to halve the
+            file); loading casts back to the requested dtype.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: an invalid configuration. FileNotFoundError: the folder does not exist.
+    """
+    cfg = CheckpointConfig.coerce(config)
+    cfg.diffusion.validate()
+    registry.check_options(registry.get("model", cfg.model.name), cfg.model.options)
+    state = {}
+    for key, tensor in _unwrap(model).state_dict().items():
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous().cpu()
+    from diffreg import __version__
+
+    metadata = {
+        "diffreg.kind": "model",
+        "diffreg.format_version": str(FORMAT_VERSION),
+        "diffreg.version": __version__,
+        "diffreg.config": cfg.to_json(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors.
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: not a safetensors file, or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "diffreg checkpoints are .safetensors files written by save_checkpoint"
+        ) from exc
+
+
+def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
+    """The :class:`~diffreg.CheckpointConfig` stored in a checkpoint.
+
+    Raises:
+        CheckpointError: not a diffreg model checkpoint, a training-state file, a newer format.
+    """
+    meta = read_metadata(path)
+    kind = meta.get("diffreg.kind")
+    if kind == "training_state":
+        raise CheckpointError(
+            f"{str(path)!r} is a training-state file (optimizer, EMA and RNG state for --resume), "
+            "not a model checkpoint; pass the model checkpoint written beside it"
+        )
+    if "diffreg.config" not in meta:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file without a diffreg configuration in its metadata; "
+            "it was not written by diffreg.save_checkpoint"
+        )
+    try:
+        version = int(meta.get("diffreg.format_version", "1"))
+    except ValueError:
+        raise CheckpointError(f"{str(path)!r}: bad format version {meta.get('diffreg.format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {version}, newer than this diffreg "
+            f"understands ({FORMAT_VERSION}); written by diffreg {meta.get('diffreg.version', '?')}: upgrade diffreg"
+        )
+    try:
+        return CheckpointConfig.from_dict(json.loads(meta["diffreg.config"]))
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{str(path)!r}: its stored configuration is invalid: {exc}") from exc
+
+
+def _mismatch_report(model: torch.nn.Module, tensors: dict[str, tuple[int, ...]], cfg: CheckpointConfig) -> str | None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(tensors) if expected[k] != tensors[k])
+    if not (missing or unexpected or misshaped):
+        return None
+    lines = []
+    if missing:
+        lines.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    for k in misshaped[:8]:
+        lines.append(f"shape of {k}: file {tensors[k]}, model {expected[k]}")
+    options = ", ".join(f"{k}={v!r}" for k, v in cfg.model.options.items())
+    lines.append(
+        f"the model was built as {cfg.model.name!r} with {options or 'default options'} and variance "
+        f"{cfg.diffusion.variance.name!r}; options that change these tensors include "
+        "model_channels, channel_mult, num_res_blocks, attention_resolutions, num_classes, "
+        "in_channels and out_channels (doubled by a learned variance)"
+    )
+    return "; ".join(lines)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """Load a checkpoint: the model (in eval mode), its diffusion and its configuration.
+
+    Args:
+        path: a ``.safetensors`` file from :func:`save_checkpoint`; ``None`` loads the bundled
+            digits model.
+        device: where to put the model (default CPU). dtype: floating dtype of the weights
+            (default float32; fp16/bf16 work with every sampler, whose state stays fp32).
+
+    Returns:
+        :class:`LoadedCheckpoint` ``(model, diffusion, config)``.
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: not safetensors, truncated, a newer
+        format, a training-state file, or tensors that do not fit the stored configuration (all
+        mismatches reported together, naming the options that would explain them).
+    """
+    path = bundled_checkpoint_path() if path is None else Path(path)
+    cfg = read_config(path)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    model = registry.create("model", cfg.model.name, **cfg.model.options)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            problem = _mismatch_report(model, shapes, cfg)
+            if problem:
+                raise CheckpointError(f"{str(path)!r} does not fit its configuration: {problem}")
+            state = {k: f.get_tensor(k) for k in keys}
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+    target_dtype = dtype or torch.float32
+    state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    model.to(device=device or "cpu", dtype=target_dtype)
+    model.eval()
+    return LoadedCheckpoint(model, diffusion, cfg)

@@ -1,0 +1,263 @@
+"""Configuration by name: frozen attrs classes that round-trip through dicts, JSON and TOML.
+
+A component is written as its name (``"cosine"``) or as a table with a ``name`` and options
+(``{"name": "cosine", "max_beta": 0.999}``). Configurations hold names and options only; every
+derived table is computed from them when a :class:`~diffreg.Diffusion` is built, so the two can
+never disagree. Change a configuration with ``attrs.evolve``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from diffreg.errors import ConfigError, closest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Version of the configuration format written by this diffreg. Newer files are refused.
+FORMAT_VERSION = 1
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """Check that ``value`` is a JSON/TOML value (tuples become lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v, where) for k, v in value.items()}
+    raise ConfigError(f"{where}: option values must be JSON values, got {type(value).__name__}")
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A component chosen by name, with options: ``ComponentSpec("cosine", {"max_beta": 0.99})``.
+
+    ``name`` may be bare or qualified (``plugin:name``); ``options`` are keyword arguments of the
+    component's factory (JSON values).
+    """
+
+    name: str = attrs.field()
+    options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+
+    @name.validator
+    def _check_name(self, attribute, value):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"a component name must be a non-empty string, got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "options", _json_value(dict(self.options), f"component {self.name!r}"))
+
+    @classmethod
+    def coerce(cls, value: Any, field: str = "component") -> ComponentSpec:
+        """Accept a name, a ``{"name": ..., **options}`` mapping, or a ComponentSpec.
+
+        Raises :class:`~diffreg.errors.ConfigError` for anything else.
+        """
+        if isinstance(value, ComponentSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            if "name" not in value:
+                raise ConfigError(f"{field}: a table needs a 'name' key, got keys {sorted(value)}")
+            options = {k: v for k, v in value.items() if k != "name"}
+            if "options" in options and isinstance(options["options"], Mapping) and len(options) == 1:
+                options = dict(options["options"])
+            return cls(value["name"], options)
+        raise ConfigError(
+            f"{field}: expected a name or a table with 'name', got {type(value).__name__}: {value!r}"
+        )
+
+    def to_dict(self) -> str | dict[str, Any]:
+        """The name alone when there are no options, else ``{"name": ..., **options}``."""
+        if not self.options:
+            return self.name
+        return {"name": self.name, **self.options}
+
+
+def _spec(field: str, default: str):
+    return attrs.field(
+        default=ComponentSpec(default),
+        converter=lambda v: ComponentSpec.coerce(v, field),
+    )
+
+
+def _check_num_timesteps(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"num_timesteps must be an int >= 2, got {value!r}")
+
+
+def _check_format_version(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"format_version must be a positive int, got {value!r}")
+    if value > FORMAT_VERSION:
+        raise ConfigError(
+            f"configuration format_version {value} is newer than this diffreg understands "
+            f"({FORMAT_VERSION}); upgrade diffreg"
+        )
+
+
+class _DictMixin:
+    """to_dict / from_dict / JSON / TOML for the flat config classes below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(self)):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            out[field.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build from a mapping; unknown keys and a newer ``format_version`` raise ConfigError."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+        known = [f.name for f in attrs.fields(cls)]  # type: ignore[arg-type]
+        for key in data:
+            if key not in known:
+                hint = closest(key, known)
+                raise ConfigError(
+                    f"{cls.__name__} has no field {key!r}; known: {', '.join(known)}"
+                    + (f"; did you mean {hint!r}?" if hint else "")
+                )
+        version = data.get("format_version", FORMAT_VERSION)
+        _check_format_version(None, None, version)
+        return cls(**{k: _from_value(cls, k, v) for k, v in data.items()})
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON configuration: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    @classmethod
+    def from_toml(cls, text: str):
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML configuration: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: leave out keys whose value is None (their default is None too)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _from_value(cls: type, key: str, value: Any) -> Any:
+    nested = getattr(cls, "_nested", {})
+    if key in nested and isinstance(value, Mapping):
+        return nested[key].from_dict(value)
+    return value
+
+
+@attrs.frozen
+class DiffusionConfig(_DictMixin):
+    """Everything that defines a diffusion process, by name.
+
+    Fields: ``schedule`` (default ``linear``), ``num_timesteps`` (T, default 1000),
+    ``parameterization`` (mean type, default ``eps``), ``variance`` (default ``fixed_small``),
+    ``loss`` (default ``mse``), ``timestep_sampler`` (default ``uniform``), ``format_version``.
+    Each component field accepts a name or ``{"name": ..., **options}``.
+
+    Example::
+
+        DiffusionConfig.from_dict({"schedule": "cosine", "num_timesteps": 1000,
+                                   "parameterization": "eps", "variance": "learned_range",
+                                   "loss": "rescaled_mse"})
+
+    Raises:
+        ConfigError: for a malformed field, an unknown key or a newer format version. Names and
+            options are checked against the registry when the diffusion is built
+            (:meth:`validate`).
+    """
+
+    schedule: ComponentSpec = _spec("schedule", "linear")
+    num_timesteps: int = attrs.field(default=1000, validator=_check_num_timesteps)
+    parameterization: ComponentSpec = _spec("parameterization", "eps")
+    variance: ComponentSpec = _spec("variance", "fixed_small")
+    loss: ComponentSpec = _spec("loss", "mse")
+    timestep_sampler: ComponentSpec = _spec("timestep_sampler", "uniform")
+    format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)
+
+    @classmethod
+    def coerce(cls, value: DiffusionConfig | Mapping[str, Any]) -> DiffusionConfig:
+        """Accept a DiffusionConfig or a plain dict."""
+        if isinstance(value, DiffusionConfig):
+            return value
+        return cls.from_dict(value)
+
+    def validate(self, registry=None) -> DiffusionConfig:
+        """Check every name resolves and every option fits its factory; return ``self``.
+
+        Raises ``UnknownComponentError`` / ``ComponentOptionError`` naming the component.
+        """
+        from diffreg import registry as registry_module
+
+        reg = registry or registry_module.default_registry()
+        for kind, spec, positional in (
+            ("schedule", self.schedule, 1),
+            ("parameterization", self.parameterization, 0),
+            ("variance", self.variance, 0),
+            ("loss", self.loss, 0),
+            ("timestep_sampler", self.timestep_sampler, 1),
+        ):
+            registry_module.check_options(reg.get(kind, spec.name), spec.options, positional)
+        return self
+
+
+@attrs.frozen
+class CheckpointConfig(_DictMixin):
+    """What a checkpoint carries besides its weights: the diffusion, the model, and the data.
+
+    ``model`` is a :class:`ComponentSpec` of kind ``model`` whose options rebuild the network;
+    ``data`` describes the samples: ``{"shape": [C, H, W], "num_classes": int | None,
+    "dataset": str}`` (num_classes counts real classes; the null class for classifier-free
+    guidance is extra).
+    """
+
+    _nested = {"diffusion": DiffusionConfig}
+
+    diffusion: DiffusionConfig = attrs.field(converter=DiffusionConfig.coerce)
+    model: ComponentSpec = attrs.field(converter=lambda v: ComponentSpec.coerce(v, "model"))
+    data: dict[str, Any] = attrs.field(factory=dict, hash=False)
+    format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)
+
+    @classmethod
+    def coerce(cls, value: CheckpointConfig | Mapping[str, Any]) -> CheckpointConfig:
+        if isinstance(value, CheckpointConfig):
+            return value
+        return cls.from_dict(value)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        shape = self.data.get("shape")
+        return tuple(int(s) for s in shape) if shape else None
+
+    @property
+    def num_classes(self) -> int | None:
+        n = self.data.get("num_classes")
+        return int(n) if n is not None else None

@@ -1,0 +1,272 @@
+"""What the network predicts: a mean type (eps, x0, v) times a variance type.
+
+A :class:`MeanType` turns the mean part of the raw network output into ``pred_xstart`` and
+``pred_eps`` and gives the training target; a :class:`VarianceType` gives the reverse-process
+variance, either from the tables (fixed) or from extra output channels (learned).
+:class:`ModelParameterization` composes the two and splits the network output.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from diffreg.schedule import DiffusionTables
+
+
+class Prediction(NamedTuple):
+    """The per-step prediction every sampler consumes, made from raw network output.
+
+    ``pred_xstart`` and ``pred_eps`` have ``x_t``'s shape ``[N, C, ...]`` and dtype.
+    ``log_variance`` (and ``variance``, when already computed) is the reverse-process variance:
+    ``[N, 1, ...]`` for fixed types, ``x_t``'s shape for learned ones.
+    """
+
+    pred_xstart: torch.Tensor
+    pred_eps: torch.Tensor
+    log_variance: torch.Tensor
+    variance: torch.Tensor | None = None
+
+
+class MeanType(abc.ABC):
+    """What the network's mean channels predict (kind ``parameterization``)."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def predict(
+        self, tables: DiffusionTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(pred_xstart, pred_eps)`` from the mean channels ``output`` (shape of ``x_t``)."""
+
+    @abc.abstractmethod
+    def target(
+        self,
+        tables: DiffusionTables,
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The regression target of the mean channels (shape of ``x_start``)."""
+
+    def x0_mse_factor(self, snr: torch.Tensor) -> torch.Tensor:
+        """Ratio of the x0 squared error to this target's squared error, at signal-to-noise
+        ratio ``snr = abar / (1 - abar)``; used to express per-t weights on the x0 scale."""
+        raise NotImplementedError(f"{type(self).__name__} does not define x0_mse_factor")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def predict_xstart_from_eps(tables, x_t, t, eps):
+    """x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps (Ho et al. 2020, eq. 4 inverted)."""
+    return (
+        tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+        - tables.gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+    )
+
+
+def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
+    """eps = (sqrt(1 / abar_t) x_t - x0) / sqrt(1 / abar_t - 1) (guided-diffusion's formula)."""
+    return (
+        tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+    ) / tables.gather("sqrt_recipm1_alphas_cumprod", t, x_t)
+
+
+class EpsPrediction(MeanType):
+    """The network predicts the noise eps (Ho et al. 2020, eq. 11)."""
+
+    name = "eps"
+
+    def predict(self, tables, output, x_t, t):
+        return predict_xstart_from_eps(tables, x_t, t, output), output
+
+    def target(self, tables, x_start, x_t, t, noise):
+        return noise
+
+    def x0_mse_factor(self, snr):
+        return 1.0 / snr
+
+
+class XStartPrediction(MeanType):
+    """The network predicts x_start directly (guided-diffusion's ``ModelMeanType.START_X``)."""
+
+    name = "x0"
+
+    def predict(self, tables, output, x_t, t):
+        return output, predict_eps_from_xstart(tables, x_t, t, output)
+
+    def target(self, tables, x_start, x_t, t, noise):
+        return x_start
+
+    def x0_mse_factor(self, snr):
+        return torch.ones_like(snr)
+
+
+class VPrediction(MeanType):
+    """The network predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, eq. 10).
+
+    Then x0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(abar) v + sqrt(1 - abar) x_t, which
+    stay finite at abar = 0 (zero terminal SNR).
+    """
+
+    name = "v"
+
+    def predict(self, tables, output, x_t, t):
+        a = tables.gather("sqrt_alphas_cumprod", t, x_t)
+        s = tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return a * x_t - s * output, a * output + s * x_t
+
+    def target(self, tables, x_start, x_t, t, noise):
+        a = tables.gather("sqrt_alphas_cumprod", t, x_start)
+        s = tables.gather("sqrt_one_minus_alphas_cumprod", t, x_start)
+        return a * noise - s * x_start
+
+    def x0_mse_factor(self, snr):
+        return 1.0 / (snr + 1.0)
+
+
+class VarianceType(abc.ABC):
+    """The reverse-process variance (kind ``variance``).
+
+    ``learned`` types read ``model_var_values`` from the second half of the network output (which
+    doubles the output channels); fixed types ignore it.
+    """
+
+    name: str = ""
+    learned: bool = False
+
+    @abc.abstractmethod
+    def variance(
+        self,
+        tables: DiffusionTables,
+        model_var_values: torch.Tensor | None,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(model_variance, model_log_variance)``: ``[N, 1, ...]`` for fixed types (they
+        broadcast against ``x_t``), ``x_t``'s shape for learned ones."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FixedSmallVariance(VarianceType):
+    """sigma_t^2 = beta_tilde_t, the posterior variance (Ho et al. 2020, section 3.2)."""
+
+    name = "fixed_small"
+
+    def variance(self, tables, model_var_values, x_t, t):
+        return (
+            tables.gather("posterior_variance", t, x_t),
+            tables.gather("posterior_log_variance_clipped", t, x_t),
+        )
+
+
+class FixedLargeVariance(VarianceType):
+    """sigma_t^2 = beta_t, with beta_tilde_1 at t = 0 so the decoder NLL stays finite.
+
+    Same as guided-diffusion's ``ModelVarType.FIXED_LARGE``.
+    """
+
+    name = "fixed_large"
+
+    def variance(self, tables, model_var_values, x_t, t):
+        tables.derive("fixed_large_variance", _fixed_large_variance)
+        tables.derive("fixed_large_log_variance", lambda tb: np.log(tb.fixed_large_variance))
+        return (
+            tables.gather("fixed_large_variance", t, x_t),
+            tables.gather("fixed_large_log_variance", t, x_t),
+        )
+
+
+def _fixed_large_variance(tables) -> np.ndarray:
+    first = tables.posterior_variance[1] if tables.num_timesteps > 1 else tables.betas[0]
+    return np.append(first, tables.betas[1:])
+
+
+class LearnedVariance(VarianceType):
+    """The network outputs the log-variance directly (guided-diffusion's ``ModelVarType.LEARNED``)."""
+
+    name = "learned"
+    learned = True
+
+    def variance(self, tables, model_var_values, x_t, t):
+        return torch.exp(model_var_values), model_var_values
+
+
+class LearnedRangeVariance(VarianceType):
+    """The network outputs v in [-1, 1]; log sigma^2 interpolates log beta_tilde and log beta.
+
+    log sigma^2 = frac log beta_t + (1 - frac) log beta_tilde_t with frac = (v + 1) / 2
+    (Nichol & Dhariwal 2021, eq. 15), beta_tilde clipped at t = 0 as in guided-diffusion.
+    """
+
+    name = "learned_range"
+    learned = True
+
+    def variance(self, tables, model_var_values, x_t, t):
+        min_log = tables.gather("posterior_log_variance_clipped", t, x_t)
+        max_log = torch.log(tables.gather("betas", t, x_t))
+        frac = (model_var_values + 1) / 2
+        model_log_variance = frac * max_log + (1 - frac) * min_log
+        return torch.exp(model_log_variance), model_log_variance
+
+
+class ModelParameterization:
+    """A mean type and a variance type: how raw network output becomes a :class:`Prediction`.
+
+    Args:
+        mean_type: a :class:`MeanType` (``eps``, ``x0``, ``v``, or a plugin's).
+        variance_type: a :class:`VarianceType`.
+    """
+
+    def __init__(self, mean_type: MeanType, variance_type: VarianceType):
+        self.mean_type = mean_type
+        self.variance_type = variance_type
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance_type.learned
+
+    def output_channels(self, in_channels: int) -> int:
+        """Channels the network must output for data with ``in_channels`` channels."""
+        return in_channels * (2 if self.learned_variance else 1)
+
+    def split(self, model_output: torch.Tensor, x_t: torch.Tensor):
+        """Split raw output ``[N, C or 2C, ...]`` into (mean part, variance part or ``None``).
+
+        Raises:
+            ValueError: when the output's shape is not what this parameterization expects for
+                ``x_t`` (naming the expected channels and why).
+        """
+        c = x_t.shape[1]
+        expected = self.output_channels(c)
+        if (
+            model_output.ndim != x_t.ndim
+            or model_output.shape[0] != x_t.shape[0]
+            or model_output.shape[1] != expected
+            or model_output.shape[2:] != x_t.shape[2:]
+        ):
+            why = (
+                f"{c} for the mean and {c} for the {self.variance_type.name} variance"
+                if self.learned_variance
+                else f"the data's channels; variance {self.variance_type.name!r} is not learned"
+            )
+            raise ValueError(
+                f"model output has shape {tuple(model_output.shape)} for input "
+                f"{tuple(x_t.shape)}; expected {expected} channels ({why}), same batch and "
+                "spatial size"
+            )
+        if self.learned_variance:
+            mean_part, var_part = torch.split(model_output, c, dim=1)
+            return mean_part, var_part
+        return model_output, None
+
+    def __repr__(self) -> str:
+        return f"ModelParameterization({self.mean_type!r}, {self.variance_type!r})"

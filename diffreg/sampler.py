@@ -1,0 +1,517 @@
+"""The Sampler interface and the one sampling driver every sampler shares.
+
+A sampler (kind ``sampler``) only says how to move from step ``i`` to step ``i + 1``
+(:meth:`Sampler.step`); the driver (:func:`sample_loop_progressive`) owns everything else: the
+initial noise, seeding (one generator, or one per sample), explicit per-step noise, classifier-free
+and classifier guidance, clipping and dynamic thresholding, the model's dtype, the progress bar,
+callbacks, and the non-finite check. Per-step work stays on the device: nothing in the loop reads a
+tensor value on the host (the non-finite check is recorded on the device and read once at the end).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffreg import registry
+from diffreg.errors import SamplingError
+from diffreg.parameterization import Prediction, predict_eps_from_xstart, predict_xstart_from_eps
+
+if TYPE_CHECKING:
+    from diffreg.diffusion import Diffusion
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+class Sampler(abc.ABC):
+    """Base class of samplers.
+
+    Class attributes (also given as registration metadata): ``order`` (convergence order of the
+    deterministic update), ``nfe_per_step`` (model evaluations per step), ``stochastic``.
+
+    Subclasses implement :meth:`step`, and :meth:`prepare` to precompute per-step coefficients once
+    per loop (as Python floats or device tensors, never per step).
+    """
+
+    order: int = 1
+    nfe_per_step: int = 1
+    stochastic: bool = False
+
+    def prepare(self, ctx: SamplingContext) -> Any:
+        """Per-call state (coefficients, history); called once before the first step."""
+        return None
+
+    @abc.abstractmethod
+    def step(
+        self, ctx: SamplingContext, state: Any, i: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance ``x`` (float32 ``[N, ...]`` at ``ctx.timesteps[i]``) by one step.
+
+        Returns ``(x_next, pred_xstart)``, both of ``x``'s shape and dtype.
+        """
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({options})"
+
+
+def draw_noise(
+    shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``.
+
+    ``generator`` may be ``None`` (global RNG), one ``torch.Generator`` (drawn on its own device,
+    then moved), or a list of ``shape[0]`` generators, one per sample: then sample ``k`` depends
+    only on ``generator[k]``, not on the batch size or its position.
+
+    Raises:
+        ValueError: a list whose length is not the batch size.
+    """
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; give one per sample")
+    return torch.stack(
+        [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]
+    ).to(device)
+
+
+def per_sample_generators(seed: int, count: int, start: int = 0, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """``count`` independent generators for samples ``start .. start + count - 1`` of a run seeded
+    with ``seed``; sample ``k``'s generator depends only on ``(seed, k)``."""
+    gens = []
+    for k in range(start, start + count):
+        state = np.random.SeedSequence([int(seed), k]).generate_state(1, dtype=np.uint64)[0]
+        gens.append(torch.Generator(device=device).manual_seed(int(state) & ((1 << 63) - 1)))
+    return gens
+
+
+def dynamic_threshold(percentile: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", section 2.3): per sample,
+    s = max(1, quantile(|x0|, percentile)); x0 <- clip(x0, -s, s) / s."""
+    if not 0 < percentile <= 1:
+        raise ValueError(f"dynamic_threshold percentile must be in (0, 1], got {percentile!r}")
+
+    def apply(pred_xstart: torch.Tensor) -> torch.Tensor:
+        flat = pred_xstart.reshape(pred_xstart.shape[0], -1).abs().float()
+        s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
+        s = s.reshape((-1,) + (1,) * (pred_xstart.ndim - 1))
+        return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
+
+    return apply
+
+
+def _model_dtype(model: Any) -> torch.dtype | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _model_device(model: Any) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+class SamplingContext:
+    """What one sampling call knows; what a :class:`Sampler`'s ``step`` uses.
+
+    Attributes:
+        diffusion: the (respaced) :class:`~diffreg.Diffusion` being sampled.
+        timesteps: Python list of this diffusion's timestep indices, in visiting order
+            (``T-1, ..., 0`` for sampling).
+        num_steps: ``len(timesteps)``.
+        shape, device, dtype: of the sampler's state (dtype float32 unless asked otherwise).
+
+    Methods for samplers: :meth:`t` (the ``[N]`` int64 timesteps of step i), :meth:`denoise`
+    (the model's :class:`~diffreg.parameterization.Prediction` at step i, with guidance and
+    clipping applied), :meth:`noise` (the noise of step i), :meth:`condition_mean`.
+    """
+
+    def __init__(
+        self,
+        diffusion: Diffusion,
+        model: Any,
+        shape: Sequence[int],
+        *,
+        timesteps: Sequence[int],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        model_kwargs: Mapping[str, Any] | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dynamic_threshold_percentile: float | None = None,
+        cond_fn: Callable[..., torch.Tensor] | None = None,
+        guidance_scale: float | None = None,
+        uncond_model_kwargs: Mapping[str, Any] | None = None,
+        generator: Generator = None,
+        step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        check_finite: bool = True,
+    ):
+        self.diffusion = diffusion
+        self.model = model
+        self.shape = tuple(shape)
+        self.timesteps = list(timesteps)
+        self.num_steps = len(self.timesteps)
+        self.device = device
+        self.dtype = dtype
+        self.model_kwargs = dict(model_kwargs or {})
+        self.clip_denoised = clip_denoised
+        self.denoised_fn = denoised_fn
+        self.process_xstart = (
+            dynamic_threshold(dynamic_threshold_percentile) if dynamic_threshold_percentile is not None else None
+        )
+        self.cond_fn = cond_fn
+        self.generator = generator
+        self.step_noise = step_noise
+        self.model_dtype = _model_dtype(model)
+        self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
+        self.uncond_model_kwargs = None
+        if self.guidance_scale is not None:
+            self.uncond_model_kwargs = dict(
+                uncond_model_kwargs
+                if uncond_model_kwargs is not None
+                else _null_class_kwargs(model, self.model_kwargs)
+            )
+        n = self.shape[0]
+        self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
+        self._nonfinite = torch.zeros(self.num_steps, dtype=torch.bool, device=device) if check_finite else None
+
+    # -- for samplers ---------------------------------------------------------------------------
+
+    def t(self, i: int) -> torch.Tensor:
+        """int64 ``[N]`` timesteps (of ``diffusion``) at step ``i``."""
+        return self._t[i]
+
+    def is_last(self, i: int) -> bool:
+        return i == self.num_steps - 1
+
+    def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Raw network output at step ``i``, with classifier-free guidance applied to the mean
+        channels (Ho & Salimans 2022, eq. 6: uncond + w (cond - uncond); the variance channels,
+        if learned, come from the conditional pass). One forward pass over the doubled batch."""
+        t = self._t[i]
+        x_in = x if self.model_dtype is None else x.to(self.model_dtype)
+        if self.guidance_scale is None:
+            out = self.diffusion.call_model(self.model, x_in, t, self.model_kwargs)
+        else:
+            kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
+            both = self.diffusion.call_model(
+                self.model, torch.cat([x_in, x_in]), torch.cat([t, t]), kwargs
+            )
+            cond, uncond = both.to(x.dtype).chunk(2)
+            cond_mean, cond_var = self.diffusion.parameterization.split(cond, x)
+            uncond_mean, _ = self.diffusion.parameterization.split(uncond, x)
+            guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
+            out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
+        out = out.to(x.dtype)
+        if self._nonfinite is not None:
+            self._nonfinite[i] = ~torch.isfinite(out).all()
+        return out
+
+    def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
+        """The model's :class:`Prediction` at step ``i``: guidance, ``denoised_fn``, dynamic
+        thresholding and clipping applied; with a ``cond_fn``, the score is conditioned
+        (Dhariwal & Nichol 2021, Algorithm 2) unless ``condition_score=False``."""
+        t = self._t[i]
+        out = self.model_output(x, i)
+        pred = self.diffusion.prediction_from_output(
+            out, x, t, self.clip_denoised, self.denoised_fn, self.process_xstart
+        )
+        if self.cond_fn is not None and condition_score:
+            pred = self._condition_score(pred, x, i)
+        return pred
+
+    def cond_gradient(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``cond_fn(x, t_original, **model_kwargs)``: the classifier's grad log p(y | x_t)."""
+        assert self.cond_fn is not None
+        t = self.diffusion.model_timesteps(self._t[i])
+        return self.cond_fn(x, t, **self.model_kwargs).to(x.dtype)
+
+    def _condition_score(self, pred: Prediction, x: torch.Tensor, i: int) -> Prediction:
+        t = self._t[i]
+        tables = self.diffusion.tables
+        alpha_bar = tables.gather("alphas_cumprod", t, x)
+        eps = pred.pred_eps - torch.sqrt(1 - alpha_bar) * self.cond_gradient(x, i)
+        return pred._replace(pred_xstart=predict_xstart_from_eps(tables, x, t, eps), pred_eps=eps)
+
+    def condition_mean(self, mean: torch.Tensor, pred: Prediction, x: torch.Tensor, i: int) -> torch.Tensor:
+        """mean + variance * grad log p(y | x_t) (Dhariwal & Nichol 2021, Algorithm 1); ``mean``
+        unchanged without a ``cond_fn``."""
+        if self.cond_fn is None:
+            return mean
+        variance = torch.exp(pred.log_variance) if pred.variance is None else pred.variance
+        return mean + variance * self.cond_gradient(x, i)
+
+    def noise(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The standard normal noise of step ``i``: ``step_noise[i]`` if given, else drawn from
+        the generator(s)."""
+        if self.step_noise is not None:
+            return self.step_noise[i].to(device=like.device, dtype=like.dtype)
+        return draw_noise(like.shape, self.generator, like.device, like.dtype)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
+        was not finite (one host read, after the loop)."""
+        if self._nonfinite is None or not bool(self._nonfinite.any()):
+            return
+        i = int(torch.nonzero(self._nonfinite)[0, 0])
+        t = int(self.diffusion.timestep_map[self.timesteps[i]])
+        raise SamplingError(
+            f"the model output was not finite (NaN or inf) at step {i} of {self.num_steps} "
+            f"(timestep {t} of the original process); check the model's weights and dtype"
+        )
+
+
+def _null_class_kwargs(model: Any, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Unconditional kwargs for classifier-free guidance: ``y`` replaced by the model's null class."""
+    null = getattr(model, "null_class", None)
+    if "y" not in model_kwargs or null is None:
+        raise ValueError(
+            "classifier-free guidance needs an unconditional input: pass uncond_model_kwargs=, "
+            "or a class-conditional model with a `null_class` attribute and model_kwargs={'y': ...}"
+        )
+    return {**model_kwargs, "y": torch.full_like(model_kwargs["y"], int(null))}
+
+
+def _cat_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in set(cond) | set(uncond):
+        a, b = cond.get(key), uncond.get(key)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            out[key] = torch.cat([a, b])
+        elif a is b or a == b:
+            out[key] = a
+        else:
+            raise ValueError(f"model_kwargs[{key!r}] differs between the conditional and unconditional inputs and is not a tensor")
+    return out
+
+
+def _resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any]) -> Sampler:
+    if isinstance(sampler, Sampler):
+        if options:
+            raise TypeError(f"unexpected options {sorted(options)} for an already-built sampler")
+        return sampler
+    return registry.create("sampler", sampler, **options)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (N, C, ...) with every size >= 1, got {shape}")
+    return shape
+
+
+def sample_loop_progressive(
+    diffusion: Diffusion,
+    model: Any,
+    shape: Sequence[int],
+    *,
+    sampler: str | Sampler = "ddim",
+    noise: torch.Tensor | None = None,
+    generator: Generator = None,
+    step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    clip_denoised: bool = True,
+    denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dynamic_threshold: float | None = None,
+    cond_fn: Callable[..., torch.Tensor] | None = None,
+    guidance_scale: float | None = None,
+    uncond_model_kwargs: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    check_finite: bool = True,
+    **sampler_options: Any,
+) -> Iterator[dict[str, Any]]:
+    """Run ``sampler`` over every timestep of ``diffusion`` (``T-1`` down to ``0``), yielding
+    ``{"sample", "pred_xstart", "t", "i"}`` after each step (``t``: original-process index).
+
+    Args:
+        diffusion: the process to sample (respace it for fewer steps).
+        model: called as ``model(x, t_original, **model_kwargs)``; may hold fp16/bf16 weights
+            (inputs are cast to its dtype, outputs back to ``dtype``).
+        shape: ``(N, C, ...)`` of the samples.
+        sampler: a registered name or a :class:`Sampler`; ``sampler_options`` go to its factory.
+        noise: x_T (``shape``); drawn from ``generator`` if ``None``.
+        generator: a ``torch.Generator`` or one per sample (see :func:`draw_noise`).
+        step_noise: explicit noise for every stochastic step, ``[num_steps, *shape]``.
+        clip_denoised: clip pred_xstart to [-1, 1]. dynamic_threshold: a percentile in (0, 1].
+        cond_fn: classifier guidance ``cond_fn(x, t, **model_kwargs) -> grad log p(y|x_t)``.
+        guidance_scale: classifier-free guidance w (1 or ``None``: off). The unconditional input
+            is ``uncond_model_kwargs``, or ``model_kwargs`` with ``y`` set to ``model.null_class``.
+        progress: show a tqdm bar. callback: ``callback(i, t, x, pred_xstart)`` after each step.
+        check_finite: raise :class:`~diffreg.errors.SamplingError` at the end, naming the first
+            step whose model output was not finite.
+
+    Raises:
+        ValueError / TypeError: bad shape, ``noise`` of the wrong shape, mismatched generators;
+        UnknownComponentError / ComponentOptionError: unknown sampler or option.
+    """
+    shape = _check_shape(shape)
+    sampler_obj = _resolve_sampler(sampler, sampler_options)
+    device = torch.device(device) if device is not None else (
+        noise.device if noise is not None else _model_device(model)
+    )
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+    ctx = SamplingContext(
+        diffusion,
+        model,
+        shape,
+        timesteps=range(diffusion.num_timesteps - 1, -1, -1),
+        device=device,
+        dtype=dtype,
+        model_kwargs=model_kwargs,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        dynamic_threshold_percentile=dynamic_threshold,
+        cond_fn=cond_fn,
+        guidance_scale=guidance_scale,
+        uncond_model_kwargs=uncond_model_kwargs,
+        generator=generator,
+        step_noise=step_noise,
+        check_finite=check_finite,
+    )
+    if step_noise is not None and len(step_noise) != ctx.num_steps:
+        raise ValueError(f"step_noise has {len(step_noise)} entries, expected one per step ({ctx.num_steps})")
+    x = noise.to(device=device, dtype=dtype) if noise is not None else draw_noise(shape, generator, device, dtype)
+    return _iterate(ctx, sampler_obj, x, progress, callback)
+
+
+def _iterate(ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback) -> Iterator[dict[str, Any]]:
+    state = sampler.prepare(ctx)
+    name = type(sampler).__name__
+    for i in tqdm(range(ctx.num_steps), desc=name, disable=not progress, leave=False):
+        with torch.no_grad():
+            x, pred_xstart = sampler.step(ctx, state, i, x)
+        t = int(ctx.diffusion.timestep_map[ctx.timesteps[i]])
+        if callback is not None:
+            callback(i, t, x, pred_xstart)
+        yield {"sample": x, "pred_xstart": pred_xstart, "t": t, "i": i}
+    ctx.raise_if_nonfinite()
+
+
+def sample_loop(diffusion: Diffusion, model: Any, shape: Sequence[int], **options: Any) -> torch.Tensor:
+    """Run :func:`sample_loop_progressive` to the end and return the final sample (``shape``)."""
+    final = None
+    for final in sample_loop_progressive(diffusion, model, shape, **options):
+        pass
+    assert final is not None
+    return final["sample"]
+
+
+# -- single steps with per-example timesteps (guided-diffusion's API) ------------------------------
+
+
+def ddim_coefficients(alphas_cumprod: np.ndarray, alphas_cumprod_prev: np.ndarray, eta: float):
+    """DDIM update coefficients (Song et al. 2021, eq. 12 and eq. 16):
+
+    x_prev = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev - sigma^2) * eps + sigma * z, with
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev).
+
+    Works elementwise on float64 arrays or floats; returns ``(c_xstart, c_eps, sigma)``.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    abar_prev = np.asarray(alphas_cumprod_prev, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+    sigma = np.nan_to_num(sigma)
+    c_eps = np.sqrt(np.clip(1 - abar_prev - sigma**2, 0.0, None))
+    return np.sqrt(abar_prev), c_eps, sigma
+
+
+def _check_eta(eta: float) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta:
+        raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+    return float(eta)
+
+
+def _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs):
+    from diffreg.diffusion import _check_t
+
+    t = _check_t(t, x, diffusion.num_timesteps)
+    out = diffusion.call_model(model, x, t, model_kwargs)
+    return t, diffusion.prediction_from_output(out, x, t, clip_denoised, denoised_fn)
+
+
+def p_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
+             model_kwargs=None, noise=None, generator=None) -> dict[str, torch.Tensor]:
+    """See :meth:`diffreg.Diffusion.p_sample`."""
+    t, pred = _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs)
+    mean, _, _ = diffusion.q_posterior_mean_variance(pred.pred_xstart, x, t)
+    if cond_fn is not None:
+        grad = cond_fn(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
+        variance = torch.exp(pred.log_variance) if pred.variance is None else pred.variance
+        mean = mean.float() + variance * grad.float()
+    if noise is None:
+        noise = draw_noise(x.shape, generator, x.device, x.dtype)
+    nonzero_mask = (t != 0).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    sample = mean + nonzero_mask * torch.exp(0.5 * pred.log_variance) * noise
+    return {"sample": sample, "pred_xstart": pred.pred_xstart}
+
+
+def ddim_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                model_kwargs=None, eta=0.0, noise=None, generator=None) -> dict[str, torch.Tensor]:
+    """See :meth:`diffreg.Diffusion.ddim_sample`."""
+    eta = _check_eta(eta)
+    t, pred = _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs)
+    tables = diffusion.tables
+    eps = pred.pred_eps
+    pred_xstart = pred.pred_xstart
+    if cond_fn is not None:
+        alpha_bar = tables.gather("alphas_cumprod", t, x)
+        grad = cond_fn(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
+        eps = eps - torch.sqrt(1 - alpha_bar) * grad
+        pred_xstart = predict_xstart_from_eps(tables, x, t, eps)
+    key = f"ddim_eta_{eta!r}"
+    for j, part in enumerate(("c_xstart", "c_eps", "sigma")):
+        tables.derive(f"{key}_{part}", lambda tb, j=j: ddim_coefficients(tb.alphas_cumprod, tb.alphas_cumprod_prev, eta)[j])
+    sample = tables.gather(f"{key}_c_xstart", t, x) * pred_xstart + tables.gather(f"{key}_c_eps", t, x) * eps
+    if eta > 0:
+        if noise is None:
+            noise = draw_noise(x.shape, generator, x.device, x.dtype)
+        nonzero_mask = (t != 0).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        sample = sample + nonzero_mask * tables.gather(f"{key}_sigma", t, x) * noise
+    return {"sample": sample, "pred_xstart": pred_xstart}
+
+
+def ddim_reverse_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None,
+                        model_kwargs=None, eta=0.0) -> dict[str, torch.Tensor]:
+    """See :meth:`diffreg.Diffusion.ddim_reverse_sample`."""
+    if eta != 0.0:
+        raise ValueError(f"DDIM inversion is deterministic: eta must be 0, got {eta!r}")
+    t, pred = _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs)
+    tables = diffusion.tables
+    eps = predict_eps_from_xstart(tables, x, t, pred.pred_xstart)
+    alpha_bar_next = tables.gather("alphas_cumprod_next", t, x)
+    sample = pred.pred_xstart * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+    return {"sample": sample, "pred_xstart": pred.pred_xstart}
+
+
+def ddim_reverse_sample_loop(diffusion, model, x, *, clip_denoised=True, denoised_fn=None,
+                             model_kwargs=None, progress=False) -> torch.Tensor:
+    """Map data ``x`` (``[N, ...]``) to noise x_T by deterministic DDIM inversion over every
+    timestep of ``diffusion`` (t = 0 .. T-1). Returns a tensor of ``x``'s shape."""
+    n = x.shape[0]
+    for step in tqdm(range(diffusion.num_timesteps), disable=not progress, leave=False):
+        t = torch.full((n,), step, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            x = ddim_reverse_sample(diffusion, model, x, t, clip_denoised=clip_denoised,
+                                    denoised_fn=denoised_fn, model_kwargs=model_kwargs)["sample"]
+    return x
