@@ -44,7 +44,8 @@ class TrainConfig(_DictMixin):
     ...options}``), ``class_conditional``, ``label_dropout`` (probability of the null label, for
     classifier-free guidance), ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``ema_decay``
     (with warm-up: the decay used at step k is min(ema_decay, (1 + k) / (10 + k))),
-    ``grad_clip`` (max gradient norm, 0 = off), ``seed``.
+    ``grad_clip`` (max gradient norm, 0 = off), ``seed``, ``guidance_scale`` (the classifier-free
+    guidance scale recommended for sampling, stored in the checkpoint as the CLI's default).
     """
 
     _nested = {"diffusion": DiffusionConfig}
@@ -61,6 +62,7 @@ class TrainConfig(_DictMixin):
     ema_decay: float = attrs.field(default=0.999, validator=_unit)
     grad_clip: float = 1.0
     seed: int = 0
+    guidance_scale: float | None = None
     format_version: int = 1
 
 
@@ -159,5 +161,7 @@ def train(
         if log is not None and (step % 500 == 0 or step == cfg.steps - 1):
             log(f"step {step} loss {running:.4f}")
     data_info: dict[str, Any] = {"dataset": cfg.data.name, "shape": list(x_all.shape[1:]), "num_classes": num_classes if conditional else None}
+    if cfg.guidance_scale is not None and conditional:
+        data_info["guidance_scale"] = cfg.guidance_scale
     ckpt_cfg = CheckpointConfig(diffusion=cfg.diffusion, model=spec, data=data_info)
     return save_checkpoint(output, ema.model, ckpt_cfg, dtype=checkpoint_dtype)

@@ -1,0 +1,29 @@
+# Set-up for a fresh clone: `make sample` and `make test` each create .venv on first use
+# (torch 2.13.0 first, so pip takes the CPU build on disk, then diffreg with its test extra).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.diffreg-installed
+
+.PHONY: sample test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+sample: $(STAMP)
+	$(BIN)/diffreg sample --output grid.png --npz samples.npz
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/ruff check diffreg tests
+	$(BIN)/mypy diffreg
+
+clean:
+	rm -rf $(VENV) grid.png samples.npz

@@ -1,0 +1,353 @@
+"""The ``diffreg`` command: sample, train, info, plugins, list."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from diffreg import __version__, registry
+from diffreg.errors import (
+    AmbiguousComponentError,
+    CheckpointError,
+    ComponentOptionError,
+    ConfigError,
+    PluginError,
+    SamplingError,
+    UnknownComponentError,
+)
+from diffreg.fileio import atomic_path
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_USER_ERRORS = (
+    UnknownComponentError,
+    AmbiguousComponentError,
+    ComponentOptionError,
+    ConfigError,
+    CheckpointError,
+    PluginError,
+    SamplingError,
+    FileNotFoundError,
+    FloatingPointError,
+    ValueError,
+)
+
+
+def _user_errors(fn):
+    """Turn the library's user-facing errors into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="diffreg")
+def main() -> None:
+    """Diffusion models where every part is a plugin chosen by name."""
+
+
+# -- plugins and list -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plugins(as_json: bool) -> None:
+    """Loaded plugins (distribution, version, what each registered), then the failed ones."""
+    loaded = registry.plugins()
+    failed = registry.failures()
+    if as_json:
+        click.echo(json.dumps({
+            "plugins": [
+                {
+                    "name": p.name,
+                    "distribution": p.distribution,
+                    "version": p.version,
+                    "module": p.module,
+                    "components": [{"kind": c.kind, "name": c.name, "qualified_name": c.qualified_name} for c in p.components],
+                }
+                for p in loaded
+            ],
+            "failed": [
+                {"name": f.name, "distribution": f.distribution, "version": f.version, "reason": f.reason}
+                for f in failed
+            ],
+        }, indent=2))
+        return
+    for p in loaded:
+        click.echo(f"{p.name}  ({p.distribution or '?'} {p.version or ''})".rstrip())
+        by_kind: dict[str, list[str]] = {}
+        for c in p.components:
+            by_kind.setdefault(c.kind, []).append(c.name)
+        for kind, names in by_kind.items():
+            click.echo(f"  {kind:<17} {', '.join(names)}")
+    if failed:
+        click.echo("\nfailed plugins:")
+        for f in failed:
+            click.echo(f"  {f.name}  ({f.distribution or '?'} {f.version or ''}): {f.reason}")
+
+
+@main.command(name="list")
+@click.argument("kind", required=False, type=click.Choice(registry.KINDS))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def list_components(kind: str | None, as_json: bool) -> None:
+    """Registered components (of KIND, or all), by qualified name, with their source."""
+    comps = registry.components(kind)
+    if as_json:
+        click.echo(json.dumps([
+            {
+                "kind": c.kind,
+                "name": c.name,
+                "qualified_name": c.qualified_name,
+                "distribution": c.distribution,
+                "version": c.version,
+                "metadata": {k: v for k, v in c.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            }
+            for c in comps
+        ], indent=2))
+        return
+    current = None
+    for c in comps:
+        if c.kind != current:
+            current = c.kind
+            click.echo(f"{c.kind}:")
+        meta = ", ".join(f"{k}={v}" for k, v in c.metadata.items())
+        click.echo(f"  {c.qualified_name:<32} {c.distribution or '?'} {c.version or ''}  {meta}".rstrip())
+
+
+# -- info -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_user_errors
+def info(checkpoint: Path, as_json: bool) -> None:
+    """Configuration, parameter count and format of a checkpoint (reads no weights)."""
+    from safetensors import safe_open
+
+    from diffreg.checkpoint import read_config, read_metadata
+
+    meta = read_metadata(checkpoint)
+    cfg = read_config(checkpoint)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    params = sum(math.prod(s) for s in shapes.values())
+    report = {
+        "file": str(checkpoint),
+        "bytes": checkpoint.stat().st_size,
+        "format_version": int(meta.get("diffreg.format_version", "1")),
+        "written_by": meta.get("diffreg.version"),
+        "parameters": params,
+        "tensors": len(shapes),
+        "dtypes": dtypes,
+        "config": cfg.to_dict(),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['file']}: {params:,} parameters in {len(shapes)} tensors ({', '.join(dtypes)}), "
+               f"{report['bytes'] / 1e6:.1f} MB")
+    click.echo(f"format {report['format_version']}, written by diffreg {report['written_by']}")
+    click.echo(json.dumps(report["config"], indent=2))
+
+
+# -- sample -------------------------------------------------------------------------------------------
+
+
+def parse_labels(spec: str, num_classes: int | None, count: int) -> torch.Tensor | None:
+    """``all`` (cycle 0..K-1), ``none`` (unconditional), an int, or a comma list (cycled).
+
+    Raises ``ValueError`` naming a label outside ``[0, num_classes)``.
+    """
+    spec = spec.strip().lower()
+    if num_classes is None:
+        if spec not in ("all", "none"):
+            raise ValueError(f"--class-label {spec!r}: this checkpoint is unconditional (it has no classes)")
+        return None
+    if spec == "none":
+        return torch.full((count,), num_classes, dtype=torch.long)
+    if spec == "all":
+        return torch.arange(count, dtype=torch.long) % num_classes
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--class-label {spec!r}: expected 'all', 'none', an int or a comma list of ints") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if not values or bad:
+        raise ValueError(f"--class-label {spec!r}: labels must be in 0..{num_classes - 1} for this checkpoint")
+    return torch.tensor(values, dtype=torch.long).repeat(math.ceil(count / len(values)))[:count]
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """``[N, C, H, W]`` floats in [-1, 1] -> uint8 ``[N, H, W, C]`` (the layout of guided-diffusion's
+    evaluator)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, ncols: int, cell: int = 32, pad: int = 2):
+    """A Pillow image tiling uint8 NHWC ``images`` in rows of ``ncols``, each upscaled (nearest)
+    to ``cell`` pixels."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    scale = max(1, cell // max(h, w))
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    grid = Image.new("L" if c == 1 else "RGB", (ncols * (w * scale + pad) + pad, nrows * (h * scale + pad) + pad), 0)
+    for k in range(n):
+        arr = images[k, :, :, 0] if c == 1 else images[k, :, :, :3]
+        tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
+        r, col = divmod(k, ncols)
+        grid.paste(tile, (pad + col * (w * scale + pad), pad + r * (h * scale + pad)))
+    return grid
+
+
+def scatter_image(points: np.ndarray, size: int = 512):
+    """A Pillow scatter plot of ``[N, 2]`` points (for 2-D toy models)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    lim = max(1.5, float(np.abs(points).max()) * 1.05) if len(points) else 1.5
+    for x, y in points:
+        px, py = (x / lim + 1) / 2 * size, (1 - (y / lim + 1) / 2) * size
+        draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=(30, 80, 200))
+    return img
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw
+    return options
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--sampler", default="ddim", show_default=True, help="Any registered sampler (see `diffreg list sampler`).")
+@click.option("--steps", default=50, show_default=True, type=int, help="Sampling steps (1..T).")
+@click.option("--spacing", default="trailing", show_default=True, type=click.Choice(["leading", "trailing", "linspace"]))
+@click.option("--eta", default=None, type=float, help="DDIM stochasticity (samplers that take eta).")
+@click.option("--num-samples", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Sample k depends only on (seed, k), not on the batch size.")
+@click.option("--class-label", default="all", show_default=True, help="'all' (cycle the classes), 'none', an int, or a comma list.")
+@click.option("--guidance-scale", default=None, type=float, help="Classifier-free guidance w (1: off). Default: the checkpoint's recommended value, else 1.")
+@click.option("--output", default="grid.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid of the samples.")
+@click.option("--npz", "npz_path", default="samples.npz", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="arr_0: uint8 NHWC images, arr_1: labels ('' to skip).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", "dtype_name", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Model weights' dtype (the sampler state stays float32).")
+@click.option("--option", "options", multiple=True, help="Extra sampler option KEY=VALUE (JSON value), repeatable.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_user_errors
+def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, seed, class_label,
+           guidance_scale, output, npz_path, device, dtype_name, options, progress) -> None:
+    """Draw samples from CHECKPOINT (default: the bundled digits model); write a PNG grid and an .npz."""
+    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
+    from diffreg.sampler import per_sample_generators
+
+    path = checkpoint or bundled_checkpoint_path()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    model, diffusion, cfg = load_checkpoint(path, device=device, dtype=DTYPES[dtype_name])
+    shape = cfg.sample_shape
+    if shape is None:
+        raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
+    labels = parse_labels(class_label, cfg.num_classes, num_samples)
+    if guidance_scale is None:
+        guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
+    if guidance_scale != 1.0 and labels is None:
+        raise ValueError("--guidance-scale needs a class-conditional checkpoint")
+    sampler_options = _parse_options(options)
+    if eta is not None:
+        sampler_options["eta"] = eta
+    component = registry.get("sampler", sampler)
+    samples = []
+    start = time.perf_counter()
+    for lo in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - lo)
+        kwargs = {"y": labels[lo:lo + n].to(device)} if labels is not None else {}
+        x = diffusion.sample(
+            model, (n, *shape), sampler=sampler, steps=steps, spacing=spacing,
+            generator=per_sample_generators(seed, n, start=lo), model_kwargs=kwargs,
+            guidance_scale=guidance_scale, device=device, progress=progress, **sampler_options,
+        )
+        samples.append(x.cpu())
+    elapsed = time.perf_counter() - start
+    x = torch.cat(samples)
+    nfe = steps * int(component.metadata.get("nfe_per_step", getattr(component.factory, "nfe_per_step", 1)))
+    label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
+    if x.ndim == 4:
+        images = to_uint8_images(x)
+        ncols = cfg.num_classes if (labels is not None and class_label.strip().lower() == "all") else math.ceil(math.sqrt(num_samples))
+        picture = image_grid(images, ncols)
+        arrays = {"arr_0": images, "arr_1": label_array}
+    else:
+        picture = scatter_image(x.numpy())
+        arrays = {"arr_0": x.numpy(), "arr_1": label_array}
+    if str(output):
+        with atomic_path(output) as tmp:
+            picture.save(tmp, format="PNG")
+    if npz_path and str(npz_path) not in ("", "."):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_path(npz_path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    click.echo(
+        f"{num_samples} samples with {sampler} ({steps} steps, {nfe} NFE, {spacing} spacing, "
+        f"guidance {guidance_scale:g}) in {elapsed:.1f} s -> {output}"
+        + (f", {npz_path}" if npz_path and str(npz_path) not in ("", ".") else "")
+    )
+
+
+# -- train --------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML training configuration (see configs/digits.toml).")
+@click.option("--output", default="model.safetensors", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), help="Override the configuration's steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override the configuration's batch_size.")
+@click.option("--seed", type=int, help="Override the configuration's seed.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="dtype of the weights in the written checkpoint.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_user_errors
+def train(config_path, output, steps, batch_size, seed, device, store_dtype, progress) -> None:
+    """Train a model and write its EMA weights, with its configuration, to OUTPUT."""
+    import attrs
+
+    from diffreg.training import TrainConfig, train as run_training
+
+    cfg = TrainConfig.from_toml(config_path.read_text()) if config_path else TrainConfig()
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "seed": seed}.items() if v is not None}
+    cfg = attrs.evolve(cfg, **overrides)
+    start = time.perf_counter()
+    path = run_training(cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype])
+    click.echo(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f} s -> {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Checkpoints: one safetensors file that carries its configuration; every bad file gets a clear
+error; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_unet_checkpoint_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import diffreg
+from diffreg import registry
+from diffreg.checkpoint import bundled_checkpoint_path, read_metadata
+from diffreg.errors import CheckpointError
+
+
+def _model(cfg):
+    return registry.create("model", cfg.model.name, **cfg.model.options)
+
+
+def test_round_trip_keeps_weights_bitwise_and_config_equal(tmp_path):
+    cfg = tiny_unet_checkpoint_config()
+    model = _model(cfg)
+    path = diffreg.save_checkpoint(tmp_path / "m.safetensors", model, cfg)
+    loaded, diffusion, loaded_cfg = diffreg.load_checkpoint(path)
+    assert loaded_cfg == cfg
+    assert loaded_cfg.to_dict() == cfg.to_dict()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    assert diffusion.num_timesteps == cfg.diffusion.num_timesteps
+    assert diffusion.parameterization.variance_type.name == "learned_range"
+    assert not loaded.training
+
+
+def test_metadata_records_config_and_versions(tmp_path):
+    cfg = tiny_unet_checkpoint_config()
+    path = diffreg.save_checkpoint(tmp_path / "m.safetensors", _model(cfg), cfg)
+    meta = read_metadata(path)
+    assert meta["diffreg.version"] == diffreg.__version__
+    assert meta["diffreg.format_version"] == "1"
+    assert json.loads(meta["diffreg.config"])["model"]["name"] == "unet"
+
+
+def test_half_precision_storage_loads_back_as_requested_dtype(tmp_path):
+    cfg = tiny_unet_checkpoint_config()
+    model = _model(cfg)
+    path = diffreg.save_checkpoint(tmp_path / "m.safetensors", model, cfg, dtype=torch.float16)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("time_embed.0.weight").dtype == torch.float16
+    loaded = diffreg.load_checkpoint(path).model
+    w = loaded.state_dict()["time_embed.0.weight"]
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, model.state_dict()["time_embed.0.weight"].half().float())
+    assert next(diffreg.load_checkpoint(path, dtype=torch.bfloat16).model.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        diffreg.load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_not_a_safetensors_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(2)}, path)  # a pickle: must never be unpickled
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        diffreg.load_checkpoint(path)
+
+
+def test_truncated_file_is_a_checkpoint_error(tmp_path, tiny_checkpoint):
+    data = tiny_checkpoint.read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        diffreg.load_checkpoint(path)
+
+
+def test_newer_format_is_refused_with_upgrade_hint(tmp_path):
+    cfg = tiny_unet_checkpoint_config()
+    path = tmp_path / "new.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"diffreg.kind": "model", "diffreg.format_version": "99",
+                                                          "diffreg.config": cfg.to_json()})
+    with pytest.raises(CheckpointError, match="newer than this diffreg understands"):
+        diffreg.load_checkpoint(path)
+
+
+def test_training_state_file_is_named_as_such(tmp_path):
+    path = tmp_path / "state.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"diffreg.kind": "training_state"})
+    with pytest.raises(CheckpointError, match="training-state file"):
+        diffreg.load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_says_it_has_no_config(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match="without a diffreg configuration"):
+        diffreg.load_checkpoint(path)
+
+
+def test_mismatched_tensors_are_reported_together_with_the_options(tmp_path):
+    cfg = tiny_unet_checkpoint_config(variance="learned_range")
+    model = _model(cfg)
+    state = model.state_dict()
+    state.pop("time_embed.0.bias")
+    state["extra.weight"] = torch.zeros(1)
+    # a file whose config says fixed_small (1 output channel) but whose weights have 2
+    wrong = tiny_unet_checkpoint_config(variance="fixed_small")
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+              metadata={"diffreg.kind": "model", "diffreg.format_version": "1", "diffreg.config": wrong.to_json()})
+    with pytest.raises(CheckpointError) as info:
+        diffreg.load_checkpoint(path)
+    message = str(info.value)
+    assert "missing tensors (1): time_embed.0.bias" in message
+    assert "unexpected tensors (1): extra.weight" in message
+    assert "shape of out.2.weight: file (2, 16, 3, 3), model (1, 16, 3, 3)" in message
+    assert "out_channels" in message and "fixed_small" in message
+
+
+def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    cfg = tiny_unet_checkpoint_config()
+    path = diffreg.save_checkpoint(tmp_path / "m.safetensors", _model(cfg), cfg)
+    before = path.read_bytes()
+
+    def explode(*args, **kwargs):
+        open(args[1], "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffreg.checkpoint.save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        diffreg.save_checkpoint(path, _model(cfg), cfg)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_bundled_checkpoint_loads_without_flags():
+    model, diffusion, cfg = diffreg.load_checkpoint()
+    assert bundled_checkpoint_path().stat().st_size < 6_000_000
+    assert cfg.num_classes == 10 and cfg.sample_shape == (1, 8, 8)
+    assert cfg.diffusion.schedule.name == "cosine" and cfg.diffusion.variance.name == "learned_range"
+    out = model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999]), y=torch.tensor([3, 10]))
+    assert out.shape == (2, 2, 8, 8)

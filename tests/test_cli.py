@@ -1,0 +1,98 @@
+"""The `diffreg` command end to end (click's CliRunner, in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffreg.cli import main
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_sample_writes_grid_and_npz_in_evaluator_layout(run, tiny_checkpoint, tmp_path):
+    result = run("sample", tiny_checkpoint, "--num-samples", 12, "--steps", 5, "--batch-size", 5,
+                 "--output", "g.png", "--npz", "s.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "12 samples with ddim (5 steps, 5 NFE" in result.output
+    with np.load(tmp_path / "s.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 1)
+    assert labels.tolist() == [k % 10 for k in range(12)]
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.size[0] > 8 * 10
+
+
+def test_samples_do_not_depend_on_batch_size(run, tiny_checkpoint, tmp_path):
+    for name, batch in (("a.npz", 6), ("b.npz", 4)):
+        assert run("sample", tiny_checkpoint, "--num-samples", 6, "--steps", 4, "--batch-size", batch,
+                   "--sampler", "ddpm", "--npz", name, "--no-progress").exit_code == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_sample_with_class_label_and_guidance(run, tiny_checkpoint, tmp_path):
+    result = run("sample", tiny_checkpoint, "--num-samples", 4, "--steps", 3, "--class-label", "7",
+                 "--guidance-scale", 2.5, "--eta", 0.5, "--npz", "s.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_1"].tolist() == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--class-label", "12"], "labels must be in 0..9"),
+    (["--sampler", "ddimm"], "did you mean 'ddim'"),
+    (["--steps", "0"], "steps must be in [1, 100]"),
+    (["--sampler", "ddpm", "--eta", "0.3"], "sampler 'ddpm' has no option 'eta'"),
+])
+def test_bad_sample_arguments_fail_with_a_clear_message(run, tiny_checkpoint, args, message):
+    result = run("sample", tiny_checkpoint, "--num-samples", 2, "--no-progress", *args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_sample_on_a_non_checkpoint_is_a_clear_error(run, tmp_path):
+    (tmp_path / "x.safetensors").write_text("hello")
+    result = run("sample", tmp_path / "x.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "not a readable safetensors file" in result.output
+
+
+def test_info_prints_config_and_parameter_count(run, tiny_checkpoint):
+    result = run("info", tiny_checkpoint, "--json")
+    report = json.loads(result.output)
+    assert report["config"]["model"]["name"] == "unet"
+    assert report["parameters"] > 1000 and report["format_version"] == 1
+
+
+def test_plugins_and_list_json(run):
+    plugins = json.loads(run("plugins", "--json").output)
+    builtin = [p for p in plugins["plugins"] if p["name"] == "diffreg"]
+    assert builtin and {"kind": "sampler", "name": "ddim", "qualified_name": "diffreg:ddim"} in builtin[0]["components"]
+    listed = json.loads(run("list", "sampler", "--json").output)
+    assert {c["qualified_name"] for c in listed} >= {"diffreg:ddim", "diffreg:ddpm"}
+    assert all(c["kind"] == "sampler" for c in listed)
+
+
+def test_train_then_sample(run, tmp_path):
+    (tmp_path / "t.toml").write_text(
+        'steps = 3\nbatch_size = 8\n[diffusion]\nnum_timesteps = 50\nschedule = "cosine"\n'
+        '[model]\nname = "unet"\nmodel_channels = 8\nchannel_mult = [1]\nattention_resolutions = []\nnum_heads = 1\n'
+    )
+    result = run("train", "--config", "t.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = run("sample", "m.safetensors", "--num-samples", 3, "--steps", 2, "--no-progress")
+    assert result.exit_code == 0, result.output

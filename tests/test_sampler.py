@@ -1,0 +1,256 @@
+"""The sampling driver and the built-in samplers: reproducibility, guidance, errors, and landing on
+the data distribution with an exact denoiser."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import GaussianDenoiser
+
+import diffreg
+from diffreg.errors import ComponentOptionError, SamplingError, UnknownComponentError
+from diffreg.sampler import per_sample_generators
+
+
+def make(T=100, variance="fixed_small", parameterization="eps", schedule="linear"):
+    opts = {} if schedule != "linear" or T >= 50 else {}
+    return diffreg.Diffusion.from_config(
+        {"schedule": {"name": schedule, **opts}, "num_timesteps": T, "variance": variance,
+         "parameterization": parameterization}
+    )
+
+
+def toy_model(x, t, **kwargs):
+    return 0.3 * torch.tanh(x) + 1e-3 * t.float().reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def test_ddim_eta1_step_equals_ddpm_step_with_same_noise():
+    # Song et al. 2021, eq. 16: with eta = 1, sigma_t^2 is the DDPM posterior variance and the
+    # DDIM mean equals the posterior mean (Ho et al. 2020, eq. 7) -> identical steps.
+    d = make(T=200)
+    x = torch.randn(4, 1, 4, 4)
+    t = torch.tensor([150, 80, 10, 1])
+    z = torch.randn_like(x)
+    a = d.p_sample(toy_model, x, t, clip_denoised=False, noise=z)["sample"]
+    b = d.ddim_sample(toy_model, x, t, clip_denoised=False, eta=1.0, noise=z)["sample"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_eta0_draws_no_random_numbers():
+    d = make()
+    state = torch.random.get_rng_state()
+    d.sample(toy_model, (2, 1, 4, 4), steps=10, noise=torch.zeros(2, 1, 4, 4))
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("sampler,opts", [("ddpm", {}), ("ddim", {"eta": 0.5})])
+def test_seeded_runs_repeat_exactly(sampler, opts):
+    d = make()
+    runs = [
+        d.sample(toy_model, (3, 1, 4, 4), sampler=sampler, steps=20, generator=torch.Generator().manual_seed(7), **opts)
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_per_sample_generators_make_samples_independent_of_batch_size():
+    d = make()
+    full = d.sample(toy_model, (6, 1, 4, 4), sampler="ddpm", steps=10, generator=per_sample_generators(3, 6))
+    part = d.sample(toy_model, (2, 1, 4, 4), sampler="ddpm", steps=10, generator=per_sample_generators(3, 2, start=4))
+    torch.testing.assert_close(full[4:], part, rtol=0, atol=1e-6)
+
+
+def test_explicit_step_noise_reproduces_ddpm_loop():
+    d = make(T=50)
+    steps = 10
+    x_T = torch.randn(2, 1, 4, 4)
+    step_noise = torch.randn(steps, 2, 1, 4, 4)
+    a = d.sample(toy_model, x_T.shape, sampler="ddpm", steps=steps, noise=x_T, step_noise=step_noise)
+    # the same chain, written out with single steps on the respaced process
+    r = d.respace(diffreg.schedule.spaced_timesteps(50, steps, "trailing"))
+    x = x_T
+    for i, k in enumerate(reversed(range(r.num_timesteps))):
+        x = r.p_sample(toy_model, x, torch.full((2,), k), noise=step_noise[i])["sample"]
+    torch.testing.assert_close(a, x)
+
+
+def test_model_receives_original_timesteps_in_descending_order():
+    d = make(T=1000)
+    seen = []
+    d.sample(lambda x, t, **k: seen.append(int(t[0])) or torch.zeros_like(x), (1, 1, 2, 2), steps=4, spacing="trailing")
+    assert seen == [999, 749, 499, 249]
+
+
+def test_callback_gets_step_timestep_sample_and_prediction():
+    d = make()
+    got = []
+    out = d.sample(toy_model, (2, 1, 4, 4), steps=5, callback=lambda i, t, x, x0: got.append((i, t, x.shape, x0.shape)))
+    assert [g[0] for g in got] == list(range(5))
+    assert [g[1] for g in got] == sorted((g[1] for g in got), reverse=True)
+    assert got[-1][2] == out.shape
+
+
+def test_guidance_scale_one_equals_conditional_model():
+    d = make()
+
+    def model(x, t, y=None):
+        return toy_model(x, t) + 0.1 * y.float().reshape(-1, 1, 1, 1)
+
+    model.null_class = 10
+    y = torch.tensor([1, 2])
+    noise = torch.randn(2, 1, 4, 4)
+    guided = d.sample(model, (2, 1, 4, 4), steps=8, noise=noise, model_kwargs={"y": y}, guidance_scale=1.0)
+    plain = d.sample(model, (2, 1, 4, 4), steps=8, noise=noise, model_kwargs={"y": y})
+    assert torch.equal(guided, plain)
+
+
+def test_classifier_free_guidance_extrapolates_from_the_null_class():
+    # Ho & Salimans 2022, eq. 6: eps = eps(x, null) + w (eps(x, y) - eps(x, null)), one batched pass
+    d = make()
+    calls = []
+
+    def model(x, t, y=None):
+        calls.append(x.shape[0])
+        return toy_model(x, t) + 0.05 * y.float().reshape(-1, 1, 1, 1)
+
+    model.null_class = 10
+    y = torch.tensor([1, 3])
+    x = torch.randn(2, 1, 4, 4)
+    w = 3.0
+    got = d.sample(model, x.shape, steps=1, noise=x, model_kwargs={"y": y}, guidance_scale=w, clip_denoised=False)
+    assert calls == [4]
+    r = d.respace(diffreg.schedule.spaced_timesteps(100, 1, "trailing"))
+
+    def manual(x, t, **kwargs):
+        cond, uncond = model(x, t, y=y), model(x, t, y=torch.full_like(y, 10))
+        return uncond + w * (cond - uncond)
+
+    want = r.ddim_sample(manual, x, torch.zeros(2, dtype=torch.long), clip_denoised=False)["sample"]
+    torch.testing.assert_close(got, want)
+
+
+def test_classifier_guidance_shifts_ddpm_mean_by_variance_times_gradient():
+    # Dhariwal & Nichol 2021, Algorithm 1: mu + Sigma grad log p(y | x_t)
+    d = make()
+    x = torch.randn(2, 1, 4, 4)
+    t = torch.tensor([50, 20])
+    z = torch.zeros_like(x)
+    g = torch.full_like(x, 0.5)
+    base = d.p_sample(toy_model, x, t, noise=z)["sample"]
+    guided = d.p_sample(toy_model, x, t, noise=z, cond_fn=lambda x, t, **k: g)["sample"]
+    variance = torch.tensor(d.posterior_variance, dtype=torch.float32)[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(guided - base, variance * g)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_exact_denoiser_lands_on_the_data_distribution(sampler):
+    d = make(T=1000, schedule="cosine")
+    model = GaussianDenoiser(d.alphas_cumprod, mu=0.5, s=0.3)
+    x = d.sample(model, (4000, 1, 1, 1), sampler=sampler, steps=100, generator=torch.Generator().manual_seed(0),
+                 clip_denoised=False)
+    assert abs(x.mean().item() - 0.5) < 0.02
+    assert abs(x.std().item() - 0.3) < 0.02
+
+
+def test_ddim_inversion_round_trip_error_shrinks_at_first_order():
+    # DDIM is a first-order ODE solver (Song et al. 2021, section 4.3): inverting and resampling
+    # with an exact denoiser returns x0 with an error ~ 1 / steps.
+    base = make(T=1000, schedule="cosine")
+    model = GaussianDenoiser(base.alphas_cumprod)
+    x0 = 0.5 + 0.3 * torch.randn(16, 1, 1, 1)
+    errors = []
+    for steps in (50, 200):
+        d = base.respace(f"ddim{steps}")
+        x_T = d.ddim_reverse_sample_loop(model, x0, clip_denoised=False)
+        back = d.ddim_sample_loop(model, x0.shape, noise=x_T, clip_denoised=False)
+        errors.append((back - x0).abs().max().item())
+    assert errors[1] < 0.02
+    assert 3.0 < errors[0] / errors[1] < 5.0  # 4x the steps, 4x less error
+
+
+def test_bfloat16_model_keeps_float32_state():
+    d = make()
+    net = torch.nn.Conv2d(1, 1, 1)
+    noise = torch.randn(2, 1, 4, 4)
+    ref = d.sample(lambda x, t, **k: net(x), (2, 1, 4, 4), noise=noise, steps=5)
+    half = torch.nn.Conv2d(1, 1, 1).to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in net.state_dict().items()})
+    # a module model: inputs are cast to its dtype, outputs back to float32
+    out2 = d.sample(_ModuleModel(half), (2, 1, 4, 4), noise=noise, steps=5)
+    assert out2.dtype == torch.float32
+    torch.testing.assert_close(out2, ref, atol=5e-2, rtol=0)
+
+
+class _ModuleModel(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, **kwargs):
+        return self.net(x)
+
+
+def test_two_loops_in_threads_do_not_interfere():
+    d = make()
+    noise = torch.randn(2, 1, 4, 4)
+    want = d.sample(toy_model, noise.shape, sampler="ddim", steps=10, noise=noise, eta=0.0)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(d.sample(toy_model, noise.shape, steps=10, noise=noise))) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(r, want) for r in results)
+
+
+@pytest.mark.parametrize("steps", [0, 101, -1])
+def test_steps_outside_range_is_a_clear_error(steps):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100\]"):
+        make().sample(toy_model, (1, 1, 2, 2), steps=steps)
+
+
+def test_unknown_sampler_suggests_the_closest_name():
+    with pytest.raises(UnknownComponentError, match="did you mean 'ddim'"):
+        make().sample(toy_model, (1, 1, 2, 2), sampler="ddimm")
+
+
+def test_unknown_sampler_option_is_a_clear_error():
+    with pytest.raises(ComponentOptionError, match="sampler 'ddpm' has no option 'eta'"):
+        make().sample(toy_model, (1, 1, 2, 2), sampler="ddpm", eta=0.5)
+
+
+def test_wrong_output_channels_names_the_expected_count():
+    d = make(variance="learned_range")
+    with pytest.raises(ValueError, match="expected 2 channels"):
+        d.sample(toy_model, (1, 1, 2, 2), steps=2)
+
+
+def test_nonfinite_model_output_names_the_step():
+    d = make()
+
+    def model(x, t, **kwargs):
+        out = toy_model(x, t)
+        return out * float("nan") if int(t[0]) < 30 else out
+
+    with pytest.raises(SamplingError, match=r"at step 7 of 10 \(timestep 29"):
+        d.sample(model, (1, 1, 2, 2), steps=10, clip_denoised=False)
+
+
+def test_noise_of_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match="noise has shape"):
+        make().sample(toy_model, (2, 1, 2, 2), noise=torch.zeros(3, 1, 2, 2))
+
+
+def test_negative_eta_is_rejected():
+    with pytest.raises(ComponentOptionError, match="eta must be"):
+        make().sample(toy_model, (1, 1, 2, 2), eta=-1.0)
+
+
+def test_dynamic_thresholding_bounds_pred_xstart():
+    d = make()
+    seen = []
+    d.sample(lambda x, t, **k: -10 * x, (2, 1, 4, 4), steps=5, clip_denoised=False, dynamic_threshold=0.9,
+             callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()))
+    assert max(seen) <= 1.0 + 1e-6
