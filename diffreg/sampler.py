@@ -186,7 +186,7 @@ class SamplingContext:
             )
         n = self.shape[0]
         self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
-        self._nonfinite = torch.zeros(self.num_steps, dtype=torch.bool, device=device) if check_finite else None
+        self._sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
 
     # -- for samplers ---------------------------------------------------------------------------
 
@@ -216,8 +216,10 @@ class SamplingContext:
             guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
             out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
         out = out.to(x.dtype)
-        if self._nonfinite is not None:
-            self._nonfinite[i] = ~torch.isfinite(out).all()
+        if self._sums is not None:
+            # one reduction per step, kept on the device: NaN/inf in any element makes the sum
+            # non-finite; read once after the loop (raise_if_nonfinite)
+            self._sums[i] = out.sum(dtype=torch.float32)
         return out
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
@@ -264,9 +266,12 @@ class SamplingContext:
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
         was not finite (one host read, after the loop)."""
-        if self._nonfinite is None or not bool(self._nonfinite.any()):
+        if self._sums is None:
             return
-        i = int(torch.nonzero(self._nonfinite)[0, 0])
+        bad = ~torch.isfinite(self._sums)
+        if not bool(bad.any()):
+            return
+        i = int(torch.nonzero(bad)[0, 0])
         t = int(self.diffusion.timestep_map[self.timesteps[i]])
         raise SamplingError(
             f"the model output was not finite (NaN or inf) at step {i} of {self.num_steps} "
