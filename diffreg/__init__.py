@@ -9,11 +9,11 @@ from diffreg.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-from diffreg import registry  # noqa: E402
-from diffreg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig  # noqa: E402
-from diffreg.diffusion import Diffusion  # noqa: E402
-from diffreg.errors import (  # noqa: E402
+from diffreg import registry
+from diffreg.checkpoint import load_checkpoint, save_checkpoint
+from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig
+from diffreg.diffusion import Diffusion
+from diffreg.errors import (
     AmbiguousComponentError,
     CheckpointError,
     ComponentOptionError,
@@ -23,8 +23,8 @@ from diffreg.errors import (  # noqa: E402
     SamplingError,
     UnknownComponentError,
 )
-from diffreg.sampler import Sampler  # noqa: E402
-from diffreg.schedule import NoiseSchedule  # noqa: E402
+from diffreg.sampler import Sampler
+from diffreg.schedule import NoiseSchedule
 
 __all__ = [
     "AmbiguousComponentError",

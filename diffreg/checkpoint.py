@@ -160,7 +160,10 @@ def _mismatch_report(model: torch.nn.Module, tensors: dict[str, tuple[int, ...]]
     if missing:
         lines.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
-        lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        lines.append(
+            f"unexpected tensors ({len(unexpected)}): "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
     for k in misshaped[:8]:
         lines.append(f"shape of {k}: file {tensors[k]}, model {expected[k]}")
     options = ", ".join(f"{k}={v!r}" for k, v in cfg.model.options.items())
@@ -209,7 +212,9 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
     target_dtype = dtype or torch.float32
     state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)

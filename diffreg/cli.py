@@ -71,22 +71,30 @@ def plugins(as_json: bool) -> None:
     loaded = registry.plugins()
     failed = registry.failures()
     if as_json:
-        click.echo(json.dumps({
-            "plugins": [
+        click.echo(
+            json.dumps(
                 {
-                    "name": p.name,
-                    "distribution": p.distribution,
-                    "version": p.version,
-                    "module": p.module,
-                    "components": [{"kind": c.kind, "name": c.name, "qualified_name": c.qualified_name} for c in p.components],
-                }
-                for p in loaded
-            ],
-            "failed": [
-                {"name": f.name, "distribution": f.distribution, "version": f.version, "reason": f.reason}
-                for f in failed
-            ],
-        }, indent=2))
+                    "plugins": [
+                        {
+                            "name": p.name,
+                            "distribution": p.distribution,
+                            "version": p.version,
+                            "module": p.module,
+                            "components": [
+                                {"kind": c.kind, "name": c.name, "qualified_name": c.qualified_name}
+                                for c in p.components
+                            ],
+                        }
+                        for p in loaded
+                    ],
+                    "failed": [
+                        {"name": f.name, "distribution": f.distribution, "version": f.version, "reason": f.reason}
+                        for f in failed
+                    ],
+                },
+                indent=2,
+            )
+        )
         return
     for p in loaded:
         click.echo(f"{p.name}  ({p.distribution or '?'} {p.version or ''})".rstrip())
@@ -108,17 +116,24 @@ def list_components(kind: str | None, as_json: bool) -> None:
     """Registered components (of KIND, or all), by qualified name, with their source."""
     comps = registry.components(kind)
     if as_json:
-        click.echo(json.dumps([
-            {
-                "kind": c.kind,
-                "name": c.name,
-                "qualified_name": c.qualified_name,
-                "distribution": c.distribution,
-                "version": c.version,
-                "metadata": {k: v for k, v in c.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))},
-            }
-            for c in comps
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "kind": c.kind,
+                        "name": c.name,
+                        "qualified_name": c.qualified_name,
+                        "distribution": c.distribution,
+                        "version": c.version,
+                        "metadata": {
+                            k: v for k, v in c.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))
+                        },
+                    }
+                    for c in comps
+                ],
+                indent=2,
+            )
+        )
         return
     current = None
     for c in comps:
@@ -161,8 +176,10 @@ def info(checkpoint: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{report['file']}: {params:,} parameters in {len(shapes)} tensors ({', '.join(dtypes)}), "
-               f"{report['bytes'] / 1e6:.1f} MB")
+    click.echo(
+        f"{report['file']}: {params:,} parameters in {len(shapes)} tensors ({', '.join(dtypes)}), "
+        f"{report['bytes'] / 1e6:.1f} MB"
+    )
     click.echo(f"format {report['format_version']}, written by diffreg {report['written_by']}")
     click.echo(json.dumps(report["config"], indent=2))
 
@@ -212,7 +229,7 @@ def image_grid(images: np.ndarray, ncols: int, cell: int = 32, pad: int = 2):
     grid = Image.new("L" if c == 1 else "RGB", (ncols * (w * scale + pad) + pad, nrows * (h * scale + pad) + pad), 0)
     for k in range(n):
         arr = images[k, :, :, 0] if c == 1 else images[k, :, :, :3]
-        tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
+        tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.Resampling.NEAREST)
         r, col = divmod(k, ncols)
         grid.paste(tile, (pad + col * (w * scale + pad), pad + r * (h * scale + pad)))
     return grid
@@ -246,24 +263,76 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--sampler", default="ddim", show_default=True, help="Any registered sampler (see `diffreg list sampler`).")
+@click.option(
+    "--sampler", default="ddim", show_default=True, help="Any registered sampler (see `diffreg list sampler`)."
+)
 @click.option("--steps", default=50, show_default=True, type=int, help="Sampling steps (1..T).")
-@click.option("--spacing", default="trailing", show_default=True, type=click.Choice(["leading", "trailing", "linspace"]))
+@click.option(
+    "--spacing", default="trailing", show_default=True, type=click.Choice(["leading", "trailing", "linspace"])
+)
 @click.option("--eta", default=None, type=float, help="DDIM stochasticity (samplers that take eta).")
 @click.option("--num-samples", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int, help="Sample k depends only on (seed, k), not on the batch size.")
-@click.option("--class-label", default="all", show_default=True, help="'all' (cycle the classes), 'none', an int, or a comma list.")
-@click.option("--guidance-scale", default=None, type=float, help="Classifier-free guidance w (1: off). Default: the checkpoint's recommended value, else 1.")
-@click.option("--output", default="grid.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid of the samples.")
-@click.option("--npz", "npz_path", default="samples.npz", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="arr_0: uint8 NHWC images, arr_1: labels ('' to skip).")
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Sample k depends only on (seed, k), not on the batch size."
+)
+@click.option(
+    "--class-label",
+    default="all",
+    show_default=True,
+    help="'all' (cycle the classes), 'none', an int, or a comma list.",
+)
+@click.option(
+    "--guidance-scale",
+    default=None,
+    type=float,
+    help="Classifier-free guidance w (1: off). Default: the checkpoint's recommended value, else 1.",
+)
+@click.option(
+    "--output",
+    default="grid.png",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG grid of the samples.",
+)
+@click.option(
+    "--npz",
+    "npz_path",
+    default="samples.npz",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="arr_0: uint8 NHWC images, arr_1: labels ('' to skip).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", "dtype_name", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Model weights' dtype (the sampler state stays float32).")
+@click.option(
+    "--dtype",
+    "dtype_name",
+    default="float32",
+    show_default=True,
+    type=click.Choice(list(DTYPES)),
+    help="Model weights' dtype (the sampler state stays float32).",
+)
 @click.option("--option", "options", multiple=True, help="Extra sampler option KEY=VALUE (JSON value), repeatable.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
-def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, seed, class_label,
-           guidance_scale, output, npz_path, device, dtype_name, options, progress) -> None:
+def sample(
+    checkpoint,
+    sampler,
+    steps,
+    spacing,
+    eta,
+    num_samples,
+    batch_size,
+    seed,
+    class_label,
+    guidance_scale,
+    output,
+    npz_path,
+    device,
+    dtype_name,
+    options,
+    progress,
+) -> None:
     """Draw samples from CHECKPOINT (default: the bundled digits model); write a PNG grid and an .npz."""
     from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
     from diffreg.sampler import per_sample_generators
@@ -288,11 +357,19 @@ def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, se
     start = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - lo)
-        kwargs = {"y": labels[lo:lo + n].to(device)} if labels is not None else {}
+        kwargs = {"y": labels[lo : lo + n].to(device)} if labels is not None else {}
         x = diffusion.sample(
-            model, (n, *shape), sampler=sampler, steps=steps, spacing=spacing,
-            generator=per_sample_generators(seed, n, start=lo), model_kwargs=kwargs,
-            guidance_scale=guidance_scale, device=device, progress=progress, **sampler_options,
+            model,
+            (n, *shape),
+            sampler=sampler,
+            steps=steps,
+            spacing=spacing,
+            generator=per_sample_generators(seed, n, start=lo),
+            model_kwargs=kwargs,
+            guidance_scale=guidance_scale,
+            device=device,
+            progress=progress,
+            **sampler_options,
         )
         samples.append(x.cpu())
     elapsed = time.perf_counter() - start
@@ -301,7 +378,11 @@ def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, se
     label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
     if x.ndim == 4:
         images = to_uint8_images(x)
-        ncols = cfg.num_classes if (labels is not None and class_label.strip().lower() == "all") else math.ceil(math.sqrt(num_samples))
+        ncols = (
+            (cfg.num_classes or 1)
+            if (labels is not None and class_label.strip().lower() == "all")
+            else math.ceil(math.sqrt(num_samples))
+        )
         picture = image_grid(images, ncols)
         arrays = {"arr_0": images, "arr_1": label_array}
     else:
@@ -312,7 +393,7 @@ def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, se
             picture.save(tmp, format="PNG")
     if npz_path and str(npz_path) not in ("", "."):
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         with atomic_path(npz_path) as tmp:
             tmp.write_bytes(buffer.getvalue())
     click.echo(
@@ -326,20 +407,34 @@ def sample(checkpoint, sampler, steps, spacing, eta, num_samples, batch_size, se
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A TOML training configuration (see configs/digits.toml).")
-@click.option("--output", default="model.safetensors", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML training configuration (see configs/digits.toml).",
+)
+@click.option(
+    "--output", default="model.safetensors", show_default=True, type=click.Path(dir_okay=False, path_type=Path)
+)
 @click.option("--steps", type=click.IntRange(min=1), help="Override the configuration's steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the configuration's batch_size.")
 @click.option("--seed", type=int, help="Override the configuration's seed.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="dtype of the weights in the written checkpoint.")
+@click.option(
+    "--store-dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(list(DTYPES)),
+    help="dtype of the weights in the written checkpoint.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
 def train(config_path, output, steps, batch_size, seed, device, store_dtype, progress) -> None:
     """Train a model and write its EMA weights, with its configuration, to OUTPUT."""
     import attrs
 
-    from diffreg.training import TrainConfig, train as run_training
+    from diffreg.training import TrainConfig
+    from diffreg.training import train as run_training
 
     cfg = TrainConfig.from_toml(config_path.read_text()) if config_path else TrainConfig()
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "seed": seed}.items() if v is not None}

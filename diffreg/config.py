@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -73,9 +73,7 @@ class ComponentSpec:
             if "options" in options and isinstance(options["options"], Mapping) and len(options) == 1:
                 options = dict(options["options"])
             return cls(value["name"], options)
-        raise ConfigError(
-            f"{field}: expected a name or a table with 'name', got {type(value).__name__}: {value!r}"
-        )
+        raise ConfigError(f"{field}: expected a name or a table with 'name', got {type(value).__name__}: {value!r}")
 
     def to_dict(self) -> str | dict[str, Any]:
         """The name alone when there are no options, else ``{"name": ..., **options}``."""
@@ -145,9 +143,17 @@ class _DictMixin:
         return cls.from_dict(data)
 
     def to_toml(self) -> str:
+        """TOML text. TOML has no null: an option set to ``None`` is left out when the component's
+        default for it is ``None`` too (same meaning), else this raises ConfigError."""
         import tomli_w
 
-        return tomli_w.dumps(_drop_none(self.to_dict()))
+        data = self.to_dict()
+        kinds = getattr(type(self), "_kinds", {})
+        for field, kind in kinds.items():
+            spec = getattr(self, field)
+            if isinstance(spec, ComponentSpec) and isinstance(data.get(field), dict):
+                _check_none_options(kind, spec)
+        return tomli_w.dumps(_drop_none(data))
 
     @classmethod
     def from_toml(cls, text: str):
@@ -165,6 +171,27 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
+
+
+def _check_none_options(kind: str, spec: ComponentSpec) -> None:
+    import inspect
+
+    from diffreg import registry
+
+    nones = [k for k, v in spec.options.items() if v is None]
+    if not nones:
+        return
+    try:
+        params = registry.accepted_options(registry.get(kind, spec.name))
+    except (KeyError, ValueError, TypeError):
+        return
+    for key in nones:
+        param = params.get(key)
+        if param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
+            raise ConfigError(
+                f"{kind} {spec.name!r} option {key!r} is None, which TOML cannot store, and its default is "
+                f"{param.default!r}; give a value or write the configuration as JSON"
+            )
 
 
 def _from_value(cls: type, key: str, value: Any) -> Any:
@@ -194,6 +221,14 @@ class DiffusionConfig(_DictMixin):
             options are checked against the registry when the diffusion is built
             (:meth:`validate`).
     """
+
+    _kinds: ClassVar[dict[str, str]] = {
+        "schedule": "schedule",
+        "parameterization": "parameterization",
+        "variance": "variance",
+        "loss": "loss",
+        "timestep_sampler": "timestep_sampler",
+    }
 
     schedule: ComponentSpec = _spec("schedule", "linear")
     num_timesteps: int = attrs.field(default=1000, validator=_check_num_timesteps)
@@ -229,6 +264,10 @@ class DiffusionConfig(_DictMixin):
         return self
 
 
+def _coerce_diffusion(value: Any) -> DiffusionConfig:
+    return DiffusionConfig.coerce(value)
+
+
 @attrs.frozen
 class CheckpointConfig(_DictMixin):
     """What a checkpoint carries besides its weights: the diffusion, the model, and the data.
@@ -239,9 +278,9 @@ class CheckpointConfig(_DictMixin):
     guidance is extra).
     """
 
-    _nested = {"diffusion": DiffusionConfig}
+    _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig}
 
-    diffusion: DiffusionConfig = attrs.field(converter=DiffusionConfig.coerce)
+    diffusion: DiffusionConfig = attrs.field(converter=_coerce_diffusion)
     model: ComponentSpec = attrs.field(converter=lambda v: ComponentSpec.coerce(v, "model"))
     data: dict[str, Any] = attrs.field(factory=dict, hash=False)
     format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)

@@ -65,7 +65,7 @@ class Diffusion:
         parameterization: ModelParameterization,
         loss: Loss,
         *,
-        timestep_map: Sequence[int] | None = None,
+        timestep_map: Sequence[int] | np.ndarray | None = None,
         config: DiffusionConfig | None = None,
     ):
         self.tables = DiffusionTables(betas)
@@ -99,7 +99,9 @@ class Diffusion:
         mean_type = registry.create("parameterization", cfg.parameterization.name, **cfg.parameterization.options)
         variance_type = registry.create("variance", cfg.variance.name, **cfg.variance.options)
         loss = registry.create("loss", cfg.loss.name, **cfg.loss.options)
-        registry.check_options(registry.get("timestep_sampler", cfg.timestep_sampler.name), cfg.timestep_sampler.options, 1)
+        registry.check_options(
+            registry.get("timestep_sampler", cfg.timestep_sampler.name), cfg.timestep_sampler.options, 1
+        )
         return cls(schedule.betas, ModelParameterization(mean_type, variance_type), loss, config=cfg)
 
     def create_timestep_sampler(self) -> TimestepSampler:
@@ -129,9 +131,7 @@ class Diffusion:
                 raise ValueError(f"respace indices contain duplicates: {sorted(keep)}")
             bad = [i for i in keep if not 0 <= i < self.num_timesteps]
             if bad:
-                raise ValueError(
-                    f"respace index {bad[0]} out of range; accepted: 0..{self.num_timesteps - 1}"
-                )
+                raise ValueError(f"respace index {bad[0]} out of range; accepted: 0..{self.num_timesteps - 1}")
             keep = sorted(keep)
         key = tuple(keep)
         cached = self._respaced_cache.get(key)
@@ -159,10 +159,7 @@ class Diffusion:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        return (
-            f"Diffusion(num_timesteps={self.num_timesteps}, {self.parameterization!r}, "
-            f"loss={self.loss!r})"
-        )
+        return f"Diffusion(num_timesteps={self.num_timesteps}, {self.parameterization!r}, loss={self.loss!r})"
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -201,9 +198,7 @@ class Diffusion:
         log_variance = g("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
-    def q_sample(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, eq. 4).
 
         Args:
@@ -220,9 +215,7 @@ class Diffusion:
         elif noise.shape != x_start.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_start.shape)}")
         g = self.tables.gather
-        return g("sqrt_alphas_cumprod", t, x_start) * x_start + g(
-            "sqrt_one_minus_alphas_cumprod", t, x_start
-        ) * noise
+        return g("sqrt_alphas_cumprod", t, x_start) * x_start + g("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020,
@@ -418,8 +411,18 @@ class Diffusion:
 
     # -- sampling (see diffreg.sampler) ---------------------------------------------------------
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                 model_kwargs=None, noise=None, generator=None) -> dict[str, torch.Tensor]:
+    def p_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        noise=None,
+        generator=None,
+    ) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2).
 
         ``t`` is int64 ``[N]``; no noise is added where ``t == 0``. ``cond_fn(x, t, **kw)`` shifts
@@ -428,11 +431,32 @@ class Diffusion:
         """
         from diffreg import sampler
 
-        return sampler.p_sample(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                cond_fn=cond_fn, model_kwargs=model_kwargs, noise=noise, generator=generator)
+        return sampler.p_sample(
+            self,
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            noise=noise,
+            generator=generator,
+        )
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                    model_kwargs=None, eta=0.0, noise=None, generator=None) -> dict[str, torch.Tensor]:
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        noise=None,
+        generator=None,
+    ) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), stochasticity ``eta``.
 
         ``cond_fn`` conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with
@@ -440,19 +464,31 @@ class Diffusion:
         """
         from diffreg import sampler
 
-        return sampler.ddim_sample(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                   cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise=noise,
-                                   generator=generator)
+        return sampler.ddim_sample(
+            self,
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            noise=noise,
+            generator=generator,
+        )
 
-    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None,
-                            model_kwargs=None, eta=0.0) -> dict[str, torch.Tensor]:
+    def ddim_reverse_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
+    ) -> dict[str, torch.Tensor]:
         """One deterministic DDIM inversion step x_t -> x_{t+1} (Song et al. 2021, eq. 13 run
         forward). Only ``eta == 0`` is defined. Returns dict with ``sample`` and ``pred_xstart``.
         """
         from diffreg import sampler
 
-        return sampler.ddim_reverse_sample(self, model, x, t, clip_denoised=clip_denoised,
-                                           denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta)
+        return sampler.ddim_reverse_sample(
+            self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
+        )
 
     def p_sample_loop(self, model, shape, noise=None, **options) -> torch.Tensor:
         """Ancestral sampling over every timestep of this process (guided-diffusion's
@@ -487,8 +523,9 @@ class Diffusion:
 
         return sampler.ddim_reverse_sample_loop(self, model, x, **options)
 
-    def sample(self, model, shape, sampler: str = "ddim", steps: int | None = 50,
-               spacing: str = "trailing", **options) -> torch.Tensor:
+    def sample(
+        self, model, shape, sampler: str = "ddim", steps: int | None = 50, spacing: str = "trailing", **options
+    ) -> torch.Tensor:
         """Sample with any registered sampler over ``steps`` timesteps chosen by ``spacing``
         (``leading``, ``trailing`` or ``linspace``; ``steps=None`` uses every timestep).
 

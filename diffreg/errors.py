@@ -42,8 +42,7 @@ class AmbiguousComponentError(KeyError):
         self.name = name
         self.candidates = sorted(candidates)
         self.message = (
-            f"{kind} name {name!r} is registered by several plugins; "
-            f"use a qualified name: {', '.join(self.candidates)}"
+            f"{kind} name {name!r} is registered by several plugins; use a qualified name: {', '.join(self.candidates)}"
         )
         super().__init__(self.message)
 

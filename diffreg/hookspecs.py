@@ -29,7 +29,6 @@ All hooks: since diffreg 0.1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pluggy
 

@@ -70,9 +70,7 @@ class MSELoss(Loss):
         terms: dict[str, torch.Tensor] = {}
         if var_part is not None:
             frozen = torch.cat([mean_part.detach(), var_part], dim=1)
-            vb = diffusion.vb_terms_bpd(
-                lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False
-            )["output"]
+            vb = diffusion.vb_terms_bpd(lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False)["output"]
             terms["vb"] = vb * (diffusion.num_timesteps / 1000.0) if self.rescaled else vb
         target = parameterization.mean_type.target(diffusion.tables, x_start, x_t, t, noise)
         mse = mean_flat((target - mean_part) ** 2)
@@ -103,9 +101,7 @@ class KLLoss(Loss):
         self.rescaled = rescaled
 
     def __call__(self, diffusion, model, x_start, x_t, t, noise, model_kwargs):
-        loss = diffusion.vb_terms_bpd(
-            model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs
-        )["output"]
+        loss = diffusion.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
         if self.rescaled:
             loss = loss * diffusion.num_timesteps
         return {"loss": loss}

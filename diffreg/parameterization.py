@@ -73,9 +73,9 @@ def predict_xstart_from_eps(tables, x_t, t, eps):
 
 def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
     """eps = (sqrt(1 / abar_t) x_t - x0) / sqrt(1 / abar_t - 1) (guided-diffusion's formula)."""
-    return (
-        tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
-    ) / tables.gather("sqrt_recipm1_alphas_cumprod", t, x_t)
+    return (tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / tables.gather(
+        "sqrt_recipm1_alphas_cumprod", t, x_t
+    )
 
 
 class EpsPrediction(MeanType):

@@ -21,6 +21,7 @@ resolves; a bare name resolves to the built-in first, then to the single plugin 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata as importlib_metadata
 import inspect
@@ -109,7 +110,7 @@ def _normalize(name: str) -> str:
 def _env_list(env: Mapping[str, str], key: str) -> set[str] | None:
     if key not in env:
         return None
-    return {_normalize(item) for item in env[key].split(",") if item.strip()}
+    return {_normalize(item.strip()) for item in env[key].split(",") if item.strip()}
 
 
 class _SkipPlugin(Exception):
@@ -128,17 +129,18 @@ class Registry:
         self._env = os.environ if env is None else env
         self._lock = threading.RLock()
         self._built = False
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self._pm.add_hookspecs(hookspecs)
-        self._plugins: dict[str, PluginInfo] = {}
-        self._failures: list[PluginFailure] = []
-        self._components: dict[str, list[Component]] = {kind: [] for kind in KINDS}
+        self._building = False
+        self._pm: pluggy.PluginManager
+        self._plugins: dict[str, PluginInfo]
+        self._failures: list[PluginFailure]
+        self._components: dict[str, list[Component]]
+        self._reset_state()
 
     # -- discovery ---------------------------------------------------------------------------
 
     @property
     def strict(self) -> bool:
-        return self._env.get("DIFFREG_STRICT_PLUGINS", "").strip() not in ("", "0", "false", "no")
+        return self._env.get("DIFFREG_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off")
 
     def _ensure_built(self) -> None:
         if self._built:
@@ -146,20 +148,35 @@ class Registry:
         with self._lock:
             if self._built:
                 return
-            self._built = True
             from diffreg import __version__
             from diffreg.builtin import DEFAULT_PLUGINS
 
-            for module_name in DEFAULT_PLUGINS:
-                self._add(
-                    lambda m=module_name: importlib.import_module(m),
-                    name=BUILTIN_PLUGIN,
-                    distribution="diffreg",
-                    version=__version__,
-                    module=module_name,
-                )
-            if self._use_entry_points:
-                self._load_entry_points()
+            self._building = True
+            try:
+                for module_name in DEFAULT_PLUGINS:
+                    self._add(
+                        functools.partial(importlib.import_module, module_name),
+                        name=BUILTIN_PLUGIN,
+                        distribution="diffreg",
+                        version=__version__,
+                        module="diffreg.builtin",
+                    )
+                if self._use_entry_points:
+                    self._load_entry_points()
+            except BaseException:
+                # strict mode (or an interrupt): leave nothing half-built; the next use retries
+                self._reset_state()
+                raise
+            finally:
+                self._building = False
+            self._built = True
+
+    def _reset_state(self) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._plugins = {}
+        self._failures = []
+        self._components = {kind: [] for kind in KINDS}
 
     def _load_entry_points(self) -> None:
         allow = _env_list(self._env, "DIFFREG_LOAD_PLUGINS")
@@ -178,6 +195,14 @@ class Registry:
             keys = {_normalize(ep_name)} | ({_normalize(dist_name)} if dist_name else set())
             if keys & deny or (allow is not None and not keys & allow):
                 continue  # never imported
+            if _normalize(ep_name) == BUILTIN_PLUGIN:
+                self._fail(
+                    ep_name,
+                    dist_name,
+                    version,
+                    f"the plugin name {BUILTIN_PLUGIN!r} is reserved for the built-ins; rename the entry point",
+                )
+                continue
             self._add(ep.load, name=ep_name, distribution=dist_name, version=version, module=ep.value)
 
     def add_plugin(
@@ -196,8 +221,8 @@ class Registry:
         """
         self._ensure_built()
         with self._lock:
-            if name in self._plugins:
-                raise ValueError(f"a plugin named {name!r} is already loaded")
+            if name in self._plugins or _normalize(name) == BUILTIN_PLUGIN:
+                raise ValueError(f"a plugin named {name!r} is already loaded (or the name is reserved)")
             module = getattr(plugin, "__name__", type(plugin).__name__)
             return self._add(lambda: plugin, name, distribution, version, module)
 
@@ -219,11 +244,12 @@ class Registry:
         version: str | None,
         module: str,
     ) -> PluginInfo | None:
-        pm_name = name if name not in self._plugins else f"{name}@{module}"
+        pm_name = name if name not in self._plugins else f"{name}#{len(self._pm.get_plugins())}"
         try:
             staged = self._collect(loader, pm_name, name, distribution, version)
         except _SkipPlugin as exc:
-            return self._fail(name, distribution, version, str(exc))
+            self._fail(name, distribution, version, str(exc))
+            return None
         previous = self._plugins.get(name)
         components = (previous.components if previous else ()) + tuple(staged)
         info = PluginInfo(name, distribution, version, module, components)
@@ -262,13 +288,11 @@ class Registry:
                         continue
                     register = _make_register(kind, name, distribution, version, staged, already)
                     try:
-                        impl.function(register=register)
+                        impl.function(**{arg: register for arg in impl.argnames})
                     except _SkipPlugin:
                         raise
                     except Exception as exc:
-                        raise _SkipPlugin(
-                            f"hook {hook_name} raised {type(exc).__name__}: {exc}"
-                        ) from exc
+                        raise _SkipPlugin(f"hook {hook_name} raised {type(exc).__name__}: {exc}") from exc
         except _SkipPlugin:
             self._pm.unregister(obj)
             raise
@@ -282,7 +306,6 @@ class Registry:
         if self.strict:
             raise PluginError(message + " [DIFFREG_STRICT_PLUGINS is set]")
         warnings.warn(message, PluginWarning, stacklevel=4)
-        return None
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -321,8 +344,7 @@ class Registry:
             key = _normalize(plugin)
             for c in candidates:
                 if c.name == bare and (
-                    _normalize(c.plugin) == key
-                    or (c.distribution is not None and _normalize(c.distribution) == key)
+                    _normalize(c.plugin) == key or (c.distribution is not None and _normalize(c.distribution) == key)
                 ):
                     return c
             raise UnknownComponentError(kind, name, [c.qualified_name for c in candidates])
@@ -403,8 +425,7 @@ def _make_register(
     def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise _SkipPlugin(
-                f"registered an invalid {kind} name {name!r} "
-                "(accepted: lower-case letters, digits, '_', '-', '.')"
+                f"registered an invalid {kind} name {name!r} (accepted: lower-case letters, digits, '_', '-', '.')"
             )
         if not callable(factory):
             raise _SkipPlugin(f"registered {kind} {name!r} with a factory that is not callable")
@@ -419,7 +440,7 @@ def _make_register(
 
 
 def _signature_target(factory: Callable[..., Any]) -> Callable[..., Any]:
-    return factory.__init__ if inspect.isclass(factory) else factory  # type: ignore[misc]
+    return factory.__init__ if inspect.isclass(factory) else factory
 
 
 def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
@@ -465,11 +486,7 @@ def _hint_text(hint: Any) -> str:
 def accepted_options(component: Component) -> dict[str, inspect.Parameter]:
     """The keyword options ``component``'s factory accepts, by name."""
     signature = inspect.signature(component.factory)
-    return {
-        name: p
-        for name, p in signature.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    return {name: p for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def check_options(component: Component, options: Mapping[str, Any], n_positional: int = 0) -> None:
@@ -487,11 +504,7 @@ def check_options(component: Component, options: Mapping[str, Any], n_positional
         return
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     fixed = set(positional[:n_positional])
-    accepted = [
-        p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
-    ]
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed]
     label = f"{component.kind} {component.name!r}"
     hints = _type_hints(component.factory)
     for key, value in options.items():
@@ -503,8 +516,7 @@ def check_options(component: Component, options: Mapping[str, Any], n_positional
             )
         if key in hints and not _conforms(value, hints[key]):
             raise ComponentOptionError(
-                f"{label} option {key!r} must be {_hint_text(hints[key])}, "
-                f"got {type(value).__name__}: {value!r}"
+                f"{label} option {key!r} must be {_hint_text(hints[key])}, got {type(value).__name__}: {value!r}"
             )
 
 

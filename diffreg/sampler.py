@@ -47,9 +47,7 @@ class Sampler(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def step(
-        self, ctx: SamplingContext, state: Any, i: int, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, ctx: SamplingContext, state: Any, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance ``x`` (float32 ``[N, ...]`` at ``ctx.timesteps[i]``) by one step.
 
         Returns ``(x_next, pred_xstart)``, both of ``x``'s shape and dtype.
@@ -60,9 +58,7 @@ class Sampler(abc.ABC):
         return f"{type(self).__name__}({options})"
 
 
-def draw_noise(
-    shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise of ``shape`` on ``device``.
 
     ``generator`` may be ``None`` (global RNG), one ``torch.Generator`` (drawn on its own device,
@@ -79,12 +75,14 @@ def draw_noise(
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; give one per sample")
-    return torch.stack(
-        [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]
-    ).to(device)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]).to(
+        device
+    )
 
 
-def per_sample_generators(seed: int, count: int, start: int = 0, device: str | torch.device = "cpu") -> list[torch.Generator]:
+def per_sample_generators(
+    seed: int, count: int, start: int = 0, device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
     """``count`` independent generators for samples ``start .. start + count - 1`` of a run seeded
     with ``seed``; sample ``k``'s generator depends only on ``(seed, k)``."""
     gens = []
@@ -180,9 +178,7 @@ class SamplingContext:
         self.uncond_model_kwargs = None
         if self.guidance_scale is not None:
             self.uncond_model_kwargs = dict(
-                uncond_model_kwargs
-                if uncond_model_kwargs is not None
-                else _null_class_kwargs(model, self.model_kwargs)
+                uncond_model_kwargs if uncond_model_kwargs is not None else _null_class_kwargs(model, self.model_kwargs)
             )
         n = self.shape[0]
         self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
@@ -207,9 +203,7 @@ class SamplingContext:
             out = self.diffusion.call_model(self.model, x_in, t, self.model_kwargs)
         else:
             kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
-            both = self.diffusion.call_model(
-                self.model, torch.cat([x_in, x_in]), torch.cat([t, t]), kwargs
-            )
+            both = self.diffusion.call_model(self.model, torch.cat([x_in, x_in]), torch.cat([t, t]), kwargs)
             cond, uncond = both.to(x.dtype).chunk(2)
             cond_mean, cond_var = self.diffusion.parameterization.split(cond, x)
             uncond_mean, _ = self.diffusion.parameterization.split(uncond, x)
@@ -293,13 +287,16 @@ def _null_class_kwargs(model: Any, model_kwargs: Mapping[str, Any]) -> dict[str,
 def _cat_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key in set(cond) | set(uncond):
-        a, b = cond.get(key), uncond.get(key)
+        a: Any = cond.get(key)
+        b: Any = uncond.get(key)
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             out[key] = torch.cat([a, b])
         elif a is b or a == b:
             out[key] = a
         else:
-            raise ValueError(f"model_kwargs[{key!r}] differs between the conditional and unconditional inputs and is not a tensor")
+            raise ValueError(
+                f"model_kwargs[{key!r}] differs between the conditional and unconditional inputs and is not a tensor"
+            )
     return out
 
 
@@ -370,8 +367,8 @@ def sample_loop_progressive(
     """
     shape = _check_shape(shape)
     sampler_obj = _resolve_sampler(sampler, sampler_options)
-    device = torch.device(device) if device is not None else (
-        noise.device if noise is not None else _model_device(model)
+    device = (
+        torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(model))
     )
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
@@ -399,7 +396,9 @@ def sample_loop_progressive(
     return _iterate(ctx, sampler_obj, x, progress, callback)
 
 
-def _iterate(ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback) -> Iterator[dict[str, Any]]:
+def _iterate(
+    ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback
+) -> Iterator[dict[str, Any]]:
     state = sampler.prepare(ctx)
     name = type(sampler).__name__
     for i in tqdm(range(ctx.num_steps), desc=name, disable=not progress, leave=False):
@@ -414,10 +413,9 @@ def _iterate(ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: 
 
 def sample_loop(diffusion: Diffusion, model: Any, shape: Sequence[int], **options: Any) -> torch.Tensor:
     """Run :func:`sample_loop_progressive` to the end and return the final sample (``shape``)."""
-    final = None
-    for final in sample_loop_progressive(diffusion, model, shape, **options):
-        pass
-    assert final is not None
+    final: dict[str, Any] = {}
+    for step in sample_loop_progressive(diffusion, model, shape, **options):
+        final = step
     return final["sample"]
 
 
@@ -455,8 +453,19 @@ def _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, 
     return t, diffusion.prediction_from_output(out, x, t, clip_denoised, denoised_fn)
 
 
-def p_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
-             model_kwargs=None, noise=None, generator=None) -> dict[str, torch.Tensor]:
+def p_sample(
+    diffusion,
+    model,
+    x,
+    t,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    noise=None,
+    generator=None,
+) -> dict[str, torch.Tensor]:
     """See :meth:`diffreg.Diffusion.p_sample`."""
     t, pred = _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs)
     mean, _, _ = diffusion.q_posterior_mean_variance(pred.pred_xstart, x, t)
@@ -471,8 +480,20 @@ def p_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, co
     return {"sample": sample, "pred_xstart": pred.pred_xstart}
 
 
-def ddim_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                model_kwargs=None, eta=0.0, noise=None, generator=None) -> dict[str, torch.Tensor]:
+def ddim_sample(
+    diffusion,
+    model,
+    x,
+    t,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    eta=0.0,
+    noise=None,
+    generator=None,
+) -> dict[str, torch.Tensor]:
     """See :meth:`diffreg.Diffusion.ddim_sample`."""
     eta = _check_eta(eta)
     t, pred = _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs)
@@ -486,7 +507,9 @@ def ddim_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None,
         pred_xstart = predict_xstart_from_eps(tables, x, t, eps)
     key = f"ddim_eta_{eta!r}"
     for j, part in enumerate(("c_xstart", "c_eps", "sigma")):
-        tables.derive(f"{key}_{part}", lambda tb, j=j: ddim_coefficients(tb.alphas_cumprod, tb.alphas_cumprod_prev, eta)[j])
+        tables.derive(
+            f"{key}_{part}", lambda tb, j=j: ddim_coefficients(tb.alphas_cumprod, tb.alphas_cumprod_prev, eta)[j]
+        )
     sample = tables.gather(f"{key}_c_xstart", t, x) * pred_xstart + tables.gather(f"{key}_c_eps", t, x) * eps
     if eta > 0:
         if noise is None:
@@ -496,8 +519,9 @@ def ddim_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None,
     return {"sample": sample, "pred_xstart": pred_xstart}
 
 
-def ddim_reverse_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None,
-                        model_kwargs=None, eta=0.0) -> dict[str, torch.Tensor]:
+def ddim_reverse_sample(
+    diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
+) -> dict[str, torch.Tensor]:
     """See :meth:`diffreg.Diffusion.ddim_reverse_sample`."""
     if eta != 0.0:
         raise ValueError(f"DDIM inversion is deterministic: eta must be 0, got {eta!r}")
@@ -509,14 +533,16 @@ def ddim_reverse_sample(diffusion, model, x, t, *, clip_denoised=True, denoised_
     return {"sample": sample, "pred_xstart": pred.pred_xstart}
 
 
-def ddim_reverse_sample_loop(diffusion, model, x, *, clip_denoised=True, denoised_fn=None,
-                             model_kwargs=None, progress=False) -> torch.Tensor:
+def ddim_reverse_sample_loop(
+    diffusion, model, x, *, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+) -> torch.Tensor:
     """Map data ``x`` (``[N, ...]``) to noise x_T by deterministic DDIM inversion over every
     timestep of ``diffusion`` (t = 0 .. T-1). Returns a tensor of ``x``'s shape."""
     n = x.shape[0]
     for step in tqdm(range(diffusion.num_timesteps), disable=not progress, leave=False):
         t = torch.full((n,), step, dtype=torch.long, device=x.device)
         with torch.no_grad():
-            x = ddim_reverse_sample(diffusion, model, x, t, clip_denoised=clip_denoised,
-                                    denoised_fn=denoised_fn, model_kwargs=model_kwargs)["sample"]
+            x = ddim_reverse_sample(
+                diffusion, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+            )["sample"]
     return x

@@ -263,9 +263,7 @@ class DiffusionTables:
             self.posterior_variance = betas * (1.0 - acp_prev) / (1.0 - acp)
             # The variance is 0 at t = 0: clip the log by using the t = 1 value there.
             first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
-            self.posterior_log_variance_clipped = np.log(
-                np.append(first, self.posterior_variance[1:])
-            )
+            self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
             self.posterior_mean_coef1 = betas * np.sqrt(acp_prev) / (1.0 - acp)
             self.posterior_mean_coef2 = (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)
         for name in self.NAMES:

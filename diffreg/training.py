@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffreg import registry
 from diffreg.checkpoint import save_checkpoint
-from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig, _DictMixin
+from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig, _coerce_diffusion, _DictMixin
 from diffreg.data import load_dataset
 from diffreg.diffusion import Diffusion
 from diffreg.errors import ConfigError
@@ -48,11 +48,15 @@ class TrainConfig(_DictMixin):
     guidance scale recommended for sampling, stored in the checkpoint as the CLI's default).
     """
 
-    _nested = {"diffusion": DiffusionConfig}
+    _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig}
 
-    diffusion: DiffusionConfig = attrs.field(factory=DiffusionConfig, converter=DiffusionConfig.coerce)
-    model: ComponentSpec = attrs.field(default=ComponentSpec("unet"), converter=lambda v: ComponentSpec.coerce(v, "model"))
-    data: ComponentSpec = attrs.field(default=ComponentSpec("digits"), converter=lambda v: ComponentSpec.coerce(v, "data"))
+    diffusion: DiffusionConfig = attrs.field(factory=DiffusionConfig, converter=_coerce_diffusion)
+    model: ComponentSpec = attrs.field(
+        default=ComponentSpec("unet"), converter=lambda v: ComponentSpec.coerce(v, "model")
+    )
+    data: ComponentSpec = attrs.field(
+        default=ComponentSpec("digits"), converter=lambda v: ComponentSpec.coerce(v, "data")
+    )
     class_conditional: bool = True
     label_dropout: float = attrs.field(default=0.1, validator=_unit)
     steps: int = attrs.field(default=4000, validator=_positive)
@@ -66,7 +70,9 @@ class TrainConfig(_DictMixin):
     format_version: int = 1
 
 
-def build_model_spec(cfg: TrainConfig, diffusion: Diffusion, data: torch.Tensor, num_classes: int | None) -> ComponentSpec:
+def build_model_spec(
+    cfg: TrainConfig, diffusion: Diffusion, data: torch.Tensor, num_classes: int | None
+) -> ComponentSpec:
     """The model's full options: the configured ones, plus what the data and the variance imply."""
     options = dict(cfg.model.options)
     channels = data.shape[1]
@@ -74,7 +80,11 @@ def build_model_spec(cfg: TrainConfig, diffusion: Diffusion, data: torch.Tensor,
     accepted = registry.accepted_options(component)
     implied: dict[str, Any] = {}
     if data.ndim == 4:
-        implied.update(in_channels=channels, out_channels=diffusion.parameterization.output_channels(channels), image_size=data.shape[-1])
+        implied.update(
+            in_channels=channels,
+            out_channels=diffusion.parameterization.output_channels(channels),
+            image_size=data.shape[-1],
+        )
     else:
         implied.update(dim=channels, out_dim=diffusion.parameterization.output_channels(channels))
     if cfg.class_conditional and num_classes is not None:
@@ -100,7 +110,7 @@ class EMA:
         self.updates += 1
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # type: ignore[arg-type]
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
@@ -140,7 +150,7 @@ def train(
         if conditional:
             y = y_all[idx]
             drop = torch.rand(cfg.batch_size, generator=generator).to(device) < cfg.label_dropout
-            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)
+            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes or 0), y)
         t, weights = timestep_sampler.sample(cfg.batch_size, device, generator=generator)
         noise = torch.randn(x_start.shape, generator=generator).to(device)
         losses = diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)
@@ -160,7 +170,11 @@ def train(
             bar.set_postfix(loss=f"{running:.4f}")
         if log is not None and (step % 500 == 0 or step == cfg.steps - 1):
             log(f"step {step} loss {running:.4f}")
-    data_info: dict[str, Any] = {"dataset": cfg.data.name, "shape": list(x_all.shape[1:]), "num_classes": num_classes if conditional else None}
+    data_info: dict[str, Any] = {
+        "dataset": cfg.data.name,
+        "shape": list(x_all.shape[1:]),
+        "num_classes": num_classes if conditional else None,
+    }
     if cfg.guidance_scale is not None and conditional:
         data_info["guidance_scale"] = cfg.guidance_scale
     ckpt_cfg = CheckpointConfig(diffusion=cfg.diffusion, model=spec, data=data_info)

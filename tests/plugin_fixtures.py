@@ -1,4 +1,4 @@
-"""Test helpers: write real, installed-looking plugin distributions for the ``diffreg`` entry points.
+"""Test helpers: write real, installed-looking plugin distributions for ``diffreg`` entry points.
 
 ``plugin_dist`` (a pytest fixture) returns a :class:`PluginDistFactory`. Each call writes one
 distribution into its own directory on ``sys.path``:
@@ -10,8 +10,8 @@ distribution into its own directory on ``sys.path``:
 
 so ``importlib.metadata.entry_points(group="diffreg")`` finds it exactly as it finds a pip-installed
 plugin. Every generated module touches ``<tmp>/site-N/<module>.imported`` when it is imported, so a
-test can prove whether a plugin was imported at all (:meth:`PluginDist.was_imported`). On teardown the
-generated modules are removed from ``sys.modules`` (``monkeypatch`` restores ``sys.path``).
+test can prove whether a plugin was imported at all (:meth:`PluginDist.was_imported`). On teardown
+the generated modules are removed from ``sys.modules`` (``monkeypatch`` restores ``sys.path``).
 
 Import into a test module with ``from plugin_fixtures import plugin_dist``.
 """
@@ -123,7 +123,7 @@ class PluginDistFactory:
 
 @pytest.fixture
 def plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Factory fixture: ``plugin_dist("myplug", source, distribution="myplug-dist", version="1.2.3")``."""
+    """Factory: ``plugin_dist("myplug", source, distribution="myplug-dist", version="1.0")``."""
     factory = PluginDistFactory(tmp_path, monkeypatch)
     yield factory
     factory.cleanup()

@@ -27,7 +27,9 @@ class DDPM(Sampler):
     def prepare(self, ctx):
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
-        return list(zip(tables.posterior_mean_coef1[idx].tolist(), tables.posterior_mean_coef2[idx].tolist(), strict=True))
+        return list(
+            zip(tables.posterior_mean_coef1[idx].tolist(), tables.posterior_mean_coef2[idx].tolist(), strict=True)
+        )
 
     def step(self, ctx, state, i, x):
         pred = ctx.denoise(x, i, condition_score=False)
@@ -61,7 +63,9 @@ class DDIM(Sampler):
     def prepare(self, ctx):
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
-        c_xstart, c_eps, sigma = ddim_coefficients(tables.alphas_cumprod[idx], tables.alphas_cumprod_prev[idx], self.eta)
+        c_xstart, c_eps, sigma = ddim_coefficients(
+            tables.alphas_cumprod[idx], tables.alphas_cumprod_prev[idx], self.eta
+        )
         return list(zip(c_xstart.tolist(), c_eps.tolist(), sigma.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):

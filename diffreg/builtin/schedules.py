@@ -14,8 +14,14 @@ class LinearSchedule(NoiseSchedule):
     """Betas linear from ``beta_start * 1000 / T`` to ``beta_end * 1000 / T`` (Ho et al. 2020,
     section 4; guided-diffusion's scaling so any T matches T = 1000)."""
 
-    def __init__(self, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 rescale_zero_terminal_snr: bool = False):
+    def __init__(
+        self,
+        num_timesteps: int,
+        *,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rescale_zero_terminal_snr: bool = False,
+    ):
         if not 0 < beta_start <= beta_end:
             raise ValueError(f"need 0 < beta_start <= beta_end, got {beta_start} and {beta_end}")
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -36,8 +42,9 @@ class CosineSchedule(NoiseSchedule):
     """alpha_bar(t) = cos(((t + s) / (1 + s)) pi / 2)^2, betas clipped at ``max_beta`` (Nichol &
     Dhariwal 2021, eq. 17)."""
 
-    def __init__(self, num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999,
-                 rescale_zero_terminal_snr: bool = False):
+    def __init__(
+        self, num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999, rescale_zero_terminal_snr: bool = False
+    ):
         if not 0 < max_beta <= 1:
             raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
         if not s >= 0:
@@ -53,8 +60,14 @@ class ScaledLinearSchedule(NoiseSchedule):
     """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (latent diffusion, Rombach et al.
     2022; diffusers' ``scaled_linear``)."""
 
-    def __init__(self, num_timesteps: int, *, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 rescale_zero_terminal_snr: bool = False):
+    def __init__(
+        self,
+        num_timesteps: int,
+        *,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        rescale_zero_terminal_snr: bool = False,
+    ):
         if not 0 < beta_start <= beta_end <= 1:
             raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -68,8 +81,14 @@ class SigmoidSchedule(NoiseSchedule):
     """Betas = sigmoid(linspace(-6, 6)) scaled to [beta_start, beta_end] (as in diffusers' and
     GeoDiff's ``sigmoid`` schedule)."""
 
-    def __init__(self, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 rescale_zero_terminal_snr: bool = False):
+    def __init__(
+        self,
+        num_timesteps: int,
+        *,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rescale_zero_terminal_snr: bool = False,
+    ):
         if not 0 < beta_start <= beta_end <= 1:
             raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
         self.beta_start, self.beta_end = beta_start, beta_end
@@ -83,8 +102,7 @@ class SigmoidSchedule(NoiseSchedule):
 class ExplicitSchedule(NoiseSchedule):
     """The given ``betas`` (a list of T floats in (0, 1])."""
 
-    def __init__(self, num_timesteps: int, *, betas: Sequence[float],
-                 rescale_zero_terminal_snr: bool = False):
+    def __init__(self, num_timesteps: int, *, betas: Sequence[float], rescale_zero_terminal_snr: bool = False):
         if len(betas) != num_timesteps:
             raise ValueError(f"explicit schedule: got {len(betas)} betas for num_timesteps={num_timesteps}")
         self._given = np.asarray(betas, dtype=np.float64)

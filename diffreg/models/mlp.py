@@ -19,8 +19,14 @@ class MLPDenoiser(nn.Module):
     Input ``x`` float ``[N, dim]``, ``t`` int64 ``[N]``; output ``[N, out_dim]``.
     """
 
-    def __init__(self, dim: int = 2, out_dim: int | None = None, hidden: int = 128, depth: int = 3,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        dim: int = 2,
+        out_dim: int | None = None,
+        hidden: int = 128,
+        depth: int = 3,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         self.dim = dim
         self.hidden = hidden
@@ -29,7 +35,9 @@ class MLPDenoiser(nn.Module):
         self.emb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label_emb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            nn.Sequential(
+                nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+            )
             for _ in range(depth)
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim or dim))
@@ -44,7 +52,7 @@ class MLPDenoiser(nn.Module):
         emb = self.emb(timestep_embedding(t, self.hidden).to(x.dtype))
         if self.label_emb is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+                y = torch.full((x.shape[0],), self.num_classes or 0, dtype=torch.long, device=x.device)
             emb = emb + self.label_emb(y)
         h = self.inp(x) + emb
         for block in self.blocks:

@@ -170,9 +170,7 @@ class UNet(nn.Module):
         self.model_channels = model_channels
         self.num_classes = num_classes
         emb_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
 
         ch = model_channels
@@ -199,7 +197,9 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, model_channels * mult, dropout, use_scale_shift_norm)]
+                layers = [
+                    ResBlock(ch + skip_channels.pop(), emb_dim, model_channels * mult, dropout, use_scale_shift_norm)
+                ]
                 ch = model_channels * mult
                 if resolution in attention_resolutions:
                     layers.append(AttentionBlock(ch, num_heads))
@@ -225,7 +225,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         if self.label_emb is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+                y = torch.full((x.shape[0],), self.num_classes or 0, dtype=torch.long, device=x.device)
             emb = emb + self.label_emb(y)
         elif y is not None:
             raise ValueError("this UNet is unconditional (num_classes=None) but got labels y")
