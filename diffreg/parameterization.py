@@ -72,10 +72,13 @@ def predict_xstart_from_eps(tables, x_t, t, eps):
 
 
 def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
-    """eps = (sqrt(1 / abar_t) x_t - x0) / sqrt(1 / abar_t - 1) (guided-diffusion's formula)."""
-    return (tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / tables.gather(
-        "sqrt_recipm1_alphas_cumprod", t, x_t
-    )
+    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (Ho et al. 2020, eq. 4 solved for eps).
+
+    Algebraically guided-diffusion's ``(sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)``, written so it
+    stays finite at abar_t = 0 (zero terminal SNR), where that form is inf / inf.
+    """
+    a = tables.gather("sqrt_alphas_cumprod", t, x_t)
+    return (x_t - a * pred_xstart) / tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
 
 
 class EpsPrediction(MeanType):

@@ -210,10 +210,6 @@ class SamplingContext:
             guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
             out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
         out = out.to(x.dtype)
-        if self._sums is not None:
-            # one reduction per step, kept on the device: NaN/inf in any element makes the sum
-            # non-finite; read once after the loop (raise_if_nonfinite)
-            self._sums[i] = out.sum(dtype=torch.float32)
         return out
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
@@ -257,6 +253,12 @@ class SamplingContext:
             return self.step_noise[i].to(device=like.device, dtype=like.dtype)
         return draw_noise(like.shape, self.generator, like.device, like.dtype)
 
+    def record_state(self, i: int, x: torch.Tensor) -> None:
+        """Record whether the state after step ``i`` is finite: one reduction kept on the device
+        (NaN/inf anywhere makes the sum non-finite), read once after the loop."""
+        if self._sums is not None:
+            self._sums[i] = x.sum(dtype=torch.float32)
+
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
         was not finite (one host read, after the loop)."""
@@ -268,8 +270,9 @@ class SamplingContext:
         i = int(torch.nonzero(bad)[0, 0])
         t = int(self.diffusion.timestep_map[self.timesteps[i]])
         raise SamplingError(
-            f"the model output was not finite (NaN or inf) at step {i} of {self.num_steps} "
-            f"(timestep {t} of the original process); check the model's weights and dtype"
+            f"sampling became non-finite (NaN or inf) at step {i} of {self.num_steps} (timestep {t} "
+            "of the original process): the model output or the update of that step; check the "
+            "model's weights and dtype, and the schedule (abar = 0 needs v or x0 prediction)"
         )
 
 
@@ -404,6 +407,7 @@ def _iterate(
     for i in tqdm(range(ctx.num_steps), desc=name, disable=not progress, leave=False):
         with torch.no_grad():
             x, pred_xstart = sampler.step(ctx, state, i, x)
+            ctx.record_state(i, x)
         t = int(ctx.diffusion.timestep_map[ctx.timesteps[i]])
         if callback is not None:
             callback(i, t, x, pred_xstart)

@@ -21,8 +21,14 @@ def tiny_unet_checkpoint_config(variance: str = "learned_range", num_timesteps: 
     return CheckpointConfig(
         diffusion={"schedule": "cosine", "num_timesteps": num_timesteps, "variance": variance, "loss": "rescaled_mse"},
         model={
-            "name": "unet", "in_channels": 1, "out_channels": 2 if variance.startswith("learned") else 1,
-            "image_size": 8, "model_channels": 16, "channel_mult": [1, 2], "num_heads": 2, "num_classes": 10,
+            "name": "unet",
+            "in_channels": 1,
+            "out_channels": 2 if variance.startswith("learned") else 1,
+            "image_size": 8,
+            "model_channels": 16,
+            "channel_mult": [1, 2],
+            "num_heads": 2,
+            "num_classes": 10,
         },
         data={"dataset": "digits", "shape": [1, 8, 8], "num_classes": 10},
     )

@@ -106,9 +106,7 @@ class PluginDistFactory:
         (package / "__init__.py").write_text(_IMPORT_MARKER + textwrap.dedent(source))
         dist_info = site / f"{re.sub(r'[-.]+', '_', distribution)}-{version}.dist-info"
         dist_info.mkdir()
-        (dist_info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n"
-        )
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
         (dist_info / "entry_points.txt").write_text(f"[diffreg]\n{entry_point} = {module}\n")
         self.modules.append(module)
         self._monkeypatch.syspath_prepend(str(site))  # also invalidates import caches

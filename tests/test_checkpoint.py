@@ -80,8 +80,11 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path, tiny_checkpoint):
 def test_newer_format_is_refused_with_upgrade_hint(tmp_path):
     cfg = tiny_unet_checkpoint_config()
     path = tmp_path / "new.safetensors"
-    save_file({"x": torch.zeros(1)}, str(path), metadata={"diffreg.kind": "model", "diffreg.format_version": "99",
-                                                          "diffreg.config": cfg.to_json()})
+    save_file(
+        {"x": torch.zeros(1)},
+        str(path),
+        metadata={"diffreg.kind": "model", "diffreg.format_version": "99", "diffreg.config": cfg.to_json()},
+    )
     with pytest.raises(CheckpointError, match="newer than this diffreg understands"):
         diffreg.load_checkpoint(path)
 
@@ -109,8 +112,11 @@ def test_mismatched_tensors_are_reported_together_with_the_options(tmp_path):
     # a file whose config says fixed_small (1 output channel) but whose weights have 2
     wrong = tiny_unet_checkpoint_config(variance="fixed_small")
     path = tmp_path / "bad.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-              metadata={"diffreg.kind": "model", "diffreg.format_version": "1", "diffreg.config": wrong.to_json()})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(path),
+        metadata={"diffreg.kind": "model", "diffreg.format_version": "1", "diffreg.config": wrong.to_json()},
+    )
     with pytest.raises(CheckpointError) as info:
         diffreg.load_checkpoint(path)
     message = str(info.value)

@@ -24,8 +24,21 @@ def run(tmp_path, monkeypatch):
 
 
 def test_sample_writes_grid_and_npz_in_evaluator_layout(run, tiny_checkpoint, tmp_path):
-    result = run("sample", tiny_checkpoint, "--num-samples", 12, "--steps", 5, "--batch-size", 5,
-                 "--output", "g.png", "--npz", "s.npz", "--no-progress")
+    result = run(
+        "sample",
+        tiny_checkpoint,
+        "--num-samples",
+        12,
+        "--steps",
+        5,
+        "--batch-size",
+        5,
+        "--output",
+        "g.png",
+        "--npz",
+        "s.npz",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "12 samples with ddim (5 steps, 5 NFE" in result.output
     with np.load(tmp_path / "s.npz") as f:
@@ -38,26 +51,60 @@ def test_sample_writes_grid_and_npz_in_evaluator_layout(run, tiny_checkpoint, tm
 
 def test_samples_do_not_depend_on_batch_size(run, tiny_checkpoint, tmp_path):
     for name, batch in (("a.npz", 6), ("b.npz", 4)):
-        assert run("sample", tiny_checkpoint, "--num-samples", 6, "--steps", 4, "--batch-size", batch,
-                   "--sampler", "ddpm", "--npz", name, "--no-progress").exit_code == 0
+        assert (
+            run(
+                "sample",
+                tiny_checkpoint,
+                "--num-samples",
+                6,
+                "--steps",
+                4,
+                "--batch-size",
+                batch,
+                "--sampler",
+                "ddpm",
+                "--npz",
+                name,
+                "--no-progress",
+            ).exit_code
+            == 0
+        )
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
 def test_sample_with_class_label_and_guidance(run, tiny_checkpoint, tmp_path):
-    result = run("sample", tiny_checkpoint, "--num-samples", 4, "--steps", 3, "--class-label", "7",
-                 "--guidance-scale", 2.5, "--eta", 0.5, "--npz", "s.npz", "--no-progress")
+    result = run(
+        "sample",
+        tiny_checkpoint,
+        "--num-samples",
+        4,
+        "--steps",
+        3,
+        "--class-label",
+        "7",
+        "--guidance-scale",
+        2.5,
+        "--eta",
+        0.5,
+        "--npz",
+        "s.npz",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_1"].tolist() == [7, 7, 7, 7]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--class-label", "12"], "labels must be in 0..9"),
-    (["--sampler", "ddimm"], "did you mean 'ddim'"),
-    (["--steps", "0"], "steps must be in [1, 100]"),
-    (["--sampler", "ddpm", "--eta", "0.3"], "sampler 'ddpm' has no option 'eta'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--class-label", "12"], "labels must be in 0..9"),
+        (["--sampler", "ddimm"], "did you mean 'ddim'"),
+        (["--steps", "0"], "steps must be in [1, 100]"),
+        (["--sampler", "ddpm", "--eta", "0.3"], "sampler 'ddpm' has no option 'eta'"),
+    ],
+)
 def test_bad_sample_arguments_fail_with_a_clear_message(run, tiny_checkpoint, args, message):
     result = run("sample", tiny_checkpoint, "--num-samples", 2, "--no-progress", *args)
     assert result.exit_code == 1

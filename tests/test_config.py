@@ -7,11 +7,10 @@ import sys
 
 import attrs
 import pytest
-
-import diffreg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import diffreg
 from diffreg import ComponentSpec, Diffusion, DiffusionConfig
 from diffreg.config import FORMAT_VERSION
 from diffreg.errors import ComponentOptionError, ConfigError, UnknownComponentError
@@ -68,9 +67,7 @@ def test_from_dict_accepts_name_tables_with_options():
 
 
 def test_from_dict_accepts_qualified_names():
-    assert (
-        DiffusionConfig.from_dict({"schedule": "diffreg:cosine"}).schedule.name == "diffreg:cosine"
-    )
+    assert DiffusionConfig.from_dict({"schedule": "diffreg:cosine"}).schedule.name == "diffreg:cosine"
 
 
 def test_omitted_fields_take_their_defaults():
@@ -226,9 +223,7 @@ def test_num_timesteps_that_is_not_an_int_raises_config_error(value):
 
 
 def test_diffusion_from_config_with_an_unknown_schedule_raises_unknown_component_error():
-    with pytest.raises(
-        UnknownComponentError, match=r"unknown schedule 'cosin'.*did you mean 'cosine'"
-    ):
+    with pytest.raises(UnknownComponentError, match=r"unknown schedule 'cosin'.*did you mean 'cosine'"):
         Diffusion.from_config({"schedule": "cosin"})
 
 
@@ -296,10 +291,7 @@ def test_diffusion_from_config_accepts_the_design_example_dict():
 
 def test_diffusion_config_to_dict_round_trips_through_json():
     diffusion = Diffusion.from_config(WITH_OPTIONS)
-    assert (
-        DiffusionConfig.from_dict(json.loads(json.dumps(diffusion.config.to_dict())))
-        == diffusion.config
-    )
+    assert DiffusionConfig.from_dict(json.loads(json.dumps(diffusion.config.to_dict()))) == diffusion.config
 
 
 # -- property: every config built from registered names --------------------------------------------

@@ -120,11 +120,7 @@ def test_builtin_components_are_exactly_what_the_builtin_hooks_register(builtins
         for kind, hook in KIND_HOOKS.items():
             impl = getattr(module, hook, None)
             if impl is not None:
-                impl(
-                    register=lambda name, factory, kind=kind, **meta: registered.add(
-                        (kind, name, factory)
-                    )
-                )
+                impl(register=lambda name, factory, kind=kind, **meta: registered.add((kind, name, factory)))
     held = {(c.kind, c.name, c.factory) for c in builtins_only.components() if c.builtin}
     assert held == registered
 
@@ -369,12 +365,8 @@ def test_invalid_component_name_skips_the_plugin(plugin_dist):  # noqa: F811
 def test_name_already_registered_by_the_same_plugin_name_is_skipped(plugin_dist):  # noqa: F811
     # Two distributions exposing the same entry-point name: the second may not re-register a
     # (kind, name) the first already holds under that plugin name.
-    plugin_dist(
-        "samename_a", registering_source("clash"), distribution="a-dist", entry_point="samename"
-    )
-    plugin_dist(
-        "samename_b", registering_source("clash"), distribution="b-dist", entry_point="samename"
-    )
+    plugin_dist("samename_a", registering_source("clash"), distribution="a-dist", entry_point="samename")
+    plugin_dist("samename_b", registering_source("clash"), distribution="b-dist", entry_point="samename")
     reg = build_quietly(fresh())
     assert [(f.name, f.distribution) for f in reg.failures()] == [("samename", "b-dist")]
     assert reg.get("sampler", "samename:clash").distribution == "a-dist"
@@ -574,9 +566,7 @@ def test_unknown_plugin_in_qualified_name_raises_unknown_component_error(builtin
 
 
 def test_unknown_kind_raises_value_error(builtins_only):
-    with pytest.raises(
-        ValueError, match=r"unknown component kind 'schedul'.*did you mean 'schedule'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown component kind 'schedul'.*did you mean 'schedule'"):
         builtins_only.get("schedul", "cosine")
 
 
@@ -611,9 +601,7 @@ def test_create_unknown_option_names_component_and_lists_accepted_options(builti
 
 
 def test_create_wrong_option_type_raises_component_option_error(builtins_only):
-    with pytest.raises(
-        ComponentOptionError, match=r"option 'max_beta' must be float, got str: 'x'"
-    ):
+    with pytest.raises(ComponentOptionError, match=r"option 'max_beta' must be float, got str: 'x'"):
         builtins_only.create("schedule", "cosine", 100, max_beta="x")
 
 
@@ -623,9 +611,7 @@ def test_create_bool_for_float_option_raises_component_option_error(builtins_onl
 
 
 def test_create_out_of_range_option_raises_with_the_factorys_message(builtins_only):
-    with pytest.raises(
-        ComponentOptionError, match=r"schedule 'cosine': max_beta must be in \(0, 1\], got 2"
-    ):
+    with pytest.raises(ComponentOptionError, match=r"schedule 'cosine': max_beta must be in \(0, 1\], got 2"):
         builtins_only.create("schedule", "cosine", 100, max_beta=2)
 
 
@@ -741,9 +727,7 @@ def test_plugin_context_rejects_a_broken_plugin_with_plugin_error():
         with reg.plugin(Raising(), "rejected"):
             pytest.fail("the block must not run")
     assert reg.failures() == [
-        PluginFailure(
-            "rejected", None, None, "hook diffreg_register_samplers raised RuntimeError: nope"
-        )
+        PluginFailure("rejected", None, None, "hook diffreg_register_samplers raised RuntimeError: nope")
     ]
 
 

@@ -17,8 +17,12 @@ from diffreg.sampler import per_sample_generators
 def make(T=100, variance="fixed_small", parameterization="eps", schedule="linear"):
     opts = {} if schedule != "linear" or T >= 50 else {}
     return diffreg.Diffusion.from_config(
-        {"schedule": {"name": schedule, **opts}, "num_timesteps": T, "variance": variance,
-         "parameterization": parameterization}
+        {
+            "schedule": {"name": schedule, **opts},
+            "num_timesteps": T,
+            "variance": variance,
+            "parameterization": parameterization,
+        }
     )
 
 
@@ -148,8 +152,14 @@ def test_classifier_guidance_shifts_ddpm_mean_by_variance_times_gradient():
 def test_exact_denoiser_lands_on_the_data_distribution(sampler):
     d = make(T=1000, schedule="cosine")
     model = GaussianDenoiser(d.alphas_cumprod, mu=0.5, s=0.3)
-    x = d.sample(model, (4000, 1, 1, 1), sampler=sampler, steps=100, generator=torch.Generator().manual_seed(0),
-                 clip_denoised=False)
+    x = d.sample(
+        model,
+        (4000, 1, 1, 1),
+        sampler=sampler,
+        steps=100,
+        generator=torch.Generator().manual_seed(0),
+        clip_denoised=False,
+    )
     assert abs(x.mean().item() - 0.5) < 0.02
     assert abs(x.std().item() - 0.3) < 0.02
 
@@ -197,7 +207,10 @@ def test_two_loops_in_threads_do_not_interfere():
     noise = torch.randn(2, 1, 4, 4)
     want = d.sample(toy_model, noise.shape, sampler="ddim", steps=10, noise=noise, eta=0.0)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(d.sample(toy_model, noise.shape, steps=10, noise=noise))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(d.sample(toy_model, noise.shape, steps=10, noise=noise)))
+        for _ in range(2)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -234,7 +247,7 @@ def test_nonfinite_model_output_names_the_step():
         out = toy_model(x, t)
         return out * float("nan") if int(t[0]) < 30 else out
 
-    with pytest.raises(SamplingError, match=r"at step 7 of 10 \(timestep 29"):
+    with pytest.raises(SamplingError, match=r"non-finite \(NaN or inf\) at step 7 of 10 \(timestep 29"):
         d.sample(model, (1, 1, 2, 2), steps=10, clip_denoised=False)
 
 
@@ -251,6 +264,12 @@ def test_negative_eta_is_rejected():
 def test_dynamic_thresholding_bounds_pred_xstart():
     d = make()
     seen = []
-    d.sample(lambda x, t, **k: -10 * x, (2, 1, 4, 4), steps=5, clip_denoised=False, dynamic_threshold=0.9,
-             callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()))
+    d.sample(
+        lambda x, t, **k: -10 * x,
+        (2, 1, 4, 4),
+        steps=5,
+        clip_denoised=False,
+        dynamic_threshold=0.9,
+        callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()),
+    )
     assert max(seen) <= 1.0 + 1e-6

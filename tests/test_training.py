@@ -20,11 +20,21 @@ def _fixed_batch_loss(model, diffusion, x, y):
 def test_tiny_training_run_lowers_the_loss(tmp_path):
     from diffreg.data import load_digits
 
-    cfg = TrainConfig.from_dict({
-        "steps": 150, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.9,
-        "diffusion": {"schedule": "cosine", "num_timesteps": 100, "variance": "learned_range", "loss": "rescaled_mse"},
-        "model": {"name": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_heads": 2},
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "steps": 150,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "ema_decay": 0.9,
+            "diffusion": {
+                "schedule": "cosine",
+                "num_timesteps": 100,
+                "variance": "learned_range",
+                "loss": "rescaled_mse",
+            },
+            "model": {"name": "unet", "model_channels": 16, "channel_mult": [1, 2], "num_heads": 2},
+        }
+    )
     path = train(cfg, tmp_path / "m.safetensors", progress=False)
     model, diffusion, ckpt_cfg = diffreg.load_checkpoint(path)
     assert ckpt_cfg.num_classes == 10 and ckpt_cfg.model.options["out_channels"] == 2
