@@ -27,8 +27,17 @@ def _ours(sampler: str, shape, steps: int, clip: bool, eta: float | None):
     options = {} if eta is None else {"eta": eta}
 
     def run():
-        diffusion.sample(lambda x, t, **k: out, shape, sampler=sampler, steps=steps, spacing="leading",
-                         noise=x_T, generator=gen, clip_denoised=clip, **options)
+        diffusion.sample(
+            lambda x, t, **k: out,
+            shape,
+            sampler=sampler,
+            steps=steps,
+            spacing="leading",
+            noise=x_T,
+            generator=gen,
+            clip_denoised=clip,
+            **options,
+        )
 
     return run
 
@@ -70,7 +79,11 @@ def main(argv=None):
     shape = (args.batch, 3, 32, 32)
     cases = [
         ("ddim eta=0, clip", _ours("ddim", shape, args.steps, True, 0.0), _theirs("ddim", shape, args.steps, True)),
-        ("ddim eta=0, no clip", _ours("ddim", shape, args.steps, False, 0.0), _theirs("ddim", shape, args.steps, False)),
+        (
+            "ddim eta=0, no clip",
+            _ours("ddim", shape, args.steps, False, 0.0),
+            _theirs("ddim", shape, args.steps, False),
+        ),
         ("ddpm, clip", _ours("ddpm", shape, args.steps, True, None), _theirs("ddpm", shape, args.steps, True)),
     ]
     rows = []

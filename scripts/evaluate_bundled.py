@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     digits = load_digits()
     classifier = SVC(gamma=0.001).fit(digits.data, digits.target)
-    model, diffusion, cfg = diffreg.load_checkpoint(args.checkpoint)
+    model, diffusion, _ = diffreg.load_checkpoint(args.checkpoint)
     n = args.num_samples
     labels = torch.arange(n) % 10
     print("| sampler | steps | guidance scale | accuracy | seconds |")
@@ -38,8 +38,15 @@ def main() -> None:
     for sampler in args.samplers.split(","):
         for scale in (float(s) for s in args.scales.split(",")):
             start = time.perf_counter()
-            x = diffusion.sample(model, (n, 1, 8, 8), sampler=sampler, steps=50, generator=per_sample_generators(0, n),
-                                 model_kwargs={"y": labels}, guidance_scale=scale)
+            x = diffusion.sample(
+                model,
+                (n, 1, 8, 8),
+                sampler=sampler,
+                steps=50,
+                generator=per_sample_generators(0, n),
+                model_kwargs={"y": labels},
+                guidance_scale=scale,
+            )
             seconds = time.perf_counter() - start
             pixels = ((x.clamp(-1, 1) + 1) / 2 * 16).reshape(n, 64).numpy()
             accuracy = float(np.mean(classifier.predict(pixels) == labels.numpy()))

@@ -143,7 +143,7 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch)
 
 
 def test_bundled_checkpoint_loads_without_flags():
-    model, diffusion, cfg = diffreg.load_checkpoint()
+    model, _, cfg = diffreg.load_checkpoint()
     assert bundled_checkpoint_path().stat().st_size < 6_000_000
     assert cfg.num_classes == 10 and cfg.sample_shape == (1, 8, 8)
     assert cfg.diffusion.schedule.name == "cosine" and cfg.diffusion.variance.name == "learned_range"

@@ -15,10 +15,9 @@ from diffreg.sampler import per_sample_generators
 
 
 def make(T=100, variance="fixed_small", parameterization="eps", schedule="linear"):
-    opts = {} if schedule != "linear" or T >= 50 else {}
     return diffreg.Diffusion.from_config(
         {
-            "schedule": {"name": schedule, **opts},
+            "schedule": {"name": schedule},
             "num_timesteps": T,
             "variance": variance,
             "parameterization": parameterization,
