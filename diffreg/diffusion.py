@@ -24,7 +24,7 @@ from diffreg.parameterization import (
     predict_eps_from_xstart,
     predict_xstart_from_eps,
 )
-from diffreg.schedule import DiffusionTables, space_timesteps, spaced_timesteps
+from diffreg.schedule import DiffusionTables, axpby, space_timesteps, spaced_timesteps
 
 Model = Callable[..., torch.Tensor]
 
@@ -225,7 +225,7 @@ class Diffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ in shape")
         g = self.tables.gather
-        mean = g("posterior_mean_coef1", t, x_t) * x_start + g("posterior_mean_coef2", t, x_t) * x_t
+        mean = axpby(g("posterior_mean_coef1", t, x_t), x_start, g("posterior_mean_coef2", t, x_t), x_t)
         variance = g("posterior_variance", t, x_t).expand_as(x_t)
         log_variance = g("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
@@ -267,12 +267,13 @@ class Diffusion:
         t = _check_t(t, x, self.num_timesteps)
         output = self.call_model(model, x, t, model_kwargs)
         pred = self.prediction_from_output(output, x, t, clip_denoised, denoised_fn)
-        variance = torch.exp(pred.log_variance) if pred.variance is None else pred.variance
+        log_variance = torch.as_tensor(pred.log_variance, dtype=x.dtype, device=x.device)
+        variance = torch.exp(log_variance) if pred.variance is None else torch.as_tensor(pred.variance)
         mean, _, _ = self.q_posterior_mean_variance(pred.pred_xstart, x, t)
         return {
             "mean": mean,
             "variance": variance.expand_as(x),
-            "log_variance": pred.log_variance.expand_as(x),
+            "log_variance": log_variance.expand_as(x),
             "pred_xstart": pred.pred_xstart,
             "pred_eps": pred.pred_eps,
         }
@@ -281,7 +282,7 @@ class Diffusion:
         self,
         output: torch.Tensor,
         x: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | int,
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         process_xstart: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -292,7 +293,8 @@ class Diffusion:
         p = self.parameterization
         mean_part, var_part = p.split(output, x)
         variance, log_variance = p.variance_type.variance(self.tables, var_part, x, t)
-        pred_xstart, pred_eps = p.mean_type.predict(self.tables, mean_part, x, t)
+        pred_xstart, eps = p.mean_type.predict(self.tables, mean_part, x, t)
+        pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
         if denoised_fn is not None or clip_denoised or process_xstart is not None:
             if denoised_fn is not None:
                 pred_xstart = denoised_fn(pred_xstart)
@@ -300,7 +302,8 @@ class Diffusion:
                 pred_xstart = process_xstart(pred_xstart)
             if clip_denoised:
                 pred_xstart = pred_xstart.clamp(-1, 1)
-            pred_eps = predict_eps_from_xstart(self.tables, x, t, pred_xstart)
+            processed = pred_xstart
+            pred_eps = lambda: predict_eps_from_xstart(self.tables, x, t, processed)  # noqa: E731
         return Prediction(pred_xstart, pred_eps, log_variance, variance)
 
     # -- training and likelihood ----------------------------------------------------------------

@@ -9,27 +9,58 @@ variance, either from the tables (fixed) or from extra output channels (learned)
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from diffreg.schedule import axpby
 
 if TYPE_CHECKING:
     from diffreg.schedule import DiffusionTables
 
 
-class Prediction(NamedTuple):
+class Prediction:
     """The per-step prediction every sampler consumes, made from raw network output.
 
-    ``pred_xstart`` and ``pred_eps`` have ``x_t``'s shape ``[N, C, ...]`` and dtype.
-    ``log_variance`` (and ``variance``, when already computed) is the reverse-process variance:
-    ``[N, 1, ...]`` for fixed types, ``x_t``'s shape for learned ones.
+    ``pred_xstart`` and ``pred_eps`` have ``x_t``'s shape ``[N, C, ...]`` and dtype; ``pred_eps``
+    may be given as a zero-argument function, computed on first access (samplers that need only
+    x0 then skip it). ``log_variance`` (and ``variance``, when already computed) is the
+    reverse-process variance: ``[N, 1, ...]`` for fixed types (a Python float inside sampling
+    loops, where every example is at the same timestep), ``x_t``'s shape for learned ones.
     """
 
-    pred_xstart: torch.Tensor
-    pred_eps: torch.Tensor
-    log_variance: torch.Tensor
-    variance: torch.Tensor | None = None
+    __slots__ = ("_pred_eps", "log_variance", "pred_xstart", "variance")
+
+    def __init__(
+        self,
+        pred_xstart: torch.Tensor,
+        pred_eps: torch.Tensor | Callable[[], torch.Tensor],
+        log_variance: torch.Tensor | float,
+        variance: torch.Tensor | float | None = None,
+    ):
+        self.pred_xstart = pred_xstart
+        self._pred_eps = pred_eps
+        self.log_variance = log_variance
+        self.variance = variance
+
+    @property
+    def pred_eps(self) -> torch.Tensor:
+        if callable(self._pred_eps):
+            self._pred_eps = self._pred_eps()
+        return self._pred_eps
+
+    def replace(self, **changes) -> Prediction:
+        """A copy with some fields changed (``pred_xstart``, ``pred_eps``, ``log_variance``, ``variance``)."""
+        fields: dict[str, Any] = {
+            "pred_xstart": self.pred_xstart,
+            "pred_eps": self._pred_eps,
+            "log_variance": self.log_variance,
+            "variance": self.variance,
+        }
+        fields.update(changes)
+        return Prediction(**fields)
 
 
 class MeanType(abc.ABC):
@@ -64,11 +95,12 @@ class MeanType(abc.ABC):
 
 
 def predict_xstart_from_eps(tables, x_t, t, eps):
-    """x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps (Ho et al. 2020, eq. 4 inverted)."""
-    return (
-        tables.gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-        - tables.gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
-    )
+    """x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps (Ho et al. 2020, eq. 4 solved for x0).
+
+    ``t``: int64 ``[N]`` or a Python int (see :meth:`DiffusionTables.gather`).
+    """
+    g = tables.gather
+    return axpby(g("sqrt_recip_alphas_cumprod", t, x_t), x_t, -g("sqrt_recipm1_alphas_cumprod", t, x_t), eps)
 
 
 def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
@@ -77,8 +109,8 @@ def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
     Algebraically guided-diffusion's ``(sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)``, written so it
     stays finite at abar_t = 0 (zero terminal SNR), where that form is inf / inf.
     """
-    a = tables.gather("sqrt_alphas_cumprod", t, x_t)
-    return (x_t - a * pred_xstart) / tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
+    inv_s = 1.0 / tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
+    return axpby(inv_s, x_t, -tables.gather("sqrt_alphas_cumprod", t, x_t) * inv_s, pred_xstart)
 
 
 class EpsPrediction(MeanType):
@@ -123,7 +155,7 @@ class VPrediction(MeanType):
     def predict(self, tables, output, x_t, t):
         a = tables.gather("sqrt_alphas_cumprod", t, x_t)
         s = tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
-        return a * x_t - s * output, a * output + s * x_t
+        return axpby(a, x_t, -s, output), axpby(a, output, s, x_t)
 
     def target(self, tables, x_start, x_t, t, noise):
         a = tables.gather("sqrt_alphas_cumprod", t, x_start)
@@ -153,7 +185,8 @@ class VarianceType(abc.ABC):
         t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(model_variance, model_log_variance)``: ``[N, 1, ...]`` for fixed types (they
-        broadcast against ``x_t``), ``x_t``'s shape for learned ones."""
+        broadcast against ``x_t``; Python floats when ``t`` is an int), ``x_t``'s shape for learned
+        ones."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -215,7 +248,7 @@ class LearnedRangeVariance(VarianceType):
 
     def variance(self, tables, model_var_values, x_t, t):
         min_log = tables.gather("posterior_log_variance_clipped", t, x_t)
-        max_log = torch.log(tables.gather("betas", t, x_t))
+        max_log = tables.gather("log_betas", t, x_t)
         frac = (model_var_values + 1) / 2
         model_log_variance = frac * max_log + (1 - frac) * min_log
         return torch.exp(model_log_variance), model_log_variance

@@ -11,6 +11,7 @@ tensor value on the host (the non-finite check is recorded on the device and rea
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,10 +217,10 @@ class SamplingContext:
         """The model's :class:`Prediction` at step ``i``: guidance, ``denoised_fn``, dynamic
         thresholding and clipping applied; with a ``cond_fn``, the score is conditioned
         (Dhariwal & Nichol 2021, Algorithm 2) unless ``condition_score=False``."""
-        t = self._t[i]
         out = self.model_output(x, i)
+        # a Python int: every example is at this timestep, so coefficients are Python floats
         pred = self.diffusion.prediction_from_output(
-            out, x, t, self.clip_denoised, self.denoised_fn, self.process_xstart
+            out, x, self.timesteps[i], self.clip_denoised, self.denoised_fn, self.process_xstart
         )
         if self.cond_fn is not None and condition_score:
             pred = self._condition_score(pred, x, i)
@@ -232,18 +233,18 @@ class SamplingContext:
         return self.cond_fn(x, t, **self.model_kwargs).to(x.dtype)
 
     def _condition_score(self, pred: Prediction, x: torch.Tensor, i: int) -> Prediction:
-        t = self._t[i]
+        t = self.timesteps[i]
         tables = self.diffusion.tables
         alpha_bar = tables.gather("alphas_cumprod", t, x)
-        eps = pred.pred_eps - torch.sqrt(1 - alpha_bar) * self.cond_gradient(x, i)
-        return pred._replace(pred_xstart=predict_xstart_from_eps(tables, x, t, eps), pred_eps=eps)
+        eps = pred.pred_eps - (1 - alpha_bar) ** 0.5 * self.cond_gradient(x, i)
+        return pred.replace(pred_xstart=predict_xstart_from_eps(tables, x, t, eps), pred_eps=eps)
 
     def condition_mean(self, mean: torch.Tensor, pred: Prediction, x: torch.Tensor, i: int) -> torch.Tensor:
         """mean + variance * grad log p(y | x_t) (Dhariwal & Nichol 2021, Algorithm 1); ``mean``
         unchanged without a ``cond_fn``."""
         if self.cond_fn is None:
             return mean
-        variance = torch.exp(pred.log_variance) if pred.variance is None else pred.variance
+        variance = exp(pred.log_variance) if pred.variance is None else pred.variance
         return mean + variance * self.cond_gradient(x, i)
 
     def noise(self, i: int, like: torch.Tensor) -> torch.Tensor:
@@ -274,6 +275,11 @@ class SamplingContext:
             "of the original process): the model output or the update of that step; check the "
             "model's weights and dtype, and the schedule (abar = 0 needs v or x0 prediction)"
         )
+
+
+def exp(value: torch.Tensor | float) -> torch.Tensor | float:
+    """``exp`` of a tensor or of a Python float (fixed variances are floats inside loops)."""
+    return torch.exp(value) if isinstance(value, torch.Tensor) else math.exp(value)
 
 
 def _null_class_kwargs(model: Any, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:

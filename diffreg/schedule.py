@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -208,6 +209,14 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") 
 # -- coefficient tables ----------------------------------------------------------------------------
 
 
+def axpby(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
+    """``a * x + b * y`` for coefficients that are tensors broadcastable to ``x`` or Python
+    numbers; with numbers it is two fused kernels (``torch.add(x * a, y, alpha=b)``)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return torch.add(x * a, y, alpha=b)
+    return a * x + b * y
+
+
 class DiffusionTables:
     """Every per-timestep coefficient of a Gaussian diffusion, computed once in float64.
 
@@ -239,6 +248,7 @@ class DiffusionTables:
         "posterior_log_variance_clipped",
         "posterior_mean_coef1",
         "posterior_mean_coef2",
+        "log_betas",
     )
 
     def __init__(self, betas: np.ndarray):
@@ -250,6 +260,7 @@ class DiffusionTables:
         acp = np.cumprod(alphas, axis=0)
         acp_prev = np.append(1.0, acp[:-1])
         self.betas = betas
+        self.log_betas = np.log(betas)
         self.alphas_cumprod = acp
         self.alphas_cumprod_prev = acp_prev
         self.alphas_cumprod_next = np.append(acp[1:], 0.0)
@@ -291,10 +302,20 @@ class DiffusionTables:
             self._device_cache[key] = table
         return table  # type: ignore[return-value]
 
-    def gather(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def gather(self, name: str, t: int, x: torch.Tensor) -> float: ...
+
+    @overload
+    def gather(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, name: str, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor | float:
         """``table[t]`` cast to ``x.dtype``, shaped ``[N, 1, ..., 1]`` to broadcast against ``x``.
 
-        ``t`` is an int64 tensor ``[N]`` on ``x``'s device; ``x`` has shape ``[N, ...]``.
+        ``t`` is an int64 tensor ``[N]`` on ``x``'s device (one timestep per example), or a Python
+        int when every example is at the same timestep (sampling loops): then the value is a
+        Python float, read from the host table, and formulas cost no per-step gather at all.
         """
+        if isinstance(t, int):
+            return float(getattr(self, name)[t])
         values = self.on(name, t.device)[t].to(x.dtype)
         return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from diffreg import hookimpl
-from diffreg.sampler import Sampler, ddim_coefficients
+from diffreg.sampler import Sampler, ddim_coefficients, exp
+from diffreg.schedule import axpby
 
 
 class DDPM(Sampler):
@@ -34,16 +34,23 @@ class DDPM(Sampler):
     def step(self, ctx, state, i, x):
         pred = ctx.denoise(x, i, condition_score=False)
         coef_xstart, coef_x = state[i]
-        mean = torch.add(x * coef_x, pred.pred_xstart, alpha=coef_xstart)
+        mean = axpby(coef_xstart, pred.pred_xstart, coef_x, x)
         mean = ctx.condition_mean(mean, pred, x, i)
         if ctx.timesteps[i] == 0:  # the last step adds no noise
             return mean, pred.pred_xstart
-        return mean + torch.exp(0.5 * pred.log_variance) * ctx.noise(i, x), pred.pred_xstart
+        std = exp(0.5 * pred.log_variance)
+        noise = ctx.noise(i, x)
+        if isinstance(std, float):
+            return mean.add_(noise, alpha=std), pred.pred_xstart
+        return mean + std * noise, pred.pred_xstart
 
 
 class DDIM(Sampler):
     """Denoising diffusion implicit models (Song et al. 2021, eq. 12): x_{t-1} = sqrt(abar_{t-1})
     x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma from eq. 16 scaled by ``eta``.
+
+    The step is computed from x0 and x_t, with eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)
+    folded into the coefficients (two fused operations).
 
     Args:
         eta: 0 for the deterministic sampler (then no random numbers are drawn); 1 gives the DDPM
@@ -66,15 +73,18 @@ class DDIM(Sampler):
         c_xstart, c_eps, sigma = ddim_coefficients(
             tables.alphas_cumprod[idx], tables.alphas_cumprod_prev[idx], self.eta
         )
-        return list(zip(c_xstart.tolist(), c_eps.tolist(), sigma.tolist(), strict=True))
+        # x_{t-1} = c_xstart x0 + c_eps (x_t - a x0) / s + sigma z = k_xstart x0 + k_x x_t + sigma z
+        a, s = tables.sqrt_alphas_cumprod[idx], tables.sqrt_one_minus_alphas_cumprod[idx]
+        k_xstart, k_x = c_xstart - c_eps * a / s, c_eps / s
+        return list(zip(k_xstart.tolist(), k_x.tolist(), sigma.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
         pred = ctx.denoise(x, i)
-        c_xstart, c_eps, sigma = state[i]
-        x = torch.add(pred.pred_eps * c_eps, pred.pred_xstart, alpha=c_xstart)
+        k_xstart, k_x, sigma = state[i]
+        x_prev = axpby(k_xstart, pred.pred_xstart, k_x, x)
         if sigma > 0.0:  # a Python float fixed by eta and the schedule, not a tensor value
-            x = x.add_(ctx.noise(i, x), alpha=sigma)
-        return x, pred.pred_xstart
+            x_prev = x_prev.add_(ctx.noise(i, x), alpha=sigma)
+        return x_prev, pred.pred_xstart
 
 
 @hookimpl
