@@ -70,9 +70,13 @@ class MeanType(abc.ABC):
 
     @abc.abstractmethod
     def predict(
-        self, tables: DiffusionTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self, tables: DiffusionTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(pred_xstart, pred_eps)`` from the mean channels ``output`` (shape of ``x_t``)."""
+        """Return ``(pred_xstart, pred_eps)`` from the mean channels ``output`` (shape of ``x_t``).
+
+        ``t`` is int64 ``[N]``, or a Python int when every example is at that timestep (then the
+        table values are Python floats; see :meth:`~diffreg.schedule.DiffusionTables.gather`).
+        """
 
     @abc.abstractmethod
     def target(
@@ -182,7 +186,7 @@ class VarianceType(abc.ABC):
         tables: DiffusionTables,
         model_var_values: torch.Tensor | None,
         x_t: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(model_variance, model_log_variance)``: ``[N, 1, ...]`` for fixed types (they
         broadcast against ``x_t``; Python floats when ``t`` is an int), ``x_t``'s shape for learned

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from diffreg.cli import main
+from plugin_fixtures import plugin_dist  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -143,3 +144,40 @@ def test_train_then_sample(run, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("sample", "m.safetensors", "--num-samples", 3, "--steps", 2, "--no-progress")
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def installed_plugins(plugin_dist):
+    """A working plugin and a broken one, visible to the process-wide registry for one test."""
+    from plugin_fixtures import registering_source
+
+    from diffreg import registry
+
+    plugin_dist("goodplug", registering_source("good_sampler", order=1), distribution="good-dist", version="2.0.1")
+    plugin_dist("badplug", "raise ImportError('needs a missing library')\n", distribution="bad-dist", version="0.3")
+    registry.reset()
+    yield
+    registry.reset()
+
+
+def test_plugins_shows_distribution_version_components_and_failures(run, installed_plugins):
+    result = run("plugins")
+    assert result.exit_code == 0
+    assert "goodplug  (good-dist 2.0.1)" in result.output
+    assert "sampler           good_sampler" in result.output
+    failed = result.output.split("failed plugins:")[1]
+    assert "badplug  (bad-dist 0.3): import failed: ImportError: needs a missing library" in failed
+
+
+def test_list_shows_qualified_names_with_their_source(run, installed_plugins):
+    result = run("list", "sampler")
+    assert "goodplug:good_sampler" in result.output and "good-dist 2.0.1" in result.output
+    assert "diffreg:ddim" in result.output
+
+
+def test_a_plugin_sampler_runs_from_the_command_line(run, installed_plugins, tiny_checkpoint, tmp_path):
+    result = run(
+        "sample", tiny_checkpoint, "--sampler", "good_sampler", "--num-samples", 2, "--steps", 2, "--no-progress"
+    )
+    assert result.exit_code == 0, result.output
+    assert "with good_sampler" in result.output
