@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from plugin_fixtures import plugin_dist  # noqa: F401  (a fixture for every test module)
 
 import diffreg
 from diffreg import registry

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from diffreg.cli import main
-from plugin_fixtures import plugin_dist  # noqa: F401  (fixture)
 
 
 @pytest.fixture
