@@ -414,84 +414,38 @@ class Diffusion:
 
     # -- sampling (see diffreg.sampler) ---------------------------------------------------------
 
-    def p_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        noise=None,
-        generator=None,
-    ) -> dict[str, torch.Tensor]:
+    def p_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2).
 
-        ``t`` is int64 ``[N]``; no noise is added where ``t == 0``. ``cond_fn(x, t, **kw)`` shifts
-        the mean by variance * gradient (Dhariwal & Nichol 2021, Algorithm 1). Returns dict with
-        ``sample`` and ``pred_xstart`` (``x``'s shape).
+        Options (guided-diffusion's names): ``clip_denoised=True``, ``denoised_fn=None``,
+        ``cond_fn=None``, ``model_kwargs=None``, ``noise=None`` (the step's z, drawn if None),
+        ``generator=None``. ``t`` is int64 ``[N]``; no noise is added where ``t == 0``.
+        ``cond_fn(x, t, **model_kwargs)`` shifts the mean by variance * gradient (Dhariwal &
+        Nichol 2021, Algorithm 1). Returns dict with ``sample`` and ``pred_xstart`` (``x``'s shape).
         """
         from diffreg import sampler
 
-        return sampler.p_sample(
-            self,
-            model,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            noise=noise,
-            generator=generator,
-        )
+        return sampler.p_sample(self, model, x, t, **options)
 
-    def ddim_sample(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        cond_fn=None,
-        model_kwargs=None,
-        eta=0.0,
-        noise=None,
-        generator=None,
-    ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), stochasticity ``eta``.
+    def ddim_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12).
 
-        ``cond_fn`` conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with
-        ``sample`` and ``pred_xstart``.
+        Options: as :meth:`p_sample`, plus ``eta=0.0`` (stochasticity, eq. 16). ``cond_fn``
+        conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with ``sample``
+        and ``pred_xstart``.
         """
         from diffreg import sampler
 
-        return sampler.ddim_sample(
-            self,
-            model,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            eta=eta,
-            noise=noise,
-            generator=generator,
-        )
+        return sampler.ddim_sample(self, model, x, t, **options)
 
-    def ddim_reverse_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
-    ) -> dict[str, torch.Tensor]:
+    def ddim_reverse_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
         """One deterministic DDIM inversion step x_t -> x_{t+1} (Song et al. 2021, eq. 13 run
-        forward). Only ``eta == 0`` is defined. Returns dict with ``sample`` and ``pred_xstart``.
+        forward). Options: ``clip_denoised=True``, ``denoised_fn=None``, ``model_kwargs=None``,
+        ``eta=0.0`` (only 0 is defined). Returns dict with ``sample`` and ``pred_xstart``.
         """
         from diffreg import sampler
 
-        return sampler.ddim_reverse_sample(
-            self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta
-        )
+        return sampler.ddim_reverse_sample(self, model, x, t, **options)
 
     def p_sample_loop(self, model, shape, noise=None, **options) -> torch.Tensor:
         """Ancestral sampling over every timestep of this process (guided-diffusion's

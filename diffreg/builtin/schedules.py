@@ -10,28 +10,41 @@ from diffreg import hookimpl
 from diffreg.schedule import NoiseSchedule, betas_for_alpha_bar, cosine_alpha_bar
 
 
-class LinearSchedule(NoiseSchedule):
-    """Betas linear from ``beta_start * 1000 / T`` to ``beta_end * 1000 / T`` (Ho et al. 2020,
-    section 4; guided-diffusion's scaling so any T matches T = 1000)."""
+class _BetaRangeSchedule(NoiseSchedule):
+    """A schedule between ``beta_start`` and ``beta_end`` (0 < beta_start <= beta_end <= 1)."""
+
+    default_range = (1e-4, 0.02)
 
     def __init__(
         self,
         num_timesteps: int,
         *,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         rescale_zero_terminal_snr: bool = False,
     ):
-        if not 0 < beta_start <= beta_end:
-            raise ValueError(f"need 0 < beta_start <= beta_end, got {beta_start} and {beta_end}")
-        self.beta_start, self.beta_end = beta_start, beta_end
-        if isinstance(num_timesteps, int) and num_timesteps >= 2 and 1000 / num_timesteps * beta_end >= 1:
+        self.beta_start = self.default_range[0] if beta_start is None else beta_start
+        self.beta_end = self.default_range[1] if beta_end is None else beta_end
+        if not 0 < self.beta_start <= self.beta_end <= 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {self.beta_start} and {self.beta_end}")
+        self.check(num_timesteps)
+        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+
+    def check(self, num_timesteps: int) -> None:
+        """Extra validation before the betas are computed."""
+
+
+class LinearSchedule(_BetaRangeSchedule):
+    """Betas linear from ``beta_start * 1000 / T`` to ``beta_end * 1000 / T`` (Ho et al. 2020,
+    section 4; guided-diffusion's scaling so any T matches T = 1000). Defaults 1e-4 and 0.02."""
+
+    def check(self, num_timesteps):
+        if isinstance(num_timesteps, int) and num_timesteps >= 2 and 1000 / num_timesteps * self.beta_end >= 1:
             raise ValueError(
                 f"linear schedule with num_timesteps={num_timesteps}: the last beta would be "
-                f"{1000 / num_timesteps * beta_end:.3g} >= 1 (betas are scaled by 1000 / T); "
+                f"{1000 / num_timesteps * self.beta_end:.3g} >= 1 (betas are scaled by 1000 / T); "
                 "use more timesteps or the cosine schedule"
             )
-        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
 
     def compute_betas(self, num_timesteps):
         scale = 1000 / num_timesteps
@@ -56,43 +69,19 @@ class CosineSchedule(NoiseSchedule):
         return betas_for_alpha_bar(num_timesteps, lambda t: cosine_alpha_bar(t, self.s), self.max_beta)
 
 
-class ScaledLinearSchedule(NoiseSchedule):
+class ScaledLinearSchedule(_BetaRangeSchedule):
     """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (latent diffusion, Rombach et al.
-    2022; diffusers' ``scaled_linear``)."""
+    2022; diffusers' ``scaled_linear``). Defaults 0.00085 and 0.012."""
 
-    def __init__(
-        self,
-        num_timesteps: int,
-        *,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        rescale_zero_terminal_snr: bool = False,
-    ):
-        if not 0 < beta_start <= beta_end <= 1:
-            raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
-        self.beta_start, self.beta_end = beta_start, beta_end
-        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+    default_range = (0.00085, 0.012)
 
     def compute_betas(self, num_timesteps):
         return np.linspace(self.beta_start**0.5, self.beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
 
 
-class SigmoidSchedule(NoiseSchedule):
+class SigmoidSchedule(_BetaRangeSchedule):
     """Betas = sigmoid(linspace(-6, 6)) scaled to [beta_start, beta_end] (as in diffusers' and
-    GeoDiff's ``sigmoid`` schedule)."""
-
-    def __init__(
-        self,
-        num_timesteps: int,
-        *,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        rescale_zero_terminal_snr: bool = False,
-    ):
-        if not 0 < beta_start <= beta_end <= 1:
-            raise ValueError(f"need 0 < beta_start <= beta_end <= 1, got {beta_start} and {beta_end}")
-        self.beta_start, self.beta_end = beta_start, beta_end
-        super().__init__(num_timesteps, rescale_zero_terminal_snr=rescale_zero_terminal_snr)
+    GeoDiff's ``sigmoid`` schedule). Defaults 1e-4 and 0.02."""
 
     def compute_betas(self, num_timesteps):
         x = np.linspace(-6, 6, num_timesteps, dtype=np.float64)
