@@ -24,7 +24,7 @@ from diffreg.parameterization import (
     predict_eps_from_xstart,
     predict_xstart_from_eps,
 )
-from diffreg.schedule import DiffusionTables, axpby, space_timesteps, spaced_timesteps
+from diffreg.schedule import DiffusionTables, axpby, space_timesteps
 
 Model = Callable[..., torch.Tensor]
 
@@ -496,5 +496,7 @@ class Diffusion:
         """
         from diffreg import sampler as sampler_module
 
-        target = self if steps is None else self.respace(spaced_timesteps(self.num_timesteps, steps, spacing))
-        return sampler_module.sample_loop(target, model, shape, sampler=sampler, **options)
+        driver_options, sampler_options = sampler_module.split_options(options)
+        sampler_obj = sampler_module.resolve_sampler(sampler, sampler_options)
+        target = self if steps is None else self.respace(sampler_obj.select_timesteps(self, steps, spacing))
+        return sampler_module.sample_loop(target, model, shape, sampler=sampler_obj, **driver_options)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from diffreg import registry
 from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, predict_eps_from_xstart, predict_xstart_from_eps
+from diffreg.schedule import spaced_timesteps
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
@@ -42,6 +43,15 @@ class Sampler(abc.ABC):
     order: int = 1
     nfe_per_step: int = 1
     stochastic: bool = False
+
+    def select_timesteps(self, diffusion: Diffusion, steps: int, spacing: str) -> list[int]:
+        """The timesteps (ascending indices of ``diffusion``) to visit for ``steps`` steps.
+
+        The default is :func:`~diffreg.schedule.spaced_timesteps` (``leading``, ``trailing`` or
+        ``linspace``); a sampler with its own noise-level grid (e.g. Karras sigmas) overrides it.
+        The diffusion is then respaced to these timesteps and sampled from the last to the first.
+        """
+        return spaced_timesteps(diffusion.num_timesteps, steps, spacing)
 
     def prepare(self, ctx: SamplingContext) -> Any:
         """Per-call state (coefficients, history); called once before the first step."""
@@ -309,12 +319,31 @@ def _cat_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def _resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any]) -> Sampler:
+def resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any]) -> Sampler:
+    """A :class:`Sampler` from a registered name and its options (or an instance, unchanged).
+
+    Raises UnknownComponentError / ComponentOptionError for an unknown name or option.
+    """
     if isinstance(sampler, Sampler):
         if options:
             raise TypeError(f"unexpected options {sorted(options)} for an already-built sampler")
         return sampler
     return registry.create("sampler", sampler, **options)
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword options into the driver's (those :func:`sample_loop_progressive` takes) and
+    the sampler's own (everything else, checked by the sampler's factory)."""
+    import inspect
+
+    driver = set(inspect.signature(sample_loop_progressive).parameters) - {
+        "diffusion",
+        "model",
+        "shape",
+        "sampler",
+        "sampler_options",
+    }
+    return {k: v for k, v in options.items() if k in driver}, {k: v for k, v in options.items() if k not in driver}
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -375,7 +404,7 @@ def sample_loop_progressive(
         UnknownComponentError / ComponentOptionError: unknown sampler or option.
     """
     shape = _check_shape(shape)
-    sampler_obj = _resolve_sampler(sampler, sampler_options)
+    sampler_obj = resolve_sampler(sampler, sampler_options)
     device = (
         torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(model))
     )
