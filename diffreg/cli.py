@@ -419,6 +419,8 @@ def sample(
 @click.option("--steps", type=click.IntRange(min=1), help="Override the configuration's steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the configuration's batch_size.")
 @click.option("--seed", type=int, help="Override the configuration's seed.")
+@click.option("--save-every", type=click.IntRange(min=0), help="Override save_every: checkpoint + state every N steps.")
+@click.option("--resume", is_flag=True, help="Continue exactly from the training state beside OUTPUT.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--store-dtype",
@@ -429,19 +431,22 @@ def sample(
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
-def train(config_path, output, steps, batch_size, seed, device, store_dtype, progress) -> None:
-    """Train a model and write its EMA weights, with its configuration, to OUTPUT."""
+def train(config_path, output, steps, batch_size, seed, save_every, resume, device, store_dtype, progress) -> None:
+    """Train a model and write its EMA weights, with its configuration, to OUTPUT (and the
+    training state for --resume beside it)."""
     import attrs
 
     from diffreg.training import TrainConfig
     from diffreg.training import train as run_training
 
     cfg = TrainConfig.from_toml(config_path.read_text()) if config_path else TrainConfig()
-    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "seed": seed}.items() if v is not None}
-    cfg = attrs.evolve(cfg, **overrides)
+    overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}
+    cfg = attrs.evolve(cfg, **{k: v for k, v in overrides.items() if v is not None})
     start = time.perf_counter()
-    path = run_training(cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype])
-    click.echo(f"trained {cfg.steps} steps in {time.perf_counter() - start:.0f} s -> {path}")
+    path = run_training(
+        cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype], resume=resume
+    )
+    click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

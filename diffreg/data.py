@@ -3,6 +3,7 @@
 - ``digits``: scikit-learn's handwritten digits (1797 images, 8x8, 10 classes; the data ships
   inside scikit-learn), scaled to [-1, 1] and optionally resized.
 - 2-D toys: ``moons``, ``swiss_roll``, ``gaussian_mixture`` (for the ``mlp`` model).
+- Your data: ``folder`` (a folder of images) and ``npz`` (arrays).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "moons", "swiss_roll", "gaussian_mixture")
+DATASETS = ("digits", "moons", "swiss_roll", "gaussian_mixture", "folder", "npz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def load_digits(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +68,87 @@ def toy_2d(name: str, n: int = 4096, seed: int = 0, noise: float = 0.05) -> tupl
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
 
+def load_image_folder(
+    path: str, image_size: int | None = None, channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Images from a folder: one sub-folder per class (sorted names are labels 0..K-1), or flat
+    (unlabelled). Read with Pillow, resized to ``image_size`` square (Lanczos; default: the first
+    image's width), ``channels`` 1 (grey) or 3 (RGB; default: from the first image).
+
+    Returns ``(images, labels, num_classes)``: float32 ``[N, C, S, S]`` in [-1, 1], int64 ``[N]``
+    (zeros when unlabelled), ``K`` or ``None``.
+
+    Raises:
+        FileNotFoundError: no such folder. ValueError: no images in it, or a bad ``channels``.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if classes:
+        files = [
+            (f, k)
+            for k, c in enumerate(classes)
+            for f in sorted((root / c).iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    else:
+        files = [(f, 0) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {str(root)!r}")
+    with Image.open(files[0][0]) as first:
+        channels = channels or (1 if first.mode in ("L", "1", "I;16", "I") else 3)
+        image_size = image_size or first.size[0]
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    arrays = []
+    for f, _ in files:
+        with Image.open(f) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize(
+                (image_size, image_size), Image.Resampling.LANCZOS
+            )
+            arrays.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    labels = torch.tensor([k for _, k in files], dtype=torch.long)
+    return images.contiguous(), labels, (len(classes) if classes else None)
+
+
+def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Arrays from an ``.npz`` (read with ``allow_pickle=False``): ``arr_0`` images NHWC (uint8,
+    scaled to [-1, 1]; or floats already in [-1, 1]) or vectors ``[N, D]``; optional ``arr_1``
+    integer labels (then ``num_classes = max + 1``). The layout ``diffreg sample --npz`` writes.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: missing ``arr_0`` or mismatched labels.
+    """
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"npz file {str(path)!r} does not exist")
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{str(path)!r} has no arr_0 (found: {', '.join(f.files)})")
+        data = f["arr_0"]
+        labels = f["arr_1"] if "arr_1" in f else None
+    if data.ndim == 4:
+        x = torch.from_numpy(data.astype(np.float32)).permute(0, 3, 1, 2)
+        x = x / 127.5 - 1.0 if data.dtype == np.uint8 else x
+    elif data.ndim == 2:
+        x = torch.from_numpy(data.astype(np.float32))
+    else:
+        raise ValueError(f"arr_0 must be NHWC images or [N, D] vectors, got shape {data.shape}")
+    if labels is None:
+        return x.contiguous(), torch.zeros(x.shape[0], dtype=torch.long), None
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"arr_1 must hold one label per example ({x.shape[0]}), got shape {labels.shape}")
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x.contiguous(), y, int(y.max()) + 1
+
+
 def load_dataset(name: str, **options) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """Load a built-in dataset by name: ``(x, labels, num_classes)``.
 
@@ -77,4 +160,8 @@ def load_dataset(name: str, **options) -> tuple[torch.Tensor, torch.Tensor, int 
     if name in ("moons", "swiss_roll", "gaussian_mixture"):
         x, y = toy_2d(name, **options)
         return x, y, {"moons": 2, "swiss_roll": None, "gaussian_mixture": 8}[name]
+    if name == "folder":
+        return load_image_folder(**options)
+    if name == "npz":
+        return load_npz(**options)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

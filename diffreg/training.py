@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from collections.abc import Callable
@@ -45,7 +46,14 @@ class TrainConfig(_DictMixin):
     classifier-free guidance), ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``ema_decay``
     (with warm-up: the decay used at step k is min(ema_decay, (1 + k) / (10 + k))),
     ``grad_clip`` (max gradient norm, 0 = off), ``seed``, ``guidance_scale`` (the classifier-free
-    guidance scale recommended for sampling, stored in the checkpoint as the CLI's default).
+    guidance scale recommended for sampling, stored in the checkpoint as the CLI's default),
+    ``save_every`` (write the checkpoint and the training state every N steps; 0 = at the end
+    only), ``bf16`` (run the model under bfloat16 autocast).
+
+    Data: ``digits`` (``image_size``), ``moons`` / ``swiss_roll`` / ``gaussian_mixture`` (2-D, for
+    the ``mlp`` model), ``folder`` (``path``: a folder of images, one sub-folder per class or
+    flat; ``image_size``, ``channels``), ``npz`` (``path``: ``arr_0`` images NHWC uint8 or floats
+    in [-1, 1], optional ``arr_1`` labels).
     """
 
     _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig}
@@ -67,6 +75,8 @@ class TrainConfig(_DictMixin):
     grad_clip: float = 1.0
     seed: int = 0
     guidance_scale: float | None = None
+    save_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    bf16: bool = False
     format_version: int = 1
 
 
@@ -115,6 +125,196 @@ class EMA:
             b_ema.copy_(b)
 
 
+STATE_SUFFIX = ".state.safetensors"
+
+
+def state_path(output: str | os.PathLike[str]) -> Path:
+    """Where the training state of a run writing ``output`` lives: ``<output stem>.state.safetensors``."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch, initialising the process group once."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Trainer:
+    """One training run: data, diffusion, model, EMA, AdamW, timestep sampler and RNG state.
+
+    Every source of randomness (data order, label dropout, timesteps, noise) comes from one
+    ``torch.Generator`` seeded with ``seed + rank``, so a run resumed from its training state
+    continues exactly as the uninterrupted run would (bitwise on the same machine).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel
+    (gloo on CPU, NCCL on GPU); each rank draws its own batches and only rank 0 writes files.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank, self.world_size = _distributed()
+        torch.manual_seed(cfg.seed + self.rank)
+        x_all, y_all, num_classes = load_dataset(cfg.data.name, **cfg.data.options)
+        self.num_classes = num_classes
+        self.conditional = cfg.class_conditional and num_classes is not None
+        self.diffusion = Diffusion.from_config(cfg.diffusion)
+        self.model_spec = build_model_spec(cfg, self.diffusion, x_all, num_classes)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = registry.create("model", self.model_spec.name, **self.model_spec.options).to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.timestep_sampler = self.diffusion.create_timestep_sampler()
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self.x_all, self.y_all = x_all.to(self.device), y_all.to(self.device)
+        self.step = 0
+        self.running_loss: float | None = None
+        self.network: torch.nn.Module = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.network = DistributedDataParallel(self.model)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimisation step; returns the loss. Raises FloatingPointError naming the step."""
+        cfg, g, device = self.cfg, self.generator, self.device
+        idx = torch.randint(0, self.x_all.shape[0], (cfg.batch_size,), generator=g).to(device)
+        x_start = self.x_all[idx]
+        kwargs = {}
+        if self.conditional:
+            y = self.y_all[idx]
+            drop = torch.rand(cfg.batch_size, generator=g).to(device) < cfg.label_dropout
+            kwargs["y"] = torch.where(drop, torch.full_like(y, self.num_classes or 0), y)
+        t, weights = self.timestep_sampler.sample(cfg.batch_size, device, generator=g)
+        noise = torch.randn(x_start.shape, generator=g).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses = self.diffusion.training_losses(self.network, x_start, t, model_kwargs=kwargs, noise=noise)
+        self.timestep_sampler.update_with_losses(t, losses["loss"])
+        loss = (losses["loss"].float() * weights).mean()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss became {value} at step {self.step}; stopping (lower lr, check the data "
+                "or resume from the last checkpoint)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        self.running_loss = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
+        return value
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def checkpoint_config(self) -> CheckpointConfig:
+        data_info: dict[str, Any] = {
+            "dataset": self.cfg.data.name,
+            "shape": list(self.x_all.shape[1:]),
+            "num_classes": self.num_classes if self.conditional else None,
+        }
+        if self.cfg.guidance_scale is not None and self.conditional:
+            data_info["guidance_scale"] = self.cfg.guidance_scale
+        return CheckpointConfig(diffusion=self.cfg.diffusion, model=self.model_spec, data=data_info)
+
+    def save(self, output: str | os.PathLike[str], checkpoint_dtype: torch.dtype | None = None) -> Path:
+        """Write the EMA model checkpoint to ``output`` and the training state beside it
+        (:func:`state_path`), both atomically. Only rank 0 writes."""
+        if self.rank == 0:
+            save_checkpoint(output, self.ema.model, self.checkpoint_config(), dtype=checkpoint_dtype)
+            self.save_state(state_path(output))
+        return Path(output)
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Everything :meth:`load_state` needs to continue exactly: weights, EMA, optimizer,
+        step, RNG and timestep-sampler state, in one safetensors file (nothing pickled)."""
+        from safetensors.torch import save_file
+
+        from diffreg import __version__
+        from diffreg.fileio import atomic_path
+
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            tensors[f"model/{key}"] = value.detach().cpu().contiguous()
+        for key, value in self.ema.model.state_dict().items():
+            tensors[f"ema/{key}"] = value.detach().cpu().contiguous()
+        optim = self.optimizer.state_dict()
+        for index, state in optim["state"].items():
+            for name, value in state.items():
+                tensors[f"optim/{index}/{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        for key, value in self.timestep_sampler.state_dict().items():
+            tensors[f"timestep_sampler/{key}"] = torch.as_tensor(value)
+        metadata = {
+            "diffreg.kind": "training_state",
+            "diffreg.version": __version__,
+            "diffreg.format_version": "1",
+            "step": str(self.step),
+            "ema_updates": str(self.ema.updates),
+            "running_loss": json.dumps(self.running_loss),
+            "param_groups": json.dumps(optim["param_groups"]),
+            "train_config": self.cfg.to_json(),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    def load_state(self, path: str | os.PathLike[str]) -> None:
+        """Restore :meth:`save_state`. The run's configuration must match the saved one except
+        ``steps`` (which may grow) and ``save_every``.
+
+        Raises:
+            FileNotFoundError: no state file. CheckpointError: not a training-state file, or a
+            configuration that differs (naming the fields).
+        """
+        from safetensors.torch import load_file
+
+        from diffreg.checkpoint import read_metadata
+        from diffreg.errors import CheckpointError
+
+        meta = read_metadata(path)
+        if meta.get("diffreg.kind") != "training_state":
+            raise CheckpointError(f"{str(path)!r} is not a diffreg training-state file")
+        saved = TrainConfig.from_json(meta["train_config"])
+        ignore = {"steps", "save_every"}
+        differ = [
+            f.name
+            for f in attrs.fields(TrainConfig)
+            if f.name not in ignore and getattr(saved, f.name) != getattr(self.cfg, f.name)
+        ]
+        if differ:
+            raise CheckpointError(f"cannot resume from {str(path)!r}: the configuration differs in {', '.join(differ)}")
+        tensors = load_file(str(path))
+
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.model.load_state_dict(section("model/"))
+        self.ema.model.load_state_dict(section("ema/"))
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in section("optim/").items():
+            index, name = key.split("/", 1)
+            optim_state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
+        self.generator.set_state(tensors["rng/generator"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.timestep_sampler.load_state_dict({k: v.numpy() for k, v in section("timestep_sampler/").items()})
+        self.step = int(meta["step"])
+        self.ema.updates = int(meta["ema_updates"])
+        self.running_loss = json.loads(meta["running_loss"])
+
+
 def train(
     cfg: TrainConfig,
     output: str | os.PathLike[str],
@@ -123,59 +323,37 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     checkpoint_dtype: torch.dtype | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Train a model as ``cfg`` says and write its EMA weights to ``output`` (a checkpoint).
+    """Train a model as ``cfg`` says and write its EMA weights to ``output`` (a checkpoint), with
+    the training state beside it (``<output stem>.state.safetensors``) for ``resume``.
+
+    Args:
+        resume: continue from the training state beside ``output`` (exactly as if the run had not
+            stopped); it is an error if there is none.
 
     Returns the checkpoint path. Raises :class:`FloatingPointError` naming the step if the loss
-    becomes non-finite (the run stops; nothing is written).
+    becomes non-finite (the run stops; the last periodic checkpoint is kept).
     """
-    torch.manual_seed(cfg.seed)
-    x_all, y_all, num_classes = load_dataset(cfg.data.name, **cfg.data.options)
-    diffusion = Diffusion.from_config(cfg.diffusion)
-    spec = build_model_spec(cfg, diffusion, x_all, num_classes)
-    model = registry.create("model", spec.name, **spec.options).to(device)
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    timestep_sampler = diffusion.create_timestep_sampler()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    conditional = cfg.class_conditional and num_classes is not None
-    x_all, y_all = x_all.to(device), y_all.to(device)
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
-    running = None
-    model.train()
-    for step in bar:
-        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=generator).to(device)
-        x_start = x_all[idx]
-        kwargs = {}
-        if conditional:
-            y = y_all[idx]
-            drop = torch.rand(cfg.batch_size, generator=generator).to(device) < cfg.label_dropout
-            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes or 0), y)
-        t, weights = timestep_sampler.sample(cfg.batch_size, device, generator=generator)
-        noise = torch.randn(x_start.shape, generator=generator).to(device)
-        losses = diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)
-        timestep_sampler.update_with_losses(t, losses["loss"])
-        loss = (losses["loss"] * weights).mean()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}; stopping (lower lr or check data)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update(model)
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-        if log is not None and (step % 500 == 0 or step == cfg.steps - 1):
-            log(f"step {step} loss {running:.4f}")
-    data_info: dict[str, Any] = {
-        "dataset": cfg.data.name,
-        "shape": list(x_all.shape[1:]),
-        "num_classes": num_classes if conditional else None,
-    }
-    if cfg.guidance_scale is not None and conditional:
-        data_info["guidance_scale"] = cfg.guidance_scale
-    ckpt_cfg = CheckpointConfig(diffusion=cfg.diffusion, model=spec, data=data_info)
-    return save_checkpoint(output, ema.model, ckpt_cfg, dtype=checkpoint_dtype)
+    trainer = Trainer(cfg, device=device)
+    if resume:
+        trainer.load_state(state_path(output))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=trainer.step,
+        desc="train",
+        disable=not progress or trainer.rank != 0,
+        dynamic_ncols=True,
+    )
+    trainer.model.train()
+    while trainer.step < cfg.steps:
+        trainer.train_step()
+        bar.update(1)
+        if trainer.step % 20 == 0:
+            bar.set_postfix(loss=f"{trainer.running_loss:.4f}")
+        if log is not None and (trainer.step % 500 == 0 or trainer.step == cfg.steps):
+            log(f"step {trainer.step} loss {trainer.running_loss:.4f}")
+        if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+            trainer.save(output, checkpoint_dtype)
+    bar.close()
+    return trainer.save(output, checkpoint_dtype)
