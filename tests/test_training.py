@@ -189,7 +189,7 @@ def test_user_npz_round_trips_the_sample_layout(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(5, 4, 4, 1), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images, np.array([0, 1, 2, 1, 0]))
     x, y, num_classes = load_dataset("npz", path=str(tmp_path / "d.npz"))
-    assert x.shape == (5, 1, 4, 4) and num_classes == 3
+    assert x.shape == (5, 1, 4, 4) and num_classes == 3 and y.tolist() == [0, 1, 2, 1, 0]
     torch.testing.assert_close(x[2, 0], torch.from_numpy(images[2, :, :, 0]).float() / 127.5 - 1)
 
 
