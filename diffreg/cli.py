@@ -353,10 +353,15 @@ def sample(
     if eta is not None:
         sampler_options["eta"] = eta
     component = registry.get("sampler", sampler)
+    from diffreg.training import _distributed
+
+    rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
+    share = math.ceil(num_samples / world)
+    first, last = min(rank * share, num_samples), min((rank + 1) * share, num_samples)
     samples = []
     start = time.perf_counter()
-    for lo in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - lo)
+    for lo in range(first, last, batch_size):
+        n = min(batch_size, last - lo)
         kwargs = {"y": labels[lo : lo + n].to(device)} if labels is not None else {}
         x = diffusion.sample(
             model,
@@ -364,16 +369,20 @@ def sample(
             sampler=sampler,
             steps=steps,
             spacing=spacing,
-            generator=per_sample_generators(seed, n, start=lo),
+            generator=per_sample_generators(seed, n, start=lo),  # sample k depends on (seed, k) only
             model_kwargs=kwargs,
             guidance_scale=guidance_scale,
             device=device,
-            progress=progress,
+            progress=progress and rank == 0,
             **sampler_options,
         )
         samples.append(x.cpu())
+    x = torch.cat(samples) if samples else torch.zeros(0, *shape)
+    if world > 1:
+        x = _gather_shares(x, share, num_samples, device)
+        if rank != 0:
+            return
     elapsed = time.perf_counter() - start
-    x = torch.cat(samples)
     nfe = steps * int(component.metadata.get("nfe_per_step", getattr(component.factory, "nfe_per_step", 1)))
     label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
     if x.ndim == 4:
@@ -401,6 +410,18 @@ def sample(
         f"guidance {guidance_scale:g}) in {elapsed:.1f} s -> {output}"
         + (f", {npz_path}" if npz_path and str(npz_path) not in ("", ".") else "")
     )
+
+
+def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torch.Tensor:
+    """All ranks' samples, in sample order, on every rank (shares padded to equal size)."""
+    import torch.distributed as dist
+
+    backend_device = device if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros(share, *x.shape[1:], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded, device=backend_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded.to(backend_device))
+    return torch.cat([p.cpu() for p in parts])[:total]
 
 
 # -- train --------------------------------------------------------------------------------------------
