@@ -99,8 +99,9 @@ class Diffusion:
         mean_type = registry.create("parameterization", cfg.parameterization.name, **cfg.parameterization.options)
         variance_type = registry.create("variance", cfg.variance.name, **cfg.variance.options)
         loss = registry.create("loss", cfg.loss.name, **cfg.loss.options)
-        registry.check_options(
-            registry.get("timestep_sampler", cfg.timestep_sampler.name), cfg.timestep_sampler.options, 1
+        # built once here so that a bad option value fails now, not at the first training step
+        registry.create(
+            "timestep_sampler", cfg.timestep_sampler.name, cfg.num_timesteps, **cfg.timestep_sampler.options
         )
         return cls(schedule.betas, ModelParameterization(mean_type, variance_type), loss, config=cfg)
 

@@ -75,10 +75,11 @@ class MSELoss(Loss):
         target = parameterization.mean_type.target(diffusion.tables, x_start, x_t, t, noise)
         mse = mean_flat((target - mean_part) ** 2)
         if self.min_snr_gamma is not None:
-            snr = diffusion.tables.gather("alphas_cumprod", t, mse)
-            snr = snr / (1 - snr)
+            # in float64 from the table: in bf16, abar rounds to 1 at small t and SNR would be inf
+            abar = diffusion.tables.on("alphas_cumprod", t.device)[t]
+            snr = abar / (1 - abar)
             weight = torch.clamp(snr, max=self.min_snr_gamma) * parameterization.mean_type.x0_mse_factor(snr)
-            mse = mse * weight
+            mse = mse * weight.to(mse.dtype)
         terms["mse"] = mse
         terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
@@ -192,6 +193,8 @@ class LossSecondMomentSampler(TimestepSampler):
         if not self.warmed_up():
             return np.ones([self.num_timesteps], dtype=np.float64)
         weights = np.sqrt(np.mean(self._loss_history**2, axis=-1))
+        if not np.sum(weights) > 0:  # every recent loss 0 (or NaN): no information, stay uniform
+            return np.ones([self.num_timesteps], dtype=np.float64)
         weights /= np.sum(weights)
         weights *= 1 - self.uniform_prob
         weights += self.uniform_prob / len(weights)

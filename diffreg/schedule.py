@@ -68,7 +68,7 @@ def validate_betas(betas: np.ndarray, source: str = "schedule") -> np.ndarray:
     bad = np.flatnonzero(~((betas > 0) & (betas <= 1)))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{source}: betas must lie in (0, 1]; betas[{i}] = {betas[i]!r}")
+        raise ValueError(f"{source}: betas must lie in (0, 1]; betas[{i}] = {float(betas[i])!r}")
     return betas.copy()
 
 
