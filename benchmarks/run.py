@@ -1,0 +1,262 @@
+"""diffreg's benchmark suite, side by side with diffusers (a benchmark-only dependency).
+
+    python benchmarks/run.py            # all four tables, writes benchmarks/results.json
+    python benchmarks/run.py --quick    # fewer repeats (a smoke run)
+    python benchmarks/run.py --tables 1,4
+
+Tables:
+1. per-step sampler cost, model excluded, for every registered sampler beside the matching
+   diffusers scheduler (same shapes, interleaved runs, medians, ratio);
+2. error against the exact probability-flow ODE solution per NFE on the Gaussian-mixture
+   denoiser of ``diffreg.testing``, for every deterministic registered sampler beside diffusers'
+   DDIM, DPM-Solver++ (2M), UniPC, DEIS and Euler (same schedule, trailing spacing);
+3. training step cost (``training_losses`` + backward) beside a hand-written eps-MSE step on the
+   same small model;
+4. peak memory (max RSS of a fresh process) of sampling at 10, 100 and 1000 steps.
+
+Speed and memory are measured as ratios against a peer in the same run; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import diffreg
+from diffreg import registry
+
+HERE = Path(__file__).resolve().parent
+
+# diffreg sampler -> (diffusers scheduler class, constructor options, model evaluations per step)
+DIFFUSERS_PEERS = {
+    "ddim": ("DDIMScheduler", {}, 1),
+    "ddpm": ("DDPMScheduler", {}, 1),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, 1),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, 1),
+    "unipc": ("UniPCMultistepScheduler", {}, 1),
+    "euler": ("EulerDiscreteScheduler", {}, 1),
+    "heun": ("HeunDiscreteScheduler", {}, 2),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, 1),
+}
+
+
+def _median_interleaved(fns, repeats):
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm-up
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+# -- table 1 ---------------------------------------------------------------------------------------
+
+
+def _diffusers_loop(name, options, shape, steps, out, x_T):
+    import diffusers
+
+    scheduler = getattr(diffusers, name)(num_train_timesteps=1000, beta_schedule="linear", **options)
+    scheduler.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        x = x_T * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)
+            kwargs = {"generator": gen} if "generator" in scheduler.step.__code__.co_varnames else {}
+            x = scheduler.step(out, t, x, **kwargs).prev_sample
+
+    return run
+
+
+def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[dict]:
+    shape = (batch, 3, 32, 32)
+    out = torch.randn(shape)
+    x_T = torch.randn(shape)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for component in registry.components("sampler"):
+        nfe = int(component.metadata.get("nfe_per_step", 1))
+
+        def ours(name=component.qualified_name):
+            diffusion.sample(lambda x, t, **k: out, shape, sampler=name, steps=steps, noise=x_T, generator=gen)
+
+        peer = DIFFUSERS_PEERS.get(component.name)
+        fns = [ours]
+        if peer is not None:
+            fns.append(_diffusers_loop(peer[0], peer[1], shape, steps, out, x_T))
+        medians = _median_interleaved(fns, repeats)
+        row = {"sampler": component.qualified_name, "diffreg_us": medians[0] / steps * 1e6, "nfe_per_step": nfe}
+        if peer is not None:
+            # diffusers' Heun takes two step() calls per timestep: compare per timestep
+            peer_steps = len(_peer_timesteps(peer, steps))
+            row.update(diffusers=peer[0], diffusers_us=medians[1] / peer_steps * peer[2] * 1e6)
+            row["ratio"] = row["diffreg_us"] / row["diffusers_us"]
+        rows.append(row)
+    return rows
+
+
+def _peer_timesteps(peer, steps):
+    import diffusers
+
+    scheduler = getattr(diffusers, peer[0])(num_train_timesteps=1000, beta_schedule="linear", **peer[1])
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
+def print_table_1(rows, batch=64):
+    print(f"\n### 1. Sampler step cost, model excluded (batch {batch}x3x32x32 fp32, {torch.get_num_threads()} threads)\n")
+    print("| sampler | diffreg us/step | diffusers scheduler | diffusers us/step | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "diffusers" in r:
+            print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | {r['diffusers']} | {r['diffusers_us']:.0f} | {r['ratio']:.2f} |")
+        else:
+            print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | — | — | — |")
+
+
+# -- table 2 ---------------------------------------------------------------------------------------
+
+
+def table_ode_error(nfes=(5, 10, 20, 50)) -> list[dict]:
+    from benchmarks.ode_error import ode_error_rows
+
+    return ode_error_rows(nfes)
+
+
+def print_table_2(rows):
+    if not rows:
+        return
+    nfes = sorted({int(k) for r in rows for k in r["error"]})
+    print("\n### 2. Error to the exact probability-flow ODE solution (Gaussian mixture, linear T=1000, trailing)\n")
+    print("| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    print("|---|" + "---|" * len(nfes))
+    for r in rows:
+        cells = [f"{r['error'][str(n)]:.2e}" if str(n) in r["error"] else "—" for n in nfes]
+        print(f"| {r['sampler']} | " + " | ".join(cells) + " |")
+
+
+# -- table 3 ---------------------------------------------------------------------------------------
+
+
+def table_training_step(repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "cosine", "num_timesteps": 1000, "loss": "mse"})
+    model = registry.create("model", "unet", in_channels=1, image_size=8, model_channels=32, num_classes=10)
+    x = torch.randn(128, 1, 8, 8)
+    y = torch.randint(0, 10, (128,))
+    t = torch.randint(0, 1000, (128,))
+    noise = torch.randn_like(x)
+    abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+
+    def ours():
+        model.zero_grad(set_to_none=True)
+        diffusion.training_losses(model, x, t, model_kwargs={"y": y}, noise=noise)["loss"].mean().backward()
+
+    def by_hand():  # the textbook eps-MSE step (Ho et al. 2020, Algorithm 1)
+        model.zero_grad(set_to_none=True)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x + (1 - a).sqrt() * noise
+        ((model(x_t, t, y=y) - noise) ** 2).mean().backward()
+
+    ours_s, hand_s = _median_interleaved([ours, by_hand], repeats)
+    return [{"case": "UNet 0.3M, batch 128x1x8x8, eps-MSE", "diffreg_ms": ours_s * 1e3, "hand_ms": hand_s * 1e3,
+             "ratio": ours_s / hand_s}]
+
+
+def print_table_3(rows):
+    print("\n### 3. Training step (training_losses + backward) beside a hand-written eps-MSE step\n")
+    print("| case | diffreg ms | hand-written ms | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['diffreg_ms']:.1f} | {r['hand_ms']:.1f} | {r['ratio']:.2f} |")
+
+
+# -- table 4 ---------------------------------------------------------------------------------------
+
+_MEMORY_CHILD = """
+import resource, sys, torch, diffreg
+torch.set_num_threads(1)
+steps = int(sys.argv[1])
+d = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+out = torch.randn(64, 3, 32, 32)
+x = torch.randn(64, 3, 32, 32)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+d.sample(lambda x, t, **k: out, x.shape, sampler=sys.argv[2], steps=steps, noise=x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def table_memory(step_counts=(10, 100, 1000), samplers=("ddim", "ddpm")) -> list[dict]:
+    rows = []
+    for sampler in samplers:
+        row = {"sampler": sampler, "peak_mb": {}}
+        for steps in step_counts:
+            result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(steps), sampler], capture_output=True,
+                                    text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            row["peak_mb"][str(steps)] = int(result.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
+        rows.append(row)
+    return rows
+
+
+def print_table_4(rows):
+    counts = list(rows[0]["peak_mb"]) if rows else []
+    print("\n### 4. Extra peak memory of sampling (MiB above the process's baseline; batch 64x3x32x32)\n")
+    print("| sampler | " + " | ".join(f"{c} steps" for c in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    for r in rows:
+        print(f"| {r['sampler']} | " + " | ".join(f"{r['peak_mb'][c]:.1f}" for c in counts) + " |")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="diffreg benchmarks beside diffusers")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--tables", default="1,2,3,4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(HERE / "results.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 9
+    tables = {int(t) for t in args.tables.split(",")}
+    results: dict = {"diffreg": diffreg.__version__, "torch": torch.__version__, "threads": args.threads}
+    try:
+        import diffusers
+
+        results["diffusers"] = diffusers.__version__
+    except ImportError:
+        sys.exit("the benchmarks compare against diffusers: pip install diffusers")
+    if 1 in tables:
+        results["sampler_step"] = table_sampler_step(repeats)
+        print_table_1(results["sampler_step"])
+    if 2 in tables:
+        results["ode_error"] = table_ode_error()
+        print_table_2(results["ode_error"])
+    if 3 in tables:
+        results["training_step"] = table_training_step(repeats)
+        print_table_3(results["training_step"])
+    if 4 in tables:
+        results["memory"] = table_memory()
+        print_table_4(results["memory"])
+    from diffreg.fileio import atomic_path
+
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    main()
