@@ -1,5 +1,6 @@
 # Set-up for a fresh clone: `make sample` and `make test` each create .venv on first use
-# (torch 2.13.0 first, so pip takes the CPU build on disk, then diffreg with its test extra).
+# (torch 2.13.0 first, so pip takes the CPU build on disk, then diffreg with its test extra, then
+# the separately packaged plugin plugins/diffreg-solvers, installed like any third-party plugin).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,11 +8,12 @@ STAMP := $(VENV)/.diffreg-installed
 
 .PHONY: sample test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/diffreg-solvers/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet ./plugins/diffreg-solvers
 	touch $(STAMP)
 
 sample: $(STAMP)
@@ -20,9 +22,12 @@ sample: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff mypy
-	$(BIN)/ruff check diffreg tests
+	$(BIN)/ruff check diffreg tests benchmarks scripts plugins
 	$(BIN)/mypy diffreg
 
 clean:

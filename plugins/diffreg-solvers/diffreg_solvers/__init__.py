@@ -1,0 +1,52 @@
+"""diffreg-solvers: fast ODE/SDE samplers for diffreg, registered through the ``diffreg`` entry point.
+
+After ``pip install diffreg-solvers``::
+
+    diffusion.sample(model, shape, sampler="dpmpp_2m", steps=20)
+    diffusion.sample(model, shape, sampler="unipc", steps=10, sigmas="karras")
+
+Samplers: ``euler``, ``heun``, ``euler_ancestral``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``unipc``; each
+takes ``sigmas=None | "karras" | "exponential" | "lambda_uniform"`` (see :mod:`diffreg_solvers.grids`).
+"""
+
+from __future__ import annotations
+
+import diffreg
+
+from .grids import GRIDS, grid_timesteps
+from .samplers import DPMSolverPP2M, DPMSolverPP2MSDE, Euler, EulerAncestral, GridSampler, Heun, UniPC
+
+__version__ = "0.1.0"
+
+#: name -> (class, paper); order / nfe_per_step / stochastic come from the class attributes.
+SAMPLERS = {
+    "euler": (Euler, "Karras et al. 2022, Elucidating the Design Space, Algorithm 1 (Euler)"),
+    "heun": (Heun, "Karras et al. 2022, Elucidating the Design Space, Algorithm 1"),
+    "euler_ancestral": (EulerAncestral, "Song et al. 2021 (score SDE), ancestral step in Karras et al. 2022 form"),
+    "dpmpp_2m": (DPMSolverPP2M, "Lu et al. 2022, DPM-Solver++, Algorithm 2"),
+    "dpmpp_2m_sde": (DPMSolverPP2MSDE, "Lu et al. 2022, DPM-Solver++ (SDE-DPM-Solver++, multistep)"),
+    "unipc": (UniPC, "Zhao et al. 2023, UniPC (B(h) = expm1(h))"),
+}
+
+
+@diffreg.hookimpl
+def diffreg_register_samplers(register):
+    # metadata = the class attributes (the defaults; an instance with eta=0 has stochastic False)
+    for name, (cls, paper) in SAMPLERS.items():
+        register(name, cls, order=cls.order, nfe_per_step=cls.nfe_per_step, stochastic=cls.stochastic, paper=paper)
+
+
+__all__ = [
+    "GRIDS",
+    "SAMPLERS",
+    "DPMSolverPP2M",
+    "DPMSolverPP2MSDE",
+    "Euler",
+    "EulerAncestral",
+    "GridSampler",
+    "Heun",
+    "UniPC",
+    "__version__",
+    "diffreg_register_samplers",
+    "grid_timesteps",
+]
