@@ -352,13 +352,14 @@ def sample(
     sampler_options = _parse_options(options)
     if eta is not None:
         sampler_options["eta"] = eta
-    component = registry.get("sampler", sampler)
+    registry.get("sampler", sampler)  # an unknown name fails before the model runs
     from diffreg.training import _distributed
 
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
     share = math.ceil(num_samples / world)
     first, last = min(rank * share, num_samples), min((rank + 1) * share, num_samples)
     samples = []
+    stats: dict[str, Any] = {}
     start = time.perf_counter()
     for lo in range(first, last, batch_size):
         n = min(batch_size, last - lo)
@@ -374,6 +375,7 @@ def sample(
             guidance_scale=guidance_scale,
             device=device,
             progress=progress and rank == 0,
+            stats=stats,
             **sampler_options,
         )
         samples.append(x.cpu())
@@ -383,7 +385,7 @@ def sample(
         if rank != 0:
             return
     elapsed = time.perf_counter() - start
-    nfe = steps * int(component.metadata.get("nfe_per_step", getattr(component.factory, "nfe_per_step", 1)))
+    grid = f"sigmas={sampler_options['sigmas']}" if sampler_options.get("sigmas") else f"{spacing} spacing"
     label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
     if x.ndim == 4:
         images = to_uint8_images(x)
@@ -406,7 +408,8 @@ def sample(
         with atomic_path(npz_path) as tmp:
             tmp.write_bytes(buffer.getvalue())
     click.echo(
-        f"{num_samples} samples with {sampler} ({steps} steps, {nfe} NFE, {spacing} spacing, "
+        f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
+        f"{stats.get('nfe', '?')} NFE, {grid}, "
         f"guidance {guidance_scale:g}) in {elapsed:.1f} s -> {output}"
         + (f", {npz_path}" if npz_path and str(npz_path) not in ("", ".") else "")
     )

@@ -191,6 +191,7 @@ class SamplingContext:
             self.uncond_model_kwargs = dict(
                 uncond_model_kwargs if uncond_model_kwargs is not None else _null_class_kwargs(model, self.model_kwargs)
             )
+        self.nfe = 0  # model evaluations so far (a classifier-free guided pass counts once)
         n = self.shape[0]
         self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
         self._sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
@@ -209,6 +210,7 @@ class SamplingContext:
         channels (Ho & Salimans 2022, eq. 6: uncond + w (cond - uncond); the variance channels,
         if learned, come from the conditional pass). One forward pass over the doubled batch."""
         t = self._t[i]
+        self.nfe += 1
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance_scale is None:
             out = self.diffusion.call_model(self.model, x_in, t, self.model_kwargs)
@@ -377,6 +379,7 @@ def sample_loop_progressive(
     progress: bool = False,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     check_finite: bool = True,
+    stats: dict[str, Any] | None = None,
     **sampler_options: Any,
 ) -> Iterator[dict[str, Any]]:
     """Run ``sampler`` over every timestep of ``diffusion`` (``T-1`` down to ``0``), yielding
@@ -397,7 +400,9 @@ def sample_loop_progressive(
             is ``uncond_model_kwargs``, or ``model_kwargs`` with ``y`` set to ``model.null_class``.
         progress: show a tqdm bar. callback: ``callback(i, t, x, pred_xstart)`` after each step.
         check_finite: raise :class:`~diffreg.errors.SamplingError` at the end, naming the first
-            step whose model output was not finite.
+            step whose state became non-finite.
+        stats: a dict filled at the end with ``nfe`` (model evaluations), ``steps`` and
+            ``timesteps`` (the original indices visited).
 
     Raises:
         ValueError / TypeError: bad shape, ``noise`` of the wrong shape, mismatched generators;
@@ -431,11 +436,11 @@ def sample_loop_progressive(
     if step_noise is not None and len(step_noise) != ctx.num_steps:
         raise ValueError(f"step_noise has {len(step_noise)} entries, expected one per step ({ctx.num_steps})")
     x = noise.to(device=device, dtype=dtype) if noise is not None else draw_noise(shape, generator, device, dtype)
-    return _iterate(ctx, sampler_obj, x, progress, callback)
+    return _iterate(ctx, sampler_obj, x, progress, callback, stats)
 
 
 def _iterate(
-    ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback
+    ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback, stats
 ) -> Iterator[dict[str, Any]]:
     state = sampler.prepare(ctx)
     name = type(sampler).__name__
@@ -446,8 +451,12 @@ def _iterate(
         t = int(ctx.diffusion.timestep_map[ctx.timesteps[i]])
         if callback is not None:
             callback(i, t, x, pred_xstart)
-        yield {"sample": x, "pred_xstart": pred_xstart, "t": t, "i": i}
+        yield {"sample": x, "pred_xstart": pred_xstart, "t": t, "i": i, "nfe": ctx.nfe}
     ctx.raise_if_nonfinite()
+    if stats is not None:
+        stats.update(
+            nfe=ctx.nfe, steps=ctx.num_steps, timesteps=[int(ctx.diffusion.timestep_map[k]) for k in ctx.timesteps]
+        )
 
 
 def sample_loop(diffusion: Diffusion, model: Any, shape: Sequence[int], **options: Any) -> torch.Tensor:
