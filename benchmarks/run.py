@@ -49,14 +49,16 @@ DIFFUSERS_PEERS = {
 
 
 def _median_interleaved(fns, repeats):
+    """Median seconds of each function, run in turn ``repeats`` times. A function may return its
+    own elapsed time (to leave set-up out of the measurement); otherwise the call is timed."""
     times = [[] for _ in fns]
     for fn in fns:
         fn()  # warm-up
     for _ in range(repeats):
         for k, fn in enumerate(fns):
             start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+            inner = fn()
+            times[k].append(inner if isinstance(inner, float) else time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 
@@ -66,16 +68,21 @@ def _median_interleaved(fns, repeats):
 def _diffusers_loop(name, options, shape, steps, out, x_T):
     import diffusers
 
-    scheduler = getattr(diffusers, name)(num_train_timesteps=1000, beta_schedule="linear", **options)
-    scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(0)
+    cls = getattr(diffusers, name)
+    takes_generator = "generator" in cls.step.__code__.co_varnames
 
     def run():
+        # a fresh scheduler per run (they keep per-run state), built outside the timed loop
+        scheduler = cls(num_train_timesteps=1000, beta_schedule="linear", **options)
+        scheduler.set_timesteps(steps)
+        kwargs = {"generator": gen} if takes_generator else {}
+        start = time.perf_counter()
         x = x_T * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             scheduler.scale_model_input(x, t)
-            kwargs = {"generator": gen} if "generator" in scheduler.step.__code__.co_varnames else {}
             x = scheduler.step(out, t, x, **kwargs).prev_sample
+        return time.perf_counter() - start
 
     return run
 
@@ -117,12 +124,15 @@ def _peer_timesteps(peer, steps):
 
 
 def print_table_1(rows, batch=64):
-    print(f"\n### 1. Sampler step cost, model excluded (batch {batch}x3x32x32 fp32, {torch.get_num_threads()} threads)\n")
+    print(
+        f"\n### 1. Sampler step cost, model excluded (batch {batch}x3x32x32 fp32, {torch.get_num_threads()} threads)\n"
+    )
     print("| sampler | diffreg us/step | diffusers scheduler | diffusers us/step | ratio |")
     print("|---|---|---|---|---|")
     for r in rows:
         if "diffusers" in r:
-            print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | {r['diffusers']} | {r['diffusers_us']:.0f} | {r['ratio']:.2f} |")
+            cells = [r["sampler"], f"{r['diffreg_us']:.0f}", r["diffusers"], f"{r['diffusers_us']:.0f}"]
+            print("| " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
         else:
             print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | — | — | — |")
 
@@ -172,8 +182,14 @@ def table_training_step(repeats: int) -> list[dict]:
         ((model(x_t, t, y=y) - noise) ** 2).mean().backward()
 
     ours_s, hand_s = _median_interleaved([ours, by_hand], repeats)
-    return [{"case": "UNet 0.3M, batch 128x1x8x8, eps-MSE", "diffreg_ms": ours_s * 1e3, "hand_ms": hand_s * 1e3,
-             "ratio": ours_s / hand_s}]
+    return [
+        {
+            "case": "UNet 0.3M, batch 128x1x8x8, eps-MSE",
+            "diffreg_ms": ours_s * 1e3,
+            "hand_ms": hand_s * 1e3,
+            "ratio": ours_s / hand_s,
+        }
+    ]
 
 
 def print_table_3(rows):
@@ -204,8 +220,13 @@ def table_memory(step_counts=(10, 100, 1000), samplers=("ddim", "ddpm")) -> list
     for sampler in samplers:
         row = {"sampler": sampler, "peak_mb": {}}
         for steps in step_counts:
-            result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(steps), sampler], capture_output=True,
-                                    text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            result = subprocess.run(
+                [sys.executable, "-c", _MEMORY_CHILD, str(steps), sampler],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             row["peak_mb"][str(steps)] = int(result.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
         rows.append(row)
     return rows
