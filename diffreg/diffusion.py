@@ -302,7 +302,9 @@ class Diffusion:
             if process_xstart is not None:
                 pred_xstart = process_xstart(pred_xstart)
             if clip_denoised:
-                pred_xstart = pred_xstart.clamp(-1, 1)
+                # in place when pred_xstart is a tensor of our own, never on the model's output
+                fresh = pred_xstart is not mean_part and pred_xstart is not output
+                pred_xstart = pred_xstart.clamp_(-1, 1) if fresh and denoised_fn is None else pred_xstart.clamp(-1, 1)
             processed = pred_xstart
             pred_eps = lambda: predict_eps_from_xstart(self.tables, x, t, processed)  # noqa: E731
         return Prediction(pred_xstart, pred_eps, log_variance, variance)

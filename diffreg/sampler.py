@@ -194,6 +194,13 @@ class SamplingContext:
         self.nfe = 0  # model evaluations so far (a classifier-free guided pass counts once)
         n = self.shape[0]
         self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
+        # the original-process timesteps the model is called with, made once per loop
+        self._t_model = [
+            torch.full((n,), int(diffusion.timestep_map[ts]), dtype=torch.long, device=device) for ts in self.timesteps
+        ]
+        if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
+            self._cfg_kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
+            self._t_model_doubled = [torch.cat([t, t]) for t in self._t_model]
         self._sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
 
     # -- for samplers ---------------------------------------------------------------------------
@@ -209,14 +216,13 @@ class SamplingContext:
         """Raw network output at step ``i``, with classifier-free guidance applied to the mean
         channels (Ho & Salimans 2022, eq. 6: uncond + w (cond - uncond); the variance channels,
         if learned, come from the conditional pass). One forward pass over the doubled batch."""
-        t = self._t[i]
+        t = self._t_model[i]
         self.nfe += 1
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance_scale is None:
-            out = self.diffusion.call_model(self.model, x_in, t, self.model_kwargs)
+            out = self.model(x_in, t, **self.model_kwargs)
         else:
-            kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
-            both = self.diffusion.call_model(self.model, torch.cat([x_in, x_in]), torch.cat([t, t]), kwargs)
+            both = self.model(torch.cat([x_in, x_in]), self._t_model_doubled[i], **self._cfg_kwargs)
             cond, uncond = both.to(x.dtype).chunk(2)
             cond_mean, cond_var = self.diffusion.parameterization.split(cond, x)
             uncond_mean, _ = self.diffusion.parameterization.split(uncond, x)
@@ -241,8 +247,7 @@ class SamplingContext:
     def cond_gradient(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """``cond_fn(x, t_original, **model_kwargs)``: the classifier's grad log p(y | x_t)."""
         assert self.cond_fn is not None
-        t = self.diffusion.model_timesteps(self._t[i])
-        return self.cond_fn(x, t, **self.model_kwargs).to(x.dtype)
+        return self.cond_fn(x, self._t_model[i], **self.model_kwargs).to(x.dtype)
 
     def _condition_score(self, pred: Prediction, x: torch.Tensor, i: int) -> Prediction:
         t = self.timesteps[i]
@@ -444,7 +449,8 @@ def _iterate(
 ) -> Iterator[dict[str, Any]]:
     state = sampler.prepare(ctx)
     name = type(sampler).__name__
-    for i in tqdm(range(ctx.num_steps), desc=name, disable=not progress, leave=False):
+    steps = tqdm(range(ctx.num_steps), desc=name, leave=False) if progress else range(ctx.num_steps)
+    for i in steps:
         with torch.no_grad():
             x, pred_xstart = sampler.step(ctx, state, i, x)
             ctx.record_state(i, x)

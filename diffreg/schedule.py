@@ -213,7 +213,7 @@ def axpby(a, x: torch.Tensor, b, y: torch.Tensor) -> torch.Tensor:
     """``a * x + b * y`` for coefficients that are tensors broadcastable to ``x`` or Python
     numbers; with numbers it is two fused kernels (``torch.add(x * a, y, alpha=b)``)."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return torch.add(x * a, y, alpha=b)
+        return (x * a).add_(y, alpha=b)  # one allocation
     return a * x + b * y
 
 

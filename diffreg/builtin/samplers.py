@@ -90,4 +90,6 @@ class DDIM(Sampler):
 @hookimpl
 def diffreg_register_samplers(register):
     register("ddpm", DDPM, order=1, nfe_per_step=1, stochastic=True, paper="Ho et al. 2020")
-    register("ddim", DDIM, order=1, nfe_per_step=1, stochastic=False, stochastic_when="eta > 0", paper="Song et al. 2021")
+    register(
+        "ddim", DDIM, order=1, nfe_per_step=1, stochastic=False, stochastic_when="eta > 0", paper="Song et al. 2021"
+    )
