@@ -427,6 +427,32 @@ def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torc
     return torch.cat([p.cpu() for p in parts])[:total]
 
 
+def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` overrides applied to a configuration dict (dots reach into tables; a component
+    given by name becomes a table when an option is set on it).
+
+    Raises ``ValueError`` for a malformed setting.
+    """
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in _parse_options(settings).items():
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            child = node.get(part)
+            if isinstance(child, str):  # "cosine" -> {"name": "cosine"}
+                child = {"name": child}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"--set {key}={value!r}: {part!r} is not a table")
+            node[part] = child
+            node = child
+        node[last] = value
+    return data
+
+
 # -- train --------------------------------------------------------------------------------------------
 
 
@@ -443,6 +469,13 @@ def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torc
 @click.option("--steps", type=click.IntRange(min=1), help="Override the configuration's steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the configuration's batch_size.")
 @click.option("--seed", type=int, help="Override the configuration's seed.")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    help="Override any field: KEY=VALUE with a JSON or plain value; dots reach into tables "
+    "(--set lr=1e-3 --set diffusion.schedule=cosine --set data.path=imgs). Repeatable.",
+)
 @click.option("--save-every", type=click.IntRange(min=0), help="Override save_every: checkpoint + state every N steps.")
 @click.option("--resume", is_flag=True, help="Continue exactly from the training state beside OUTPUT.")
 @click.option("--device", default="cpu", show_default=True)
@@ -455,7 +488,9 @@ def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torc
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
-def train(config_path, output, steps, batch_size, seed, save_every, resume, device, store_dtype, progress) -> None:
+def train(
+    config_path, output, steps, batch_size, seed, settings, save_every, resume, device, store_dtype, progress
+) -> None:
     """Train a model and write its EMA weights, with its configuration, to OUTPUT (and the
     training state for --resume beside it)."""
     import attrs
@@ -464,6 +499,8 @@ def train(config_path, output, steps, batch_size, seed, save_every, resume, devi
     from diffreg.training import train as run_training
 
     cfg = TrainConfig.from_toml(config_path.read_text()) if config_path else TrainConfig()
+    if settings:
+        cfg = TrainConfig.from_dict(apply_settings(cfg.to_dict(), settings))
     overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}
     cfg = attrs.evolve(cfg, **{k: v for k, v in overrides.items() if v is not None})
     start = time.perf_counter()

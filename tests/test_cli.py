@@ -180,3 +180,81 @@ def test_a_plugin_sampler_runs_from_the_command_line(run, installed_plugins, tin
     )
     assert result.exit_code == 0, result.output
     assert "with good_sampler" in result.output
+
+
+def test_own_images_train_interrupt_resume_then_sample_with_any_sampler(run, tmp_path):
+    """Issue 6's story: a folder of images, a run stopped half-way and resumed, and a file that
+    someone else samples with any sampler and no flags."""
+    for k, name in enumerate(["circle", "square"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            img = Image.new("L", (8, 8), 0)
+            img.paste(255 if k else 128, (i, i, i + 4, i + 4))
+            img.save(tmp_path / "imgs" / name / f"{i}.png")
+    common = [
+        "--set",
+        "data.name=folder",
+        "--set",
+        "data.path=imgs",
+        "--set",
+        "diffusion.num_timesteps=50",
+        "--set",
+        "diffusion.schedule=cosine",
+        "--set",
+        "model.model_channels=8",
+        "--set",
+        "model.channel_mult=[1]",
+        "--set",
+        "model.attention_resolutions=[]",
+        "--set",
+        "model.num_heads=1",
+        "--batch-size",
+        4,
+        "--output",
+        "mine.safetensors",
+        "--no-progress",
+    ]
+    assert run("train", "--steps", 2, *common).exit_code == 0
+    result = run("train", "--steps", 4, "--resume", *common)
+    assert result.exit_code == 0, result.output
+    for sampler in ("ddim", "ddpm", "dpmpp_2m", "unipc", "heun"):
+        result = run(
+            "sample",
+            "mine.safetensors",
+            "--sampler",
+            sampler,
+            "--steps",
+            3,
+            "--num-samples",
+            2,
+            "--npz",
+            f"{sampler}.npz",
+            "--no-progress",
+        )
+        assert result.exit_code == 0, result.output
+        with np.load(tmp_path / f"{sampler}.npz") as f:
+            assert f["arr_0"].shape == (2, 8, 8, 1) and f["arr_1"].tolist() == [0, 1]
+
+
+def test_bad_set_override_is_a_clear_error(run):
+    result = run("train", "--set", "lr", "--output", "x.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "expected KEY=VALUE" in result.output
+
+
+def test_bundled_model_samples_with_a_plugin_solver(run, tmp_path):
+    result = run(
+        "sample",
+        "--sampler",
+        "dpmpp_2m",
+        "--steps",
+        10,
+        "--num-samples",
+        10,
+        "--npz",
+        "s.npz",
+        "--option",
+        "sigmas=karras",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    assert "with dpmpp_2m" in result.output and "sigmas=karras" in result.output
