@@ -499,6 +499,16 @@ def _check_eta(eta: float) -> float:
     return float(eta)
 
 
+def _masked_noise(t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None, generator: Generator) -> torch.Tensor:
+    """The noise of a single step with per-example ``t``: ``noise`` (drawn if None), zero where
+    ``t == 0`` (the last step adds none)."""
+    if noise is None:
+        noise = draw_noise(x.shape, generator, x.device, x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    return (t != 0).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)) * noise
+
+
 def _single_step_prediction(diffusion, model, x, t, clip_denoised, denoised_fn, model_kwargs):
     from diffreg.diffusion import _check_t
 
@@ -527,10 +537,7 @@ def p_sample(
         grad = cond_fn(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
         variance = torch.exp(pred.log_variance) if pred.variance is None else pred.variance
         mean = mean.float() + variance * grad.float()
-    if noise is None:
-        noise = draw_noise(x.shape, generator, x.device, x.dtype)
-    nonzero_mask = (t != 0).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    sample = mean + nonzero_mask * torch.exp(0.5 * pred.log_variance) * noise
+    sample = mean + torch.exp(0.5 * pred.log_variance) * _masked_noise(t, x, noise, generator)
     return {"sample": sample, "pred_xstart": pred.pred_xstart}
 
 
@@ -566,10 +573,7 @@ def ddim_sample(
         )
     sample = tables.gather(f"{key}_c_xstart", t, x) * pred_xstart + tables.gather(f"{key}_c_eps", t, x) * eps
     if eta > 0:
-        if noise is None:
-            noise = draw_noise(x.shape, generator, x.device, x.dtype)
-        nonzero_mask = (t != 0).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        sample = sample + nonzero_mask * tables.gather(f"{key}_sigma", t, x) * noise
+        sample = sample + tables.gather(f"{key}_sigma", t, x) * _masked_noise(t, x, noise, generator)
     return {"sample": sample, "pred_xstart": pred_xstart}
 
 
