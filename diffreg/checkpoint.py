@@ -28,6 +28,7 @@ from diffreg.config import CheckpointConfig
 from diffreg.diffusion import Diffusion
 from diffreg.errors import CheckpointError, ConfigError
 from diffreg.fileio import atomic_path
+from diffreg.validation import check_float_dtype, resolve_device
 
 FORMAT_VERSION = 1
 BUNDLED_DIGITS = "digits.safetensors"
@@ -75,9 +76,22 @@ def save_checkpoint(
     Raises:
         ConfigError: an invalid configuration. FileNotFoundError: the folder does not exist.
     """
+    if dtype is not None:
+        check_float_dtype(dtype, "dtype")
     cfg = CheckpointConfig.coerce(config)
     cfg.diffusion.validate()
-    registry.check_options(registry.get("model", cfg.model.name), cfg.model.options)
+    _check_classes(cfg, path)
+    with torch.device("meta"):  # shapes only: no memory, and the caller's RNG is left alone
+        reference = registry.create("model", cfg.model.name, **cfg.model.options)
+    given = _unwrap(model).state_dict()
+    problem = _mismatch_report(
+        reference,
+        {k: tuple(v.shape) for k, v in given.items()},
+        cfg,
+        {k: v.is_floating_point() for k, v in given.items()},
+    )
+    if problem:
+        raise ConfigError(f"the model does not match the configuration it would be saved with: {problem}")
     state = {}
     for key, tensor in _unwrap(model).state_dict().items():
         tensor = tensor.detach()
@@ -104,8 +118,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         FileNotFoundError: no such file. CheckpointError: not a safetensors file, or truncated.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file (a directory?)")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -129,6 +145,8 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
             f"{str(path)!r} is a training-state file (optimizer, EMA and RNG state for --resume), "
             "not a model checkpoint; pass the model checkpoint written beside it"
         )
+    if kind not in (None, "model"):
+        raise CheckpointError(f"{str(path)!r} is a diffreg {kind!r} file, not a model checkpoint")
     if "diffreg.config" not in meta:
         raise CheckpointError(
             f"{str(path)!r} is a safetensors file without a diffreg configuration in its metadata; "
@@ -145,18 +163,40 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
         )
     try:
         return CheckpointConfig.from_dict(json.loads(meta["diffreg.config"]))
-    except (json.JSONDecodeError, ConfigError) as exc:
+    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r}: its stored configuration is invalid: {exc}") from exc
 
 
-def _mismatch_report(model: torch.nn.Module, tensors: dict[str, tuple[int, ...]], cfg: CheckpointConfig) -> str | None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_classes(cfg: CheckpointConfig, path: Any) -> None:
+    """The data's class count must be the model's (its null class is the one after the last)."""
+    model_classes = cfg.model.options.get("num_classes")
+    if cfg.num_classes is not None and model_classes is not None and cfg.num_classes != model_classes:
+        raise CheckpointError(
+            f"{str(path)!r}: data.num_classes = {cfg.num_classes} but the model has num_classes = {model_classes}"
+        )
+
+
+def _mismatch_report(
+    model: torch.nn.Module,
+    tensors: dict[str, tuple[int, ...]],
+    cfg: CheckpointConfig,
+    floating: dict[str, bool] | None = None,
+) -> str | None:
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = sorted(k for k in set(expected) & set(tensors) if expected[k] != tensors[k])
-    if not (missing or unexpected or misshaped):
+    wrong_kind = sorted(
+        k for k in set(expected) & set(floating or {}) if (floating or {})[k] != state[k].is_floating_point()
+    )
+    if not (missing or unexpected or misshaped or wrong_kind):
         return None
     lines = []
+    if wrong_kind:
+        lines.append(
+            f"tensors stored with a non-floating dtype where the model has weights: {', '.join(wrong_kind[:8])}"
+        )
     if missing:
         lines.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
@@ -197,15 +237,22 @@ def load_checkpoint(
         format, a training-state file, or tensors that do not fit the stored configuration (all
         mismatches reported together, naming the options that would explain them).
     """
+    target_dtype = torch.float32 if dtype is None else check_float_dtype(dtype, "dtype")
+    target_device = resolve_device(device if device is not None else "cpu")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
     path = bundled_checkpoint_path() if path is None else Path(path)
     cfg = read_config(path)
     diffusion = Diffusion.from_config(cfg.diffusion)
-    model = registry.create("model", cfg.model.name, **cfg.model.options)
+    with torch.random.fork_rng(devices=[]):  # building the network must not move the caller's RNG
+        model = registry.create("model", cfg.model.name, **cfg.model.options)
+    _check_classes(cfg, path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            problem = _mismatch_report(model, shapes, cfg)
+            floating = {k: f.get_slice(k).get_dtype() in ("F16", "BF16", "F32", "F64") for k in keys}
+            problem = _mismatch_report(model, shapes, cfg, floating)
             if problem:
                 raise CheckpointError(f"{str(path)!r} does not fit its configuration: {problem}")
             state = {k: f.get_tensor(k) for k in keys}
@@ -215,9 +262,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}"
         ) from exc
-    target_dtype = dtype or torch.float32
     state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
-    model.to(device=device or "cpu", dtype=target_dtype)
+    model.to(device=target_device, dtype=target_dtype)
     model.eval()
     return LoadedCheckpoint(model, diffusion, cfg)

@@ -129,6 +129,9 @@ class _DictMixin:
                 )
         version = data.get("format_version", FORMAT_VERSION)
         _check_format_version(None, None, version)
+        required = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in data]  # type: ignore[arg-type]
+        if required:
+            raise ConfigError(f"{cls.__name__} is missing {', '.join(map(repr, required))}")
         return cls(**{k: _from_value(cls, k, v) for k, v in data.items()})
 
     def to_json(self, **kwargs: Any) -> str:
@@ -264,6 +267,30 @@ class DiffusionConfig(_DictMixin):
         return self
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_data(data: Any) -> None:
+    """The ``data`` table of a checkpoint: ``shape`` (positive ints), ``num_classes`` (None or a
+    positive int), ``guidance_scale`` (None or a finite number)."""
+    import math
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"checkpoint data must be a table, got {type(data).__name__}: {data!r}")
+    shape = data.get("shape")
+    if shape is not None and (
+        not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(s) and s >= 1 for s in shape)
+    ):
+        raise ConfigError(f"checkpoint data.shape must be a list of positive ints such as [1, 8, 8], got {shape!r}")
+    n = data.get("num_classes")
+    if n is not None and not (_is_int(n) and n >= 1):
+        raise ConfigError(f"checkpoint data.num_classes must be a positive int or null, got {n!r}")
+    w = data.get("guidance_scale")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)):
+        raise ConfigError(f"checkpoint data.guidance_scale must be a finite number or null, got {w!r}")
+
+
 def _coerce_diffusion(value: Any) -> DiffusionConfig:
     return DiffusionConfig.coerce(value)
 
@@ -282,7 +309,7 @@ class CheckpointConfig(_DictMixin):
 
     diffusion: DiffusionConfig = attrs.field(converter=_coerce_diffusion)
     model: ComponentSpec = attrs.field(converter=lambda v: ComponentSpec.coerce(v, "model"))
-    data: dict[str, Any] = attrs.field(factory=dict, hash=False)
+    data: dict[str, Any] = attrs.field(factory=dict, hash=False, validator=lambda i, a, v: _check_data(v))
     format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)
 
     @classmethod

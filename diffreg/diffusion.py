@@ -25,18 +25,27 @@ from diffreg.parameterization import (
     predict_xstart_from_eps,
 )
 from diffreg.schedule import DiffusionTables, axpby, space_timesteps
+from diffreg.validation import check_tensor
 
 Model = Callable[..., torch.Tensor]
 
 
 def _check_t(t: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Validate timesteps: int64-compatible tensor of shape [N] matching x's batch (no sync)."""
+    """Validate timesteps: an integer tensor of shape [N] matching x's batch, each in [0, T).
+
+    The range is checked for CPU tensors only: on an accelerator it would cost a host-device
+    synchronisation (there, an out-of-range index trips the device's own bounds check).
+    """
+    check_tensor(x, "x")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a tensor of timestep indices, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"t must hold integer timestep indices, got dtype {t.dtype}")
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must have shape [{x.shape[0]}] (one index per example), got {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
+        bad = t[(t < 0) | (t >= num_timesteps)][0].item()
+        raise ValueError(f"timestep {bad} is out of range; accepted: 0..{num_timesteps - 1}")
     return t.long()
 
 
@@ -125,6 +134,12 @@ class Diffusion:
         if isinstance(spec, str):
             keep = space_timesteps(self.num_timesteps, spec)
         else:
+            if not isinstance(spec, (list, tuple, range, np.ndarray)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in spec
+            ):
+                raise TypeError(
+                    f"respace takes 'ddimN', section counts like '10,10,10', or a list of int indices; got {spec!r}"
+                )
             keep = [int(i) for i in spec]
             if not keep:
                 raise ValueError("respace needs at least one timestep to keep")

@@ -23,6 +23,7 @@ from diffreg import registry
 from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, predict_eps_from_xstart, predict_xstart_from_eps
 from diffreg.schedule import spaced_timesteps
+from diffreg.validation import check_finite_number, check_float_dtype, check_tensor, resolve_device
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
@@ -202,6 +203,7 @@ class SamplingContext:
             self._cfg_kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
             self._t_model_doubled = [torch.cat([t, t]) for t in self._t_model]
         self._sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
+        self._out_sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
 
     # -- for samplers ---------------------------------------------------------------------------
 
@@ -220,15 +222,18 @@ class SamplingContext:
         self.nfe += 1
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance_scale is None:
-            out = self.model(x_in, t, **self.model_kwargs)
+            out = _check_output(self.model(x_in, t, **self.model_kwargs))
         else:
-            both = self.model(torch.cat([x_in, x_in]), self._t_model_doubled[i], **self._cfg_kwargs)
+            both = _check_output(self.model(torch.cat([x_in, x_in]), self._t_model_doubled[i], **self._cfg_kwargs))
             cond, uncond = both.to(x.dtype).chunk(2)
             cond_mean, cond_var = self.diffusion.parameterization.split(cond, x)
             uncond_mean, _ = self.diffusion.parameterization.split(uncond, x)
             guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
             out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
         out = out.to(x.dtype)
+        if self._out_sums is not None:
+            # the model's own output too: clipping would otherwise hide an inf prediction
+            self._out_sums[i] = out.sum(dtype=torch.float32)
         return out
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
@@ -247,7 +252,11 @@ class SamplingContext:
     def cond_gradient(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """``cond_fn(x, t_original, **model_kwargs)``: the classifier's grad log p(y | x_t)."""
         assert self.cond_fn is not None
-        return self.cond_fn(x, self._t_model[i], **self.model_kwargs).to(x.dtype)
+        grad = self.cond_fn(x, self._t_model[i], **self.model_kwargs)
+        if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
+            got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+            raise ValueError(f"cond_fn must return the gradient with x's shape {tuple(x.shape)}, got {got}")
+        return grad.to(x.dtype)
 
     def _condition_score(self, pred: Prediction, x: torch.Tensor, i: int) -> Prediction:
         t = self.timesteps[i]
@@ -280,9 +289,9 @@ class SamplingContext:
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
         was not finite (one host read, after the loop)."""
-        if self._sums is None:
+        if self._sums is None or self._out_sums is None:
             return
-        bad = ~torch.isfinite(self._sums)
+        bad = ~(torch.isfinite(self._sums) & torch.isfinite(self._out_sums))
         if not bool(bad.any()):
             return
         i = int(torch.nonzero(bad)[0, 0])
@@ -353,11 +362,30 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return {k: v for k, v in options.items() if k in driver}, {k: v for k, v in options.items() if k not in driver}
 
 
+def _check_output(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+    return out
+
+
+def _check_generator(generator: Any, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}; give one per sample")
+        return
+    raise TypeError(f"generator must be a torch.Generator or a list of one per sample, got {generator!r}")
+
+
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if (
+        isinstance(shape, (str, bytes))
+        or not isinstance(shape, (tuple, list, torch.Size))
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape)
+    ):
+        raise TypeError(f"shape must be a tuple of ints (N, C, ...), got {shape!r}")
+    shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (N, C, ...) with every size >= 1, got {shape}")
     return shape
@@ -415,11 +443,26 @@ def sample_loop_progressive(
     """
     shape = _check_shape(shape)
     sampler_obj = resolve_sampler(sampler, sampler_options)
-    device = (
-        torch.device(device) if device is not None else (noise.device if noise is not None else _model_device(model))
+    check_float_dtype(dtype, "dtype")
+    if noise is not None:
+        check_tensor(noise, "noise")
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+    device = resolve_device(
+        device if device is not None else (noise.device if noise is not None else _model_device(model))
     )
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
+    if guidance_scale is not None:
+        check_finite_number(guidance_scale, "guidance_scale")
+    _check_generator(generator, shape[0])
+    if step_noise is not None:
+        for k, z in enumerate(step_noise):
+            if check_tensor(z, f"step_noise[{k}]").shape != shape:
+                raise ValueError(f"step_noise[{k}] has shape {tuple(z.shape)}, expected {shape}")
+    for name, fn in (("cond_fn", cond_fn), ("denoised_fn", denoised_fn), ("callback", callback)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {fn!r}")
     ctx = SamplingContext(
         diffusion,
         model,
@@ -494,7 +537,7 @@ def ddim_coefficients(alphas_cumprod: np.ndarray, alphas_cumprod_prev: np.ndarra
 
 
 def _check_eta(eta: float) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
     return float(eta)
 
