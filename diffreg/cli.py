@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from diffreg.errors import (
     UnknownComponentError,
 )
 from diffreg.fileio import atomic_path
+from diffreg.sampler import resolve_sampler
+from diffreg.validation import check_finite_number, resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _USER_ERRORS = (
@@ -39,6 +42,7 @@ _USER_ERRORS = (
     FileNotFoundError,
     FloatingPointError,
     ValueError,
+    TypeError,
 )
 
 
@@ -51,6 +55,16 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except _USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # permissions, full disk, names too long: the OS's own words
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:
+            if os.environ.get("DIFFREG_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (set DIFFREG_DEBUG=1 for the traceback, and please report it)"
+            ) from exc
 
     return wrapper
 
@@ -202,9 +216,11 @@ def parse_labels(spec: str, num_classes: int | None, count: int) -> torch.Tensor
     if spec == "all":
         return torch.arange(count, dtype=torch.long) % num_classes
     try:
-        values = [int(v) for v in spec.split(",") if v.strip()]
+        values = [int(v) for v in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--class-label {spec!r}: expected 'all', 'none', an int or a comma list of ints") from None
+        raise ValueError(
+            f"--class-label {spec!r}: expected 'all', 'none', an int or a comma list of ints such as '1,3,5'"
+        ) from None
     bad = [v for v in values if not 0 <= v < num_classes]
     if not values or bad:
         raise ValueError(f"--class-label {spec!r}: labels must be in 0..{num_classes - 1} for this checkpoint")
@@ -246,6 +262,35 @@ def scatter_image(points: np.ndarray, size: int = 512):
         px, py = (x / lim + 1) / 2 * size, (1 - (y / lim + 1) / 2) * size
         draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=(30, 80, 200))
     return img
+
+
+def _check_outputs(output: Path | None, npz: Path | None) -> tuple[Path | None, Path | None]:
+    """The output paths to write (``''`` skips one), checked before sampling: an existing folder
+    that can be written, not a directory, and not the same file twice.
+
+    Raises ``ValueError`` naming the path.
+    """
+    import os
+
+    paths: list[Path | None] = []
+    for flag, value in (("--output", output), ("--npz", npz)):
+        if value is None or str(value) in ("", "."):
+            paths.append(None)
+            continue
+        path = Path(value)
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is a directory; give a file name")
+        if not folder.is_dir():
+            raise ValueError(f"{flag} {str(path)!r}: folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{flag} {str(path)!r}: folder {str(folder)!r} is not writable")
+        if len(path.name) > 200:
+            raise ValueError(f"{flag}: the file name is too long ({len(path.name)} characters)")
+        paths.append(path)
+    if paths[0] is not None and paths[1] is not None and paths[0].resolve() == paths[1].resolve():
+        raise ValueError(f"--output and --npz are the same file {str(paths[0])!r}")
+    return paths[0], paths[1]
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -338,8 +383,14 @@ def sample(
     from diffreg.sampler import per_sample_generators
 
     path = checkpoint or bundled_checkpoint_path()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    resolve_device(device)
+    outputs = _check_outputs(output, npz_path)  # before any work, so a bad path costs nothing
+    if guidance_scale is not None:
+        check_finite_number(guidance_scale, "--guidance-scale")
+    sampler_options = _parse_options(options)
+    if eta is not None:
+        sampler_options["eta"] = eta
+    sampler_obj = resolve_sampler(sampler, sampler_options)  # unknown names and options fail now
     model, diffusion, cfg = load_checkpoint(path, device=device, dtype=DTYPES[dtype_name])
     shape = cfg.sample_shape
     if shape is None:
@@ -349,10 +400,6 @@ def sample(
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
     if guidance_scale != 1.0 and labels is None:
         raise ValueError("--guidance-scale needs a class-conditional checkpoint")
-    sampler_options = _parse_options(options)
-    if eta is not None:
-        sampler_options["eta"] = eta
-    registry.get("sampler", sampler)  # an unknown name fails before the model runs
     from diffreg.training import _distributed
 
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
@@ -367,7 +414,7 @@ def sample(
         x = diffusion.sample(
             model,
             (n, *shape),
-            sampler=sampler,
+            sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
             steps=steps,
             spacing=spacing,
             generator=per_sample_generators(seed, n, start=lo),  # sample k depends on (seed, k) only
@@ -376,7 +423,6 @@ def sample(
             device=device,
             progress=progress and rank == 0,
             stats=stats,
-            **sampler_options,
         )
         samples.append(x.cpu())
     x = torch.cat(samples) if samples else torch.zeros(0, *shape)
@@ -399,19 +445,18 @@ def sample(
     else:
         picture = scatter_image(x.numpy())
         arrays = {"arr_0": x.numpy(), "arr_1": label_array}
-    if str(output):
-        with atomic_path(output) as tmp:
+    if outputs[0] is not None:
+        with atomic_path(outputs[0]) as tmp:
             picture.save(tmp, format="PNG")
-    if npz_path and str(npz_path) not in ("", "."):
+    if outputs[1] is not None:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        with atomic_path(npz_path) as tmp:
+        with atomic_path(outputs[1]) as tmp:
             tmp.write_bytes(buffer.getvalue())
+    written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, {grid}, "
-        f"guidance {guidance_scale:g}) in {elapsed:.1f} s -> {output}"
-        + (f", {npz_path}" if npz_path and str(npz_path) not in ("", ".") else "")
+        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}) in {elapsed:.1f} s -> {written}"
     )
 
 

@@ -499,10 +499,11 @@ class Diffusion:
         return sampler.ddim_reverse_sample_loop(self, model, x, **options)
 
     def sample(
-        self, model, shape, sampler: str = "ddim", steps: int | None = 50, spacing: str = "trailing", **options
+        self, model, shape, sampler: Any = "ddim", steps: int | None = 50, spacing: str = "trailing", **options
     ) -> torch.Tensor:
-        """Sample with any registered sampler over ``steps`` timesteps chosen by ``spacing``
-        (``leading``, ``trailing`` or ``linspace``; ``steps=None`` uses every timestep).
+        """Sample with any registered sampler (a name, or a built :class:`~diffreg.Sampler`) over
+        ``steps`` timesteps chosen by ``spacing`` (``leading``, ``trailing`` or ``linspace``;
+        ``steps=None`` uses every timestep).
 
         ``options`` are the driver's (``noise``, ``generator``, ``model_kwargs``,
         ``guidance_scale``, ``progress``, ...; see :func:`diffreg.sampler.sample_loop`) and the

@@ -25,14 +25,48 @@ from diffreg.diffusion import Diffusion
 from diffreg.errors import ConfigError
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+    if not _number(value) or not value > 0:
+        raise ConfigError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(instance, attribute, value):
+    if not _number(value) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def _int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
+
+
+def _bool(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
 
 
 def _unit(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _number(value) or not 0 <= value < 1:
         raise ConfigError(f"{attribute.name} must be in [0, 1), got {value!r}")
+
+
+def _optional_finite(instance, attribute, value):
+    if value is not None and not _number(value):
+        raise ConfigError(f"{attribute.name} must be a finite number or absent, got {value!r}")
 
 
 @attrs.frozen
@@ -65,18 +99,18 @@ class TrainConfig(_DictMixin):
     data: ComponentSpec = attrs.field(
         default=ComponentSpec("digits"), converter=lambda v: ComponentSpec.coerce(v, "data")
     )
-    class_conditional: bool = True
+    class_conditional: bool = attrs.field(default=True, validator=_bool)
     label_dropout: float = attrs.field(default=0.1, validator=_unit)
-    steps: int = attrs.field(default=4000, validator=_positive)
-    batch_size: int = attrs.field(default=128, validator=_positive)
+    steps: int = attrs.field(default=4000, validator=_positive_int)
+    batch_size: int = attrs.field(default=128, validator=_positive_int)
     lr: float = attrs.field(default=5e-4, validator=_positive)
-    weight_decay: float = 0.0
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     ema_decay: float = attrs.field(default=0.999, validator=_unit)
-    grad_clip: float = 1.0
-    seed: int = 0
-    guidance_scale: float | None = None
-    save_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    bf16: bool = False
+    grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
+    seed: int = attrs.field(default=0, validator=_int)
+    guidance_scale: float | None = attrs.field(default=None, validator=_optional_finite)
+    save_every: int = attrs.field(default=0, validator=_non_negative_int)
+    bf16: bool = attrs.field(default=False, validator=_bool)
     format_version: int = 1
 
 
@@ -101,6 +135,10 @@ def build_model_spec(
         implied["num_classes"] = num_classes
     for key, value in implied.items():
         if key in accepted:
+            if key in ("num_classes", "in_channels", "dim") and key in options and options[key] != value:
+                raise ConfigError(
+                    f"model option {key}={options[key]!r} does not match the data ({key}={value!r}); leave it out"
+                )
             options.setdefault(key, value)
     return ComponentSpec(cfg.model.name, options)
 
@@ -123,6 +161,31 @@ class EMA:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # type: ignore[arg-type]
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
+
+
+def _load_data(spec: ComponentSpec):
+    """Load the configured data; a bad option is a ConfigError naming the dataset and option."""
+    import inspect
+
+    from diffreg import data as data_module
+
+    loaders: dict[str, Any] = {
+        "digits": data_module.load_digits,
+        "folder": data_module.load_image_folder,
+        "npz": data_module.load_npz,
+    }
+    loader = loaders.get(spec.name, data_module.toy_2d)
+    accepted = [p for p in inspect.signature(loader).parameters if p != "name"]
+    unknown = [k for k in spec.options if k not in accepted]
+    if spec.name in data_module.DATASETS and unknown:
+        raise ConfigError(f"data {spec.name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    try:
+        x, y, num_classes = load_dataset(spec.name, **spec.options)
+    except TypeError as exc:
+        raise ConfigError(f"data {spec.name!r}: bad options {spec.options}: {exc}") from exc
+    if x.shape[0] < 1:
+        raise ConfigError(f"data {spec.name!r} has no examples")
+    return x, y, num_classes
 
 
 STATE_SUFFIX = ".state.safetensors"
@@ -159,10 +222,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, device: str | torch.device = "cpu"):
         self.cfg = cfg
-        self.device = torch.device(device)
+        from diffreg.validation import resolve_device
+
+        self.device = resolve_device(device)
         self.rank, self.world_size = _distributed()
         torch.manual_seed(cfg.seed + self.rank)
-        x_all, y_all, num_classes = load_dataset(cfg.data.name, **cfg.data.options)
+        x_all, y_all, num_classes = _load_data(cfg.data)
         self.num_classes = num_classes
         self.conditional = cfg.class_conditional and num_classes is not None
         self.diffusion = Diffusion.from_config(cfg.diffusion)
@@ -286,6 +351,8 @@ class Trainer:
         meta = read_metadata(path)
         if meta.get("diffreg.kind") != "training_state":
             raise CheckpointError(f"{str(path)!r} is not a diffreg training-state file")
+        if "train_config" not in meta:
+            raise CheckpointError(f"{str(path)!r} has no training configuration; it cannot resume")
         saved = TrainConfig.from_json(meta["train_config"])
         ignore = {"steps", "save_every"}
         differ = [
@@ -296,23 +363,33 @@ class Trainer:
         if differ:
             raise CheckpointError(f"cannot resume from {str(path)!r}: the configuration differs in {', '.join(differ)}")
         tensors = load_file(str(path))
+        needed = ("model/", "ema/", "optim/", "rng/generator", "rng/torch")
+        missing = [n for n in needed if not any(k.startswith(n) for k in tensors)]
+        missing += [k for k in ("step", "ema_updates", "param_groups", "running_loss") if k not in meta]
+        if missing:
+            raise CheckpointError(f"{str(path)!r} is incomplete: no {', '.join(missing)}; it cannot resume exactly")
 
         def section(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        self.model.load_state_dict(section("model/"))
-        self.ema.model.load_state_dict(section("ema/"))
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in section("optim/").items():
-            index, name = key.split("/", 1)
-            optim_state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
-        self.generator.set_state(tensors["rng/generator"])
-        torch.set_rng_state(tensors["rng/torch"])
-        self.timestep_sampler.load_state_dict({k: v.numpy() for k, v in section("timestep_sampler/").items()})
-        self.step = int(meta["step"])
-        self.ema.updates = int(meta["ema_updates"])
-        self.running_loss = json.loads(meta["running_loss"])
+        try:
+            step, ema_updates = int(meta["step"]), int(meta["ema_updates"])
+            if step < 0 or ema_updates < 0:
+                raise ValueError(f"negative step {step} or EMA update count {ema_updates}")
+            self.model.load_state_dict(section("model/"))
+            self.ema.model.load_state_dict(section("ema/"))
+            optim_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in section("optim/").items():
+                index, name = key.split("/", 1)
+                optim_state.setdefault(int(index), {})[name] = value
+            self.optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
+            self.generator.set_state(tensors["rng/generator"])
+            torch.set_rng_state(tensors["rng/torch"])
+            self.timestep_sampler.load_state_dict({k: v.numpy() for k, v in section("timestep_sampler/").items()})
+            self.running_loss = json.loads(meta["running_loss"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{str(path)!r} is damaged and cannot resume: {type(exc).__name__}: {exc}") from exc
+        self.step, self.ema.updates = step, ema_updates
 
 
 def train(
