@@ -100,14 +100,23 @@ def load_image_folder(
         files = [(f, 0) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {str(root)!r}")
-    with Image.open(files[0][0]) as first:
+
+    def open_image(f):
+        try:
+            return Image.open(f)
+        except OSError as exc:
+            raise ValueError(f"{str(f)!r} is not a readable image ({exc})") from exc
+
+    with open_image(files[0][0]) as first:
         channels = channels or (1 if first.mode in ("L", "1", "I;16", "I") else 3)
         image_size = image_size or first.size[0]
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not (isinstance(image_size, int) and image_size >= 1):
+        raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
     arrays = []
     for f, _ in files:
-        with Image.open(f) as img:
+        with open_image(f) as img:
             img = img.convert("L" if channels == 1 else "RGB").resize(
                 (image_size, image_size), Image.Resampling.LANCZOS
             )
@@ -129,7 +138,13 @@ def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"npz file {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{str(path)!r} is not an .npz archive of arrays ({exc})") from exc
+    if not hasattr(archive, "files"):  # a bare .npy array
+        raise ValueError(f"{str(path)!r} is a single array; expected an .npz archive with arr_0 (and arr_1)")
+    with archive as f:
         if "arr_0" not in f:
             raise ValueError(f"{str(path)!r} has no arr_0 (found: {', '.join(f.files)})")
         data = f["arr_0"]
@@ -145,6 +160,12 @@ def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         return x.contiguous(), torch.zeros(x.shape[0], dtype=torch.long), None
     if labels.shape != (x.shape[0],):
         raise ValueError(f"arr_1 must hold one label per example ({x.shape[0]}), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"arr_1 labels must be integers, got dtype {labels.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{str(path)!r} holds no examples")
+    if labels.min() < 0 or labels.max() >= 10_000:
+        raise ValueError(f"arr_1 labels must be in 0..9999 (class indices), got {labels.min()}..{labels.max()}")
     y = torch.from_numpy(labels.astype(np.int64))
     return x.contiguous(), y, int(y.max()) + 1
 

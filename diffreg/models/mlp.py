@@ -28,6 +28,11 @@ class MLPDenoiser(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("out_dim", out_dim or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MLPDenoiser option {name} must be an integer >= 1, got {value!r}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"MLPDenoiser option num_classes must be >= 1 or None, got {num_classes}")
         self.dim = dim
         self.hidden = hidden
         self.num_classes = num_classes

@@ -154,6 +154,18 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = True,
     ):
         super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("model_channels", model_channels),
+            ("image_size", image_size),
+            ("num_res_blocks", num_res_blocks),
+            ("num_heads", num_heads),
+            ("out_channels", 1 if out_channels is None else out_channels),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UNet option {name} must be an integer >= 1, got {value!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"UNet option dropout must be in [0, 1), got {dropout!r}")
         levels = len(channel_mult)
         if levels < 1 or any(m < 1 for m in channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult!r}")

@@ -1,0 +1,266 @@
+"""Bad input, kind by kind: each gets a clear error naming the value and what is accepted; never a
+crash deep in torch, never a silent wrong result, never a traceback from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import diffreg
+from diffreg.checkpoint import bundled_checkpoint_path, read_metadata
+from diffreg.cli import main
+from diffreg.errors import CheckpointError, ComponentOptionError, ConfigError
+
+
+def zeros_model(x, t, **kwargs):
+    return torch.zeros_like(x)
+
+
+@pytest.fixture(scope="module")
+def d():
+    return diffreg.Diffusion.from_config({"num_timesteps": 100})
+
+
+# -- the Python API --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [[100, 0], [-1, 0]])
+def test_timestep_out_of_range_names_the_value(d, t):
+    with pytest.raises(ValueError, match=r"timestep -?\d+ is out of range; accepted: 0\.\.99"):
+        d.q_sample(torch.randn(2, 1, 2, 2), torch.tensor(t))
+
+
+def test_integer_data_is_refused(d):
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        d.q_sample(torch.ones(2, 1, 2, 2, dtype=torch.long), torch.tensor([1, 2]))
+
+
+def test_infinite_eta_is_refused(d):
+    with pytest.raises(ValueError, match="eta must be"):
+        d.ddim_sample(zeros_model, torch.randn(2, 1, 2, 2), torch.tensor([1, 0]), eta=math.inf)
+
+
+@pytest.mark.parametrize("shape", [(2, 2.5), (True, 3), "abc", (0, 1, 2, 2), (1,)])
+def test_bad_shapes_are_refused(d, shape):
+    with pytest.raises((TypeError, ValueError), match="shape must be"):
+        d.sample(zeros_model, shape, steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "float64"])
+def test_non_float_sampling_dtype_is_refused(d, dtype):
+    with pytest.raises(TypeError, match=r"floating-point torch\.dtype"):
+        d.sample(zeros_model, (1, 1, 2, 2), steps=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["tpu", ""])
+def test_unknown_device_is_refused(d, device):
+    with pytest.raises(ValueError, match="device"):
+        d.sample(zeros_model, (1, 1, 2, 2), steps=2, device=device)
+
+
+def test_step_noise_of_the_wrong_shape_is_refused(d):
+    with pytest.raises(ValueError, match=r"step_noise\[0\] has shape \(1,\)"):
+        d.sample(zeros_model, (1, 1, 2, 2), sampler="ddpm", steps=3, step_noise=[torch.randn(1)] * 3)
+
+
+def test_model_returning_a_tuple_is_named(d):
+    with pytest.raises(TypeError, match="the model must return a tensor, got tuple"):
+        d.sample(lambda x, t, **k: (x,), (1, 1, 2, 2), steps=2)
+
+
+def test_cond_fn_gradient_of_the_wrong_shape_is_named(d):
+    with pytest.raises(ValueError, match="cond_fn must return the gradient"):
+        d.sample(zeros_model, (1, 1, 2, 2), steps=2, cond_fn=lambda x, t, **k: torch.zeros(3))
+
+
+def test_infinite_model_output_is_reported_even_when_clipping_hides_it(d):
+    with pytest.raises(diffreg.SamplingError, match="non-finite"):
+        d.sample(lambda x, t, **k: torch.full_like(x, math.inf), (1, 1, 2, 2), steps=3)
+
+
+@pytest.mark.parametrize("generator", [5, "ab"])
+def test_bad_generator_is_refused(d, generator):
+    with pytest.raises(TypeError, match="generator must be"):
+        d.sample(zeros_model, (2, 1, 2, 2), steps=2, generator=generator)
+
+
+@pytest.mark.parametrize("spec", [[1.5, 3.7], [True, False], 5])
+def test_respace_refuses_non_integer_indices(d, spec):
+    with pytest.raises(TypeError, match="respace takes"):
+        d.respace(spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "float16"])
+def test_load_checkpoint_refuses_non_float_dtypes(dtype):
+    with pytest.raises(TypeError, match=r"floating-point torch\.dtype"):
+        diffreg.load_checkpoint(None, dtype=dtype)
+
+
+def test_save_checkpoint_refuses_a_model_that_does_not_fit_its_config(tmp_path):
+    model, _, cfg = diffreg.load_checkpoint()
+    wrong = {"diffusion": cfg.diffusion.to_dict(), "model": {**cfg.model.to_dict(), "model_channels": 64}}
+    with pytest.raises(ConfigError, match="does not match the configuration"):
+        diffreg.save_checkpoint(tmp_path / "m.safetensors", model, wrong)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options", [{"model_channels": -1}, {"model_channels": 0}, {"num_res_blocks": -1}])
+def test_unet_options_are_validated(options):
+    with pytest.raises(ComponentOptionError, match="must be an integer >= 1"):
+        diffreg.registry.create("model", "unet", **options)
+
+
+# -- checkpoints whose metadata lies ----------------------------------------------------------------
+
+
+def _tampered(tmp_path, edit, name="bad.safetensors"):
+    meta = read_metadata(bundled_checkpoint_path())
+    config = json.loads(meta["diffreg.config"])
+    edit(config)
+    meta["diffreg.config"] = json.dumps(config)
+    path = tmp_path / name
+    save_file(load_file(str(bundled_checkpoint_path())), str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c.pop("model"), "missing 'model'"),
+        (lambda c: c.__setitem__("data", [1, 2]), "data must be a table"),
+        (lambda c: c["data"].__setitem__("num_classes", 0), "num_classes must be a positive int"),
+        (
+            lambda c: c["data"].__setitem__("num_classes", 20),
+            "data.num_classes = 20 but the model has num_classes = 10",
+        ),
+        (lambda c: c["data"].__setitem__("shape", "abc"), "data.shape must be a list of positive ints"),
+        (lambda c: c["data"].__setitem__("guidance_scale", "abc"), "guidance_scale must be a finite number"),
+    ],
+)
+def test_checkpoint_with_inconsistent_metadata_is_refused(tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=message):
+        diffreg.load_checkpoint(_tampered(tmp_path, edit))
+
+
+def test_checkpoint_with_integer_weights_is_refused(tmp_path):
+    meta = read_metadata(bundled_checkpoint_path())
+    tensors = {k: v.to(torch.int32) for k, v in load_file(str(bundled_checkpoint_path())).items()}
+    save_file(tensors, str(tmp_path / "int.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="non-floating dtype"):
+        diffreg.load_checkpoint(tmp_path / "int.safetensors")
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        diffreg.load_checkpoint(tmp_path)
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+SAMPLE = ["sample", "--num-samples", 2, "--steps", 2, "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--option", "noise=1"], "sampler 'ddim' has no option 'noise'"),
+        (["--option", "generator=1"], "has no option 'generator'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be finite"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be finite"),
+        (["--output", "nodir/g.png"], "folder 'nodir' does not exist"),
+        (["--output", "."], ""),
+        (["--output", "same.x", "--npz", "same.x"], "are the same file"),
+        (["--class-label", "1,,2"], "comma list of ints"),
+        (["--output", "a" * 300 + ".png"], "too long"),
+    ],
+)
+def test_sample_flags_fail_cleanly(cli, args, message):
+    result = cli(*SAMPLE, *args)
+    if message:
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_sample_with_a_directory_as_output_is_refused(cli, tmp_path):
+    (tmp_path / "adir").mkdir()
+    result = cli(*SAMPLE, "--output", "adir")
+    assert result.exit_code != 0 and "is a directory" in result.output
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("steps = 2.5", "steps must be an integer >= 1"),
+        ("steps = inf", "steps must be an integer >= 1"),
+        ("batch_size = 2.5", "batch_size must be an integer >= 1"),
+        ('seed = "abc"', "seed must be an integer"),
+        ('bf16 = "yes"', "bf16 must be true or false"),
+        ('class_conditional = "no"', "class_conditional must be true or false"),
+        ('guidance_scale = "abc"', "guidance_scale must be a finite number"),
+        ("weight_decay = -1", "weight_decay must be a finite number >= 0"),
+        ("lr = inf", "lr must be a finite number > 0"),
+        ('[data]\nname = "digits"\nimage_sise = 8', "data 'digits' has no option 'image_sise'"),
+        ('[model]\nname = "unet"\nnum_classes = 3', "num_classes=3 does not match the data"),
+    ],
+)
+def test_bad_training_configuration_fails_before_training(cli, tmp_path, toml, message):
+    (tmp_path / "c.toml").write_text(toml + "\n")
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_npz_with_negative_labels_is_refused(cli, tmp_path):
+    np.savez(tmp_path / "d.npz", np.zeros((3, 8, 8, 1), np.uint8), np.array([0, -1, 1]))
+    (tmp_path / "c.toml").write_text('steps = 1\n[data]\nname = "npz"\npath = "d.npz"\n')
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "labels must be in 0..9999" in result.output
+
+
+def test_folder_with_a_broken_image_names_the_file(cli, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_text("not an image")
+    (tmp_path / "c.toml").write_text('steps = 1\n[data]\nname = "folder"\npath = "imgs"\n')
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "a.png" in result.output and "not a readable image" in result.output
+
+
+def test_resume_from_a_state_without_optimizer_is_refused(tmp_path):
+    from diffreg.training import TrainConfig, train
+
+    cfg = {
+        "steps": 1,
+        "batch_size": 4,
+        "diffusion": {"num_timesteps": 50, "schedule": "cosine"},
+        "model": {
+            "name": "unet",
+            "model_channels": 8,
+            "channel_mult": [1],
+            "attention_resolutions": [],
+            "num_heads": 1,
+        },
+    }
+    train(TrainConfig.from_dict(cfg), tmp_path / "m.safetensors", progress=False)
+    state = tmp_path / "m.state.safetensors"
+    tensors = {k: v for k, v in load_file(str(state)).items() if not k.startswith("optim/")}
+    save_file(tensors, str(state), metadata=read_metadata(state))
+    with pytest.raises(CheckpointError, match="incomplete: no optim/"):
+        train(TrainConfig.from_dict({**cfg, "steps": 2}), tmp_path / "m.safetensors", progress=False, resume=True)
