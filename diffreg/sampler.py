@@ -202,8 +202,11 @@ class SamplingContext:
         if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
             self._cfg_kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
             self._t_model_doubled = [torch.cat([t, t]) for t in self._t_model]
-        self._sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
+        # finiteness, recorded on the device and read once after the loop: the sum of each step's
+        # model output (NaN/inf anywhere makes it non-finite; a NaN state feeds the next model
+        # call) and, for the final update, the sum of the last state
         self._out_sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
+        self._final_sum = torch.zeros((), dtype=torch.float32, device=device) if check_finite else None
 
     # -- for samplers ---------------------------------------------------------------------------
 
@@ -233,7 +236,7 @@ class SamplingContext:
         out = out.to(x.dtype)
         if self._out_sums is not None:
             # the model's own output too: clipping would otherwise hide an inf prediction
-            self._out_sums[i] = out.sum(dtype=torch.float32)
+            self._out_sums[i] += out.sum(dtype=torch.float32)
         return out
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
@@ -281,25 +284,26 @@ class SamplingContext:
         return draw_noise(like.shape, self.generator, like.device, like.dtype)
 
     def record_state(self, i: int, x: torch.Tensor) -> None:
-        """Record whether the state after step ``i`` is finite: one reduction kept on the device
-        (NaN/inf anywhere makes the sum non-finite), read once after the loop."""
-        if self._sums is not None:
-            self._sums[i] = x.sum(dtype=torch.float32)
+        """Record whether the final state is finite (called after every step; only the last one
+        costs a reduction, kept on the device)."""
+        if self._final_sum is not None and i == self.num_steps - 1:
+            self._final_sum.copy_(x.sum(dtype=torch.float32))
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
         was not finite (one host read, after the loop)."""
-        if self._sums is None or self._out_sums is None:
+        if self._final_sum is None or self._out_sums is None:
             return
-        bad = ~(torch.isfinite(self._sums) & torch.isfinite(self._out_sums))
+        bad = ~torch.isfinite(torch.cat([self._out_sums, self._final_sum.reshape(1)]))
         if not bool(bad.any()):
             return
-        i = int(torch.nonzero(bad)[0, 0])
+        i = min(int(torch.nonzero(bad)[0, 0]), self.num_steps - 1)
         t = int(self.diffusion.timestep_map[self.timesteps[i]])
         raise SamplingError(
             f"sampling became non-finite (NaN or inf) at step {i} of {self.num_steps} (timestep {t} "
-            "of the original process): the model output or the update of that step; check the "
-            "model's weights and dtype, and the schedule (abar = 0 needs v or x0 prediction)"
+            "of the original process): the model's output there, or the state the previous step "
+            "fed it; check the model's weights and dtype, and the schedule (abar = 0 needs v or x0 "
+            "prediction)"
         )
 
 
