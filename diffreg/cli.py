@@ -400,7 +400,7 @@ def sample(
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
     if guidance_scale != 1.0 and labels is None:
         raise ValueError("--guidance-scale needs a class-conditional checkpoint")
-    from diffreg.training import _distributed
+    from diffreg.training import _distributed, finish_distributed
 
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
     share = math.ceil(num_samples / world)
@@ -429,6 +429,7 @@ def sample(
     if world > 1:
         x = _gather_shares(x, share, num_samples, device)
         if rank != 0:
+            finish_distributed()
             return
     elapsed = time.perf_counter() - start
     grid = f"sigmas={sampler_options['sigmas']}" if sampler_options.get("sigmas") else f"{spacing} spacing"
@@ -458,6 +459,7 @@ def sample(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
         f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}) in {elapsed:.1f} s -> {written}"
     )
+    finish_distributed()
 
 
 def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torch.Tensor:

@@ -209,6 +209,16 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish_distributed() -> None:
+    """Under torchrun: wait for every rank (rank 0 may still be writing), then close the process
+    group, so no rank exits while another still talks to it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Trainer:
     """One training run: data, diffusion, model, EMA, AdamW, timestep sampler and RNG state.
 
@@ -433,4 +443,6 @@ def train(
         if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
             trainer.save(output, checkpoint_dtype)
     bar.close()
-    return trainer.save(output, checkpoint_dtype)
+    path = trainer.save(output, checkpoint_dtype)
+    finish_distributed()
+    return path
