@@ -13,6 +13,14 @@ from click.testing import CliRunner
 from diffreg.cli import main
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -21,8 +29,10 @@ def _torchrun(*args, cwd):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
+        "--master_addr",
+        "127.0.0.1",
         "--master_port",
-        "29517",
+        str(_free_port()),
         "-m",
         "diffreg.cli",
         *map(str, args),
