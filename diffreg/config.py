@@ -108,6 +108,7 @@ class _DictMixin:
     """to_dict / from_dict / JSON / TOML for the flat config classes below."""
 
     def to_dict(self) -> dict[str, Any]:
+        """A plain dict of JSON values (components as names or ``{"name": ..., **options}``)."""
         out: dict[str, Any] = {}
         for field in attrs.fields(type(self)):  # type: ignore[arg-type]
             value = getattr(self, field.name)
@@ -135,10 +136,12 @@ class _DictMixin:
         return cls(**{k: _from_value(cls, k, v) for k, v in data.items()})
 
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as JSON text (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_json(cls, text: str):
+        """Parse JSON text; invalid JSON or content raises ConfigError."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -160,6 +163,7 @@ class _DictMixin:
 
     @classmethod
     def from_toml(cls, text: str):
+        """Parse TOML text (with tomllib); invalid TOML or content raises ConfigError."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -314,16 +318,19 @@ class CheckpointConfig(_DictMixin):
 
     @classmethod
     def coerce(cls, value: CheckpointConfig | Mapping[str, Any]) -> CheckpointConfig:
+        """Accept a CheckpointConfig or a plain dict (ConfigError if malformed)."""
         if isinstance(value, CheckpointConfig):
             return value
         return cls.from_dict(value)
 
     @property
     def sample_shape(self) -> tuple[int, ...] | None:
+        """One sample's shape ``(C, H, W)`` or ``(D,)``, or None if not recorded."""
         shape = self.data.get("shape")
         return tuple(int(s) for s in shape) if shape else None
 
     @property
     def num_classes(self) -> int | None:
+        """Number of real classes, or None for an unconditional model."""
         n = self.data.get("num_classes")
         return int(n) if n is not None else None

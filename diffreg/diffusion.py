@@ -186,6 +186,7 @@ class Diffusion:
         return self.tables_map(t.device)[t]
 
     def tables_map(self, device) -> torch.Tensor:
+        """``timestep_map`` as an int64 tensor on ``device`` (made once per device)."""
         key = ("timestep_map", str(device))
         cached = self.tables._device_cache.get(key)
         if cached is None:

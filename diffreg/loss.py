@@ -187,6 +187,7 @@ class LossSecondMomentSampler(TimestepSampler):
         self._loss_counts = np.zeros([num_timesteps], dtype=np.int64)
 
     def warmed_up(self) -> bool:
+        """Whether every timestep has a full loss history (until then: uniform)."""
         return bool((self._loss_counts == self.history_per_term).all())
 
     def weights(self) -> np.ndarray:

@@ -47,6 +47,7 @@ class Prediction:
 
     @property
     def pred_eps(self) -> torch.Tensor:
+        """The predicted noise (computed on first access when given as a function)."""
         if callable(self._pred_eps):
             self._pred_eps = self._pred_eps()
         return self._pred_eps
@@ -272,6 +273,7 @@ class ModelParameterization:
 
     @property
     def learned_variance(self) -> bool:
+        """Whether the network outputs the variance (doubling its output channels)."""
         return self.variance_type.learned
 
     def output_channels(self, in_channels: int) -> int:

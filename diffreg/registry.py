@@ -79,6 +79,7 @@ class Component:
 
     @property
     def builtin(self) -> bool:
+        """Whether this component comes with diffreg itself."""
         return self.plugin == BUILTIN_PLUGIN
 
 
@@ -140,6 +141,7 @@ class Registry:
 
     @property
     def strict(self) -> bool:
+        """Whether DIFFREG_STRICT_PLUGINS turns plugin failures into errors."""
         return self._env.get("DIFFREG_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off")
 
     def _ensure_built(self) -> None:

@@ -215,6 +215,7 @@ class SamplingContext:
         return self._t[i]
 
     def is_last(self, i: int) -> bool:
+        """Whether step ``i`` is the final one (it goes to the data, t = 0)."""
         return i == self.num_steps - 1
 
     def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:

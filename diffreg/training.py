@@ -154,6 +154,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """Move the average towards ``model``'s parameters (buffers are copied)."""
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         ema_params = list(self.model.parameters())
@@ -294,6 +295,7 @@ class Trainer:
     # -- files ---------------------------------------------------------------------------------
 
     def checkpoint_config(self) -> CheckpointConfig:
+        """What the model checkpoint will carry: diffusion, full model options, data."""
         data_info: dict[str, Any] = {
             "dataset": self.cfg.data.name,
             "shape": list(self.x_all.shape[1:]),

@@ -95,6 +95,8 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """3x3 convolution with stride 2: ``[N, C, H, W]`` -> ``[N, C, H/2, W/2]``."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
@@ -104,6 +106,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution: ``[N, C, H, W]`` -> ``[N, C, 2H, 2W]``."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
