@@ -168,12 +168,19 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
 
 
 def _check_classes(cfg: CheckpointConfig, path: Any) -> None:
-    """The data's class count must be the model's (its null class is the one after the last)."""
-    model_classes = cfg.model.options.get("num_classes")
+    """The data table must agree with the model's options: the class count (the null class is
+    the one after the last) and, for image models, the sample shape [C, H, W]."""
+    options = cfg.model.options
+    model_classes = options.get("num_classes")
     if cfg.num_classes is not None and model_classes is not None and cfg.num_classes != model_classes:
         raise CheckpointError(
             f"{str(path)!r}: data.num_classes = {cfg.num_classes} but the model has num_classes = {model_classes}"
         )
+    shape = cfg.sample_shape
+    if shape is not None and len(shape) == 3 and "in_channels" in options and "image_size" in options:
+        expected = (options["in_channels"], options["image_size"], options["image_size"])
+        if shape != expected:
+            raise CheckpointError(f"{str(path)!r}: data.shape = {list(shape)} but the model takes {list(expected)}")
 
 
 def _mismatch_report(

@@ -417,7 +417,9 @@ def sample(
             sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
             steps=steps,
             spacing=spacing,
-            generator=per_sample_generators(seed, n, start=lo),  # sample k depends on (seed, k) only
+            # sample k depends on (seed, k) only; generators live on the device, so drawing the
+            # noise of a step never copies from the host
+            generator=per_sample_generators(seed, n, start=lo, device=device),
             model_kwargs=kwargs,
             guidance_scale=guidance_scale,
             device=device,

@@ -264,3 +264,9 @@ def test_resume_from_a_state_without_optimizer_is_refused(tmp_path):
     save_file(tensors, str(state), metadata=read_metadata(state))
     with pytest.raises(CheckpointError, match="incomplete: no optim/"):
         train(TrainConfig.from_dict({**cfg, "steps": 2}), tmp_path / "m.safetensors", progress=False, resume=True)
+
+
+def test_checkpoint_whose_sample_shape_does_not_fit_the_model_is_refused(tmp_path):
+    path = _tampered(tmp_path, lambda c: c["data"].__setitem__("shape", [1, 16, 16]))
+    with pytest.raises(CheckpointError, match=r"data.shape = \[1, 16, 16\] but the model takes \[1, 8, 8\]"):
+        diffreg.load_checkpoint(path)
