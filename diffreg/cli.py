@@ -30,6 +30,7 @@ from diffreg.fileio import atomic_path
 from diffreg.sampler import resolve_sampler
 from diffreg.validation import check_finite_number, resolve_device
 
+MAX_SAMPLES = 10_000_000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _USER_ERRORS = (
     UnknownComponentError,
@@ -385,8 +386,12 @@ def sample(
     path = checkpoint or bundled_checkpoint_path()
     resolve_device(device)
     outputs = _check_outputs(output, npz_path)  # before any work, so a bad path costs nothing
-    if guidance_scale is not None:
-        check_finite_number(guidance_scale, "--guidance-scale")
+    if guidance_scale is not None and abs(check_finite_number(guidance_scale, "--guidance-scale")) > 1e4:
+        raise ValueError(
+            f"--guidance-scale {guidance_scale!r} is out of range; accepted: -10000..10000 (typically 1..20)"
+        )
+    if num_samples > MAX_SAMPLES:
+        raise ValueError(f"--num-samples {num_samples} is more than one run holds in memory; at most {MAX_SAMPLES:,}")
     sampler_options = _parse_options(options)
     if eta is not None:
         sampler_options["eta"] = eta

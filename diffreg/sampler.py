@@ -458,8 +458,10 @@ def sample_loop_progressive(
     )
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
-    if guidance_scale is not None:
-        check_finite_number(guidance_scale, "guidance_scale")
+    if guidance_scale is not None and abs(check_finite_number(guidance_scale, "guidance_scale")) > 1e4:
+        raise ValueError(
+            f"guidance_scale {guidance_scale!r} is out of range; accepted: -10000..10000 (typically 1..20)"
+        )
     _check_generator(generator, shape[0])
     if step_noise is not None:
         for k, z in enumerate(step_noise):

@@ -185,6 +185,8 @@ SAMPLE = ["sample", "--num-samples", 2, "--steps", 2, "--no-progress"]
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--guidance-scale", "inf"], "--guidance-scale must be finite"),
         (["--guidance-scale", "nan"], "--guidance-scale must be finite"),
+        (["--guidance-scale", "1e308"], "out of range"),
+        (["--num-samples", "100000000000"], "more than one run holds in memory"),
         (["--output", "nodir/g.png"], "folder 'nodir' does not exist"),
         (["--output", "."], ""),
         (["--output", "same.x", "--npz", "same.x"], "are the same file"),
