@@ -194,14 +194,15 @@ class SamplingContext:
             )
         self.nfe = 0  # model evaluations so far (a classifier-free guided pass counts once)
         n = self.shape[0]
-        self._t = [torch.full((n,), ts, dtype=torch.long, device=device) for ts in self.timesteps]
-        # the original-process timesteps the model is called with, made once per loop
-        self._t_model = [
-            torch.full((n,), int(diffusion.timestep_map[ts]), dtype=torch.long, device=device) for ts in self.timesteps
-        ]
+        # every step's timesteps in one [steps, N] tensor each, made once per loop (row i is step
+        # i's, a contiguous view): of this process, and of the original one for the model
+        steps = torch.tensor(self.timesteps, dtype=torch.long, device=device)
+        self._t = steps[:, None].expand(self.num_steps, n).contiguous()
+        original = torch.as_tensor(np.asarray(diffusion.timestep_map)[self.timesteps].copy(), device=device)
+        self._t_model = original[:, None].expand(self.num_steps, n).contiguous()
         if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
             self._cfg_kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
-            self._t_model_doubled = [torch.cat([t, t]) for t in self._t_model]
+            self._t_model_doubled = original[:, None].expand(self.num_steps, 2 * n).contiguous()
         # finiteness, recorded on the device and read once after the loop: the sum of each step's
         # model output (NaN/inf anywhere makes it non-finite; a NaN state feeds the next model
         # call) and, for the final update, the sum of the last state
