@@ -441,3 +441,13 @@ def test_unipc_orders(order):
     e1, e2 = (max_error(sample("unipc", n, noise, spacing="linspace", order=order)[0], ref) for n in (100, 200))
     assert math.log2(e1 / e2) > 1.2, (e1, e2)
     assert registry.create("sampler", "unipc", order=order).order == order
+
+
+@pytest.mark.parametrize("grid", ["karras", "lambda_uniform"])
+def test_solvers_pass_conformance_on_their_own_sigma_grids(grid):
+    # check_sampler uses the sampler's own timesteps (select_timesteps), so a sigma grid is
+    # checked as it is actually sampled: final samples converge to the exact ODE solution
+    import diffreg.testing
+
+    report = diffreg.testing.check_sampler("dpmpp_2m", sigmas=grid)
+    assert report.final_errors[-1] < report.final_errors[0]
