@@ -90,6 +90,7 @@ class Diffusion:
         self.timestep_map.setflags(write=False)
         self._identity_map = bool(np.array_equal(self.timestep_map, np.arange(self.num_timesteps)))
         self._respaced_cache: dict[tuple[int, ...], Diffusion] = {}
+        self._timestep_map_on: dict[str, torch.Tensor] = {}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -187,12 +188,11 @@ class Diffusion:
 
     def tables_map(self, device) -> torch.Tensor:
         """``timestep_map`` as an int64 tensor on ``device`` (made once per device)."""
-        key = ("timestep_map", str(device))
-        cached = self.tables._device_cache.get(key)
+        key = str(device)
+        cached = self._timestep_map_on.get(key)
         if cached is None:
-            cached = torch.tensor(np.array(self.timestep_map)).to(device)
-            self.tables._device_cache[key] = cached
-        return cached  # type: ignore[return-value]
+            cached = self._timestep_map_on[key] = torch.tensor(np.array(self.timestep_map)).to(device)
+        return cached
 
     def call_model(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None
@@ -309,7 +309,6 @@ class Diffusion:
         when it was clipped or changed, as guided-diffusion's DDIM does."""
         p = self.parameterization
         mean_part, var_part = p.split(output, x)
-        variance, log_variance = p.variance_type.variance(self.tables, var_part, x, t)
         pred_xstart, eps = p.mean_type.predict(self.tables, mean_part, x, t)
         pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
         if denoised_fn is not None or clip_denoised or process_xstart is not None:
@@ -323,7 +322,10 @@ class Diffusion:
                 pred_xstart = pred_xstart.clamp_(-1, 1) if fresh and denoised_fn is None else pred_xstart.clamp(-1, 1)
             processed = pred_xstart
             pred_eps = lambda: predict_eps_from_xstart(self.tables, x, t, processed)  # noqa: E731
-        return Prediction(pred_xstart, pred_eps, log_variance, variance)
+        # the variance only when a sampler asks (DDIM and the ODE solvers never do)
+        return Prediction(
+            pred_xstart, pred_eps, variances=lambda: p.variance_type.variance(self.tables, var_part, x, t)
+        )
 
     # -- training and likelihood ----------------------------------------------------------------
 

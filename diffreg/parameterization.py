@@ -28,22 +28,29 @@ class Prediction:
     may be given as a zero-argument function, computed on first access (samplers that need only
     x0 then skip it). ``log_variance`` (and ``variance``, when already computed) is the
     reverse-process variance: ``[N, 1, ...]`` for fixed types (a Python float inside sampling
-    loops, where every example is at the same timestep), ``x_t``'s shape for learned ones.
+    loops, where every example is at the same timestep), ``x_t``'s shape for learned ones. It may
+    instead be given as ``variances``, a zero-argument function returning ``(variance,
+    log_variance)``, computed on first access (deterministic samplers never pay for it).
     """
 
-    __slots__ = ("_pred_eps", "log_variance", "pred_xstart", "variance")
+    __slots__ = ("_log_variance", "_pred_eps", "_variance", "_variances", "pred_xstart")
 
     def __init__(
         self,
         pred_xstart: torch.Tensor,
         pred_eps: torch.Tensor | Callable[[], torch.Tensor],
-        log_variance: torch.Tensor | float,
+        log_variance: torch.Tensor | float | None = None,
         variance: torch.Tensor | float | None = None,
+        *,
+        variances: Callable[[], tuple[Any, Any]] | None = None,
     ):
+        if log_variance is None and variances is None:
+            raise TypeError("Prediction needs log_variance or variances")
         self.pred_xstart = pred_xstart
         self._pred_eps = pred_eps
-        self.log_variance = log_variance
-        self.variance = variance
+        self._log_variance = log_variance
+        self._variance = variance
+        self._variances = variances
 
     @property
     def pred_eps(self) -> torch.Tensor:
@@ -52,13 +59,32 @@ class Prediction:
             self._pred_eps = self._pred_eps()
         return self._pred_eps
 
+    def _resolve_variances(self) -> None:
+        if self._variances is not None:
+            self._variance, self._log_variance = self._variances()
+            self._variances = None
+
+    @property
+    def log_variance(self) -> torch.Tensor | float:
+        """The reverse-process log-variance (computed on first access when given lazily)."""
+        self._resolve_variances()
+        assert self._log_variance is not None
+        return self._log_variance
+
+    @property
+    def variance(self) -> torch.Tensor | float | None:
+        """The reverse-process variance, or ``None`` where only its log is known."""
+        self._resolve_variances()
+        return self._variance
+
     def replace(self, **changes) -> Prediction:
         """A copy with some fields changed (``pred_xstart``, ``pred_eps``, ``log_variance``, ``variance``)."""
         fields: dict[str, Any] = {
             "pred_xstart": self.pred_xstart,
             "pred_eps": self._pred_eps,
-            "log_variance": self.log_variance,
-            "variance": self.variance,
+            "log_variance": self._log_variance,
+            "variance": self._variance,
+            "variances": self._variances,
         }
         fields.update(changes)
         return Prediction(**fields)

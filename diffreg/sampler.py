@@ -356,16 +356,20 @@ def resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any]) -> Sampl
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split keyword options into the driver's (those :func:`sample_loop_progressive` takes) and
     the sampler's own (everything else, checked by the sampler's factory)."""
+    driver = _DRIVER_OPTIONS
+    return {k: v for k, v in options.items() if k in driver}, {k: v for k, v in options.items() if k not in driver}
+
+
+def _driver_options() -> frozenset[str]:
     import inspect
 
-    driver = set(inspect.signature(sample_loop_progressive).parameters) - {
+    return frozenset(inspect.signature(sample_loop_progressive).parameters) - {
         "diffusion",
         "model",
         "shape",
         "sampler",
         "sampler_options",
     }
-    return {k: v for k, v in options.items() if k in driver}, {k: v for k, v in options.items() if k not in driver}
 
 
 def _check_output(out: Any) -> torch.Tensor:
@@ -655,3 +659,7 @@ def ddim_reverse_sample_loop(
                 diffusion, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
             )["sample"]
     return x
+
+
+#: The keyword options that belong to the sampling driver (the rest go to the sampler's factory).
+_DRIVER_OPTIONS = _driver_options()

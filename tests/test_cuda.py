@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_unet_checkpoint_config
 
 import diffreg
 from diffreg import registry
@@ -14,16 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _model(variance):
-    opts = {
-        "in_channels": 1,
-        "out_channels": 2 if variance.startswith("learned") else 1,
-        "image_size": 8,
-        "model_channels": 16,
-        "channel_mult": [1, 2],
-        "num_heads": 2,
-        "num_classes": 10,
-    }
-    return registry.create("model", "unet", **opts).cuda().eval()
+    cfg = tiny_unet_checkpoint_config(variance)
+    return registry.create("model", cfg.model.name, **cfg.model.options).cuda().eval()
 
 
 @pytest.mark.parametrize("sampler,options", [("ddim", {}), ("ddim", {"eta": 1.0}), ("ddpm", {})])
