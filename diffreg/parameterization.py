@@ -313,6 +313,8 @@ class ModelParameterization:
             ValueError: when the output's shape is not what this parameterization expects for
                 ``x_t`` (naming the expected channels and why).
         """
+        if not self.variance_type.learned and model_output.shape == x_t.shape:
+            return model_output, None
         c = x_t.shape[1]
         expected = self.output_channels(c)
         if (

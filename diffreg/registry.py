@@ -445,11 +445,37 @@ def _signature_target(factory: Callable[..., Any]) -> Callable[..., Any]:
     return factory.__init__ if inspect.isclass(factory) else factory
 
 
+def _cached(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Memoize ``fn(factory)`` per factory (signatures and type hints cost tens of microseconds,
+    and every ``create`` needs them); unhashable factories are computed each time."""
+    cache: dict[Any, Any] = {}
+
+    def wrapper(factory):
+        try:
+            return cache[factory]
+        except KeyError:
+            result = cache[factory] = fn(factory)
+            return result
+        except TypeError:  # unhashable
+            return fn(factory)
+
+    return wrapper
+
+
+@_cached
 def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(_signature_target(factory))
     except Exception:
         return {}
+
+
+@_cached
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -497,9 +523,8 @@ def check_options(component: Component, options: Mapping[str, Any], n_positional
     Raises :class:`~diffreg.errors.ComponentOptionError` for an unknown option (listing the
     accepted ones) or a value whose type does not match the annotation.
     """
-    try:
-        signature = inspect.signature(component.factory)
-    except (TypeError, ValueError):
+    signature = _signature(component.factory)
+    if signature is None:
         return
     params = list(signature.parameters.values())
     if any(p.kind is p.VAR_KEYWORD for p in params):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -199,15 +200,22 @@ class SamplingContext:
         steps = torch.tensor(self.timesteps, dtype=torch.long, device=device)
         self._t = steps[:, None].expand(self.num_steps, n).contiguous()
         original = torch.as_tensor(np.asarray(diffusion.timestep_map)[self.timesteps].copy(), device=device)
-        self._t_model = original[:, None].expand(self.num_steps, n).contiguous()
+        self._t_model = list(original[:, None].expand(self.num_steps, n).contiguous().unbind(0))
         if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
             self._cfg_kwargs = _cat_kwargs(self.model_kwargs, self.uncond_model_kwargs or {})
             self._t_model_doubled = original[:, None].expand(self.num_steps, 2 * n).contiguous()
-        # finiteness, recorded on the device and read once after the loop: the sum of each step's
-        # model output (NaN/inf anywhere makes it non-finite; a NaN state feeds the next model
-        # call) and, for the final update, the sum of the last state
-        self._out_sums = torch.zeros(self.num_steps, dtype=torch.float32, device=device) if check_finite else None
-        self._final_sum = torch.zeros((), dtype=torch.float32, device=device) if check_finite else None
+        # finiteness, recorded on the device and read once after the loop: the sum of each model
+        # output (NaN/inf anywhere makes it non-finite; a NaN state feeds the next model call),
+        # kept as 0-d device tensors beside their step index, and the sum of the final state
+        self.check_finite = check_finite
+        self._out_sums: list[torch.Tensor] = []
+        self._out_steps: list[int] = []
+        self._final_sum: torch.Tensor | None = None
+        #: True when nobody but the sampler holds the states between steps (``sample_loop``
+        #: without a callback): a sampler may then write each step's results into the scratch
+        #: tensors of :meth:`buffer` (never into the caller's noise or the model's output)
+        self.reuse_buffers = False
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # -- for samplers ---------------------------------------------------------------------------
 
@@ -219,15 +227,38 @@ class SamplingContext:
         """Whether step ``i`` is the final one (it goes to the data, t = 0)."""
         return i == self.num_steps - 1
 
-    def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """A scratch tensor of ``like``'s shape, dtype and device, the same one for ``name`` at
+        every step of this call, or ``None`` unless :attr:`reuse_buffers` (then results must be
+        new tensors: pass it as ``out=``, where ``None`` allocates). Its contents are undefined
+        when first handed out; on the CPU, scratch tensors are recycled across calls of a thread
+        (page faults on fresh memory otherwise cost more than a step's arithmetic)."""
+        if not self.reuse_buffers:
+            return None
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = _spare_buffers.take(like)
+        return buf
+
+    def release_buffers(self, keep: torch.Tensor) -> None:
+        """Hand this call's scratch tensors back for reuse, except ``keep`` (the result)."""
+        for buf in self._buffers.values():
+            if buf.untyped_storage().data_ptr() != keep.untyped_storage().data_ptr():
+                _spare_buffers.give(buf)
+        self._buffers.clear()
+
+    def model_output(self, x: torch.Tensor, i: int, *, check_finite: bool = True) -> torch.Tensor:
         """Raw network output at step ``i``, with classifier-free guidance applied to the mean
         channels (Ho & Salimans 2022, eq. 6: uncond + w (cond - uncond); the variance channels,
-        if learned, come from the conditional pass). One forward pass over the doubled batch."""
-        t = self._t_model[i]
+        if learned, come from the conditional pass). One forward pass over the doubled batch.
+
+        The output is recorded for the non-finite check unless ``check_finite=False``: then the
+        caller passes :meth:`record_finite` a tensor derived from it instead (one it computes
+        anyway, while it is still in cache)."""
         self.nfe += 1
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance_scale is None:
-            out = _check_output(self.model(x_in, t, **self.model_kwargs))
+            out = _check_output(self.model(x_in, self._t_model[i], **self.model_kwargs))
         else:
             both = _check_output(self.model(torch.cat([x_in, x_in]), self._t_model_doubled[i], **self._cfg_kwargs))
             cond, uncond = both.to(x.dtype).chunk(2)
@@ -235,11 +266,21 @@ class SamplingContext:
             uncond_mean, _ = self.diffusion.parameterization.split(uncond, x)
             guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
             out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
-        out = out.to(x.dtype)
-        if self._out_sums is not None:
-            # the model's own output too: clipping would otherwise hide an inf prediction
-            self._out_sums[i] += out.sum(dtype=torch.float32)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if check_finite:
+            # the model's own output: clipping would otherwise hide an inf prediction
+            self.record_finite(i, out)
         return out
+
+    def record_finite(self, i: int, value: torch.Tensor) -> None:
+        """Record ``value`` for the non-finite check of step ``i``: it must be non-finite wherever
+        the model output the sampler uses was (e.g. the unclipped x0 = (x - sqrt(1 - abar) eps) /
+        sqrt(abar)). One reduction on the device, read on the host once, after the loop."""
+        if self.check_finite:
+            # fp32/fp64 sum as they are (asking for a dtype takes a slower kernel); half in fp32
+            self._out_sums.append(value.sum() if value.dtype in _WIDE_FLOATS else value.sum(dtype=torch.float32))
+            self._out_steps.append(i)
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
         """The model's :class:`Prediction` at step ``i``: guidance, ``denoised_fn``, dynamic
@@ -288,18 +329,22 @@ class SamplingContext:
     def record_state(self, i: int, x: torch.Tensor) -> None:
         """Record whether the final state is finite (called after every step; only the last one
         costs a reduction, kept on the device)."""
-        if self._final_sum is not None and i == self.num_steps - 1:
-            self._final_sum.copy_(x.sum(dtype=torch.float32))
+        if self.check_finite and i == self.num_steps - 1:
+            self._final_sum = x.sum() if x.dtype in _WIDE_FLOATS else x.sum(dtype=torch.float32)
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
         was not finite (one host read, after the loop)."""
-        if self._final_sum is None or self._out_sums is None:
+        if not self.check_finite:
             return
-        bad = ~torch.isfinite(torch.cat([self._out_sums, self._final_sum.reshape(1)]))
+        sums = self._out_sums + ([] if self._final_sum is None else [self._final_sum])
+        if not sums:
+            return
+        bad = ~torch.isfinite(torch.stack(sums))
         if not bool(bad.any()):
             return
-        i = min(int(torch.nonzero(bad)[0, 0]), self.num_steps - 1)
+        k = int(torch.nonzero(bad)[0, 0])
+        i = self._out_steps[k] if k < len(self._out_steps) else self.num_steps - 1
         t = int(self.diffusion.timestep_map[self.timesteps[i]])
         raise SamplingError(
             f"sampling became non-finite (NaN or inf) at step {i} of {self.num_steps} (timestep {t} "
@@ -307,6 +352,37 @@ class SamplingContext:
             "fed it; check the model's weights and dtype, and the schedule (abar = 0 needs v or x0 "
             "prediction)"
         )
+
+
+_WIDE_FLOATS = (torch.float32, torch.float64)
+
+
+class _SpareBuffers(threading.local):
+    """Scratch tensors that sampling calls of this thread handed back: at most ``limit``, of one
+    (shape, dtype) on the CPU (CUDA's caching allocator already recycles device memory)."""
+
+    limit = 4
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.free: list[torch.Tensor] = []
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        if self.free and self.key == (like.shape, like.dtype, like.device):
+            return self.free.pop()
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.device.type != "cpu":
+            return
+        key = (buf.shape, buf.dtype, buf.device)
+        if key != self.key:
+            self.key, self.free = key, []
+        if len(self.free) < self.limit:
+            self.free.append(buf)
+
+
+_spare_buffers = _SpareBuffers()
 
 
 def exp(value: torch.Tensor | float) -> torch.Tensor | float:
@@ -424,7 +500,7 @@ def sample_loop_progressive(
     check_finite: bool = True,
     stats: dict[str, Any] | None = None,
     **sampler_options: Any,
-) -> Iterator[dict[str, Any]]:
+) -> SamplingRun:
     """Run ``sampler`` over every timestep of ``diffusion`` (``T-1`` down to ``0``), yielding
     ``{"sample", "pred_xstart", "t", "i"}`` after each step (``t``: original-process index).
 
@@ -496,36 +572,82 @@ def sample_loop_progressive(
     if step_noise is not None and len(step_noise) != ctx.num_steps:
         raise ValueError(f"step_noise has {len(step_noise)} entries, expected one per step ({ctx.num_steps})")
     x = noise.to(device=device, dtype=dtype) if noise is not None else draw_noise(shape, generator, device, dtype)
-    return _iterate(ctx, sampler_obj, x, progress, callback, stats)
+    return SamplingRun(ctx, sampler_obj, x, progress, callback, stats)
 
 
-def _iterate(
-    ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback, stats
-) -> Iterator[dict[str, Any]]:
-    state = sampler.prepare(ctx)
-    name = type(sampler).__name__
-    steps = tqdm(range(ctx.num_steps), desc=name, leave=False) if progress else range(ctx.num_steps)
-    for i in steps:
+class SamplingRun(Iterator[dict[str, Any]]):
+    """One sampling call, as :func:`sample_loop_progressive` returns it: an iterator yielding
+    ``{"sample", "pred_xstart", "t", "i", "nfe"}`` after each step, or run to the end at once by
+    :meth:`run` (what :func:`sample_loop` does; then, without a callback, nobody but the sampler
+    sees the intermediate states, and samplers may reuse their buffers)."""
+
+    def __init__(self, ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback, stats):
+        self.ctx = ctx
+        self.sampler = sampler
+        self._x = x
+        self._progress = progress
+        self._callback = callback
+        self._stats = stats
+        self._steps: Iterator[dict[str, Any]] | None = None
+
+    def __next__(self) -> dict[str, Any]:
+        if self._steps is None:
+            self._steps = self._iterate()
+        return next(self._steps)
+
+    def _range(self):
+        n = self.ctx.num_steps
+        return tqdm(range(n), desc=type(self.sampler).__name__, leave=False) if self._progress else range(n)
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        ctx, sampler, callback, x = self.ctx, self.sampler, self._callback, self._x
+        state = sampler.prepare(ctx)
+        for i in self._range():
+            with torch.no_grad():
+                x, pred_xstart = sampler.step(ctx, state, i, x)
+                ctx.record_state(i, x)
+            t = int(ctx.diffusion.timestep_map[ctx.timesteps[i]])
+            if callback is not None:
+                callback(i, t, x, pred_xstart)
+            yield {"sample": x, "pred_xstart": pred_xstart, "t": t, "i": i, "nfe": ctx.nfe}
+        self._finish()
+
+    def run(self) -> torch.Tensor:
+        """Run every step and return the final sample (``shape``, the state's dtype)."""
+        if self._steps is not None:
+            raise RuntimeError("this sampling run was already iterated")
+        ctx, sampler, callback, x = self.ctx, self.sampler, self._callback, self._x
+        ctx.reuse_buffers = callback is None
+        grad_enabled = torch.is_grad_enabled()
+        state = sampler.prepare(ctx)
+        step = sampler.step
         with torch.no_grad():
-            x, pred_xstart = sampler.step(ctx, state, i, x)
-            ctx.record_state(i, x)
-        t = int(ctx.diffusion.timestep_map[ctx.timesteps[i]])
-        if callback is not None:
-            callback(i, t, x, pred_xstart)
-        yield {"sample": x, "pred_xstart": pred_xstart, "t": t, "i": i, "nfe": ctx.nfe}
-    ctx.raise_if_nonfinite()
-    if stats is not None:
-        stats.update(
-            nfe=ctx.nfe, steps=ctx.num_steps, timesteps=[int(ctx.diffusion.timestep_map[k]) for k in ctx.timesteps]
-        )
+            for i in self._range():
+                x, pred_xstart = step(ctx, state, i, x)
+                if callback is not None:
+                    with torch.set_grad_enabled(grad_enabled):
+                        callback(i, int(ctx.diffusion.timestep_map[ctx.timesteps[i]]), x, pred_xstart)
+            ctx.record_state(ctx.num_steps - 1, x)
+        ctx.release_buffers(keep=x)
+        self._finish()
+        return x
+
+    def _finish(self) -> None:
+        ctx = self.ctx
+        ctx.raise_if_nonfinite()
+        if self._stats is not None:
+            self._stats.update(
+                nfe=ctx.nfe, steps=ctx.num_steps, timesteps=[int(ctx.diffusion.timestep_map[k]) for k in ctx.timesteps]
+            )
 
 
 def sample_loop(diffusion: Diffusion, model: Any, shape: Sequence[int], **options: Any) -> torch.Tensor:
-    """Run :func:`sample_loop_progressive` to the end and return the final sample (``shape``)."""
-    final: dict[str, Any] = {}
-    for step in sample_loop_progressive(diffusion, model, shape, **options):
-        final = step
-    return final["sample"]
+    """Run :func:`sample_loop_progressive` to the end and return the final sample (``shape``).
+
+    The intermediate states are not kept (without a ``callback``, samplers may write each step
+    into buffers of their own), so this is the fastest way to sample.
+    """
+    return sample_loop_progressive(diffusion, model, shape, **options).run()
 
 
 # -- single steps with per-example timesteps (guided-diffusion's API) ------------------------------

@@ -272,3 +272,104 @@ def test_dynamic_thresholding_bounds_pred_xstart():
         callback=lambda i, t, x, x0: seen.append(x0.abs().max().item()),
     )
     assert max(seen) <= 1.0 + 1e-6
+
+
+# -- DDIM's scaled-state step and buffer reuse -----------------------------------------------------
+
+IDENTITY = lambda x0: x0  # noqa: E731  (a denoised_fn sends DDIM down the general path)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_scaled_state_step_equals_the_general_step(variance, clip, eta):
+    # the fast path (x / sqrt(abar), three fused kernels) and the textbook update
+    # x_{t-1} = k_xstart x0 + k_x x_t (taken whenever a denoised_fn is given) are the same algebra
+    d = make(T=200, variance=variance)
+    c = 2 if variance == "learned_range" else 1
+
+    def model(x, t, **kwargs):
+        eps = 1.5 * torch.tanh(x) + 1e-3 * t.float().reshape(-1, 1, 1, 1)
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if c == 2 else eps
+
+    shape = (3, 1, 4, 4)
+    x_T = torch.randn(shape)
+    step_noise = torch.randn(20, *shape) if eta else None
+    opts = dict(steps=20, noise=x_T, eta=eta, clip_denoised=clip, step_noise=step_noise)
+    fast = d.sample(model, shape, **opts)
+    general = d.sample(model, shape, denoised_fn=IDENTITY, **opts)
+    torch.testing.assert_close(fast, general, rtol=2e-5, atol=2e-5)
+
+
+def test_sample_loop_equals_the_progressive_loop_bit_for_bit_and_keeps_every_intermediate():
+    d = make(T=100).respace("ddim10")
+    x_T = torch.randn(4, 1, 4, 4)
+    x_T_before = x_T.clone()
+    kept, copies = [], []
+    for step in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T):
+        kept.append(step["sample"])
+        copies.append(step["sample"].clone())
+    final = d.ddim_sample_loop(toy_model, x_T.shape, noise=x_T)
+    assert torch.equal(final, kept[-1])
+    assert torch.equal(x_T, x_T_before)  # the caller's noise is never written
+    for a, b in zip(kept, copies, strict=True):  # yielded states are never overwritten later
+        assert torch.equal(a, b)
+    assert len({s.data_ptr() for s in kept}) == len(kept)
+
+
+def test_results_of_consecutive_calls_never_share_memory():
+    d = make(T=100)
+    x_T = torch.randn(2, 1, 4, 4)
+    first = d.sample(toy_model, x_T.shape, steps=10, noise=x_T)
+    saved = first.clone()
+    second = d.sample(toy_model, x_T.shape, steps=10, noise=2 * x_T)
+    assert torch.equal(first, saved) and first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.parametrize("denoised_fn", [None, IDENTITY])
+def test_changing_a_yielded_sample_in_place_steers_the_next_step_on_both_paths(denoised_fn):
+    # as in guided-diffusion's loops, the next step starts from the yielded tensor as it is then
+    d = make(T=100).respace("ddim10")
+    x_T = torch.randn(2, 1, 4, 4)
+
+    def run(edit):
+        for step in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T, denoised_fn=denoised_fn):
+            if edit and step["i"] == 3:
+                step["sample"].mul_(0.5)
+            final = step["sample"]
+        return final
+
+    edited, plain = run(True), run(False)
+    assert not torch.allclose(edited, plain)
+    # the same edit made by hand between two halves of the loop gives the same result
+    half = [s["sample"].clone() for s in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T)][3]
+    torch.testing.assert_close(edited, _continue_from(d, half * 0.5, first_step=4), rtol=1e-5, atol=1e-5)
+
+
+def _continue_from(d, x, first_step):
+    """DDIM steps first_step.. of d (every timestep) from x, with guided-diffusion's single-step API."""
+    for k in range(d.num_timesteps - 1 - first_step, -1, -1):
+        x = d.ddim_sample(toy_model, x, torch.full((x.shape[0],), k))["sample"]
+    return x
+
+
+def test_inf_from_an_eps_model_is_reported_at_its_step_even_when_clipping_would_hide_it():
+    d = make()
+
+    def model(x, t, **kwargs):
+        out = toy_model(x, t)
+        return out + float("inf") if int(t[0]) < 30 else out
+
+    with pytest.raises(SamplingError, match=r"non-finite \(NaN or inf\) at step 7 of 10 \(timestep 29"):
+        d.sample(model, (1, 1, 2, 2), steps=10, clip_denoised=True)
+
+
+def test_sampling_under_inference_mode_equals_no_grad():
+    d = make()
+    x_T = torch.randn(2, 1, 4, 4)
+    expected = d.sample(toy_model, x_T.shape, steps=10, noise=x_T)
+    with torch.inference_mode():
+        got = d.sample(toy_model, x_T.shape, steps=10, noise=x_T.clone())
+        progressive = [s["sample"] for s in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T.clone())]
+    assert torch.equal(got, expected)
+    assert progressive[-1].shape == x_T.shape

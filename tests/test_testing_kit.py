@@ -19,7 +19,7 @@ from diffreg import registry
 from diffreg.builtin.samplers import DDIM, DDPM
 from diffreg.parameterization import EpsPrediction, MeanType
 from diffreg.pytest_plugin import PluginRegistrar, builtin_registry
-from diffreg.sampler import Sampler, exp
+from diffreg.sampler import Sampler, ddim_coefficients, exp
 from diffreg.schedule import NoiseSchedule
 from diffreg.testing import (
     GaussianMixture,
@@ -41,11 +41,32 @@ def make(T=1000, schedule="linear", parameterization="eps", **schedule_options):
 # -- plugins that are wrong on purpose -------------------------------------------------------------
 
 
-class OffCoefficientDDIM(DDIM):
-    """DDIM with its x_t coefficient 1 % too large: a consistent but wrong update."""
+class TextbookDDIM(Sampler):
+    """Deterministic DDIM written out from Song et al. 2021, eq. 12, on ctx.denoise: the base of
+    the deliberately wrong DDIMs below."""
+
+    order = 1
+    nfe_per_step = 1
+    x_scale = 1.0
 
     def prepare(self, ctx):
-        return [(k_xstart, 1.01 * k_x, sigma) for k_xstart, k_x, sigma in super().prepare(ctx)]
+        acp = ctx.diffusion.tables.alphas_cumprod[ctx.timesteps]
+        acp_prev = ctx.diffusion.tables.alphas_cumprod_prev[ctx.timesteps]
+        c_xstart, c_eps, _ = ddim_coefficients(acp, acp_prev, 0.0)
+        # x_{t-1} = c_xstart x0 + c_eps (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        k_x = c_eps / np.sqrt(1 - acp)
+        return list(zip((c_xstart - k_x * np.sqrt(acp)).tolist(), (self.x_scale * k_x).tolist(), strict=True))
+
+    def step(self, ctx, state, i, x):
+        k_xstart, k_x = state[i]
+        pred = ctx.denoise(x, i)
+        return k_xstart * pred.pred_xstart + k_x * x, pred.pred_xstart
+
+
+class OffCoefficientDDIM(TextbookDDIM):
+    """DDIM with its x_t coefficient 1 % too large: a consistent but wrong update."""
+
+    x_scale = 1.01
 
 
 class DDIMClaimingOrder2(DDIM):
@@ -90,14 +111,14 @@ class LoudDDPM(DDPM):
         return mean + 2.0 * exp(0.5 * pred.log_variance) * ctx.noise(i, x), pred.pred_xstart
 
 
-class RawOutputDDIM(DDIM):
+class RawOutputDDIM(TextbookDDIM):
     """Reads the raw model output as eps instead of the parameterization's Prediction."""
 
     def step(self, ctx, state, i, x):
         eps = ctx.model_output(x, i)
         a = ctx.diffusion.tables.alphas_cumprod[ctx.timesteps[i]]
         pred_xstart = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        k_xstart, k_x, _ = state[i]
+        k_xstart, k_x = state[i]
         return k_xstart * pred_xstart + k_x * x, pred_xstart
 
 
