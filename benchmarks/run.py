@@ -87,6 +87,11 @@ def _diffusers_loop(name, options, shape, steps, out, x_T):
     return run
 
 
+#: samplers also measured without the driver's per-step finiteness record (diffusers keeps none):
+#: the like-for-like cost of the step itself
+LIKE_FOR_LIKE = ("ddim", "ddpm")
+
+
 def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[dict]:
     shape = (batch, 3, 32, 32)
     out = torch.randn(shape)
@@ -94,18 +99,29 @@ def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[d
     diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for component in registry.components("sampler"):
+    cases = [(c, True) for c in registry.components("sampler")]
+    cases += [(c, False) for c in registry.components("sampler") if c.name in LIKE_FOR_LIKE]
+    for component, check_finite in cases:
         nfe = int(component.metadata.get("nfe_per_step", 1))
 
-        def ours(name=component.qualified_name):
-            diffusion.sample(lambda x, t, **k: out, shape, sampler=name, steps=steps, noise=x_T, generator=gen)
+        def ours(name=component.qualified_name, check_finite=check_finite):
+            diffusion.sample(
+                lambda x, t, **k: out,
+                shape,
+                sampler=name,
+                steps=steps,
+                noise=x_T,
+                generator=gen,
+                check_finite=check_finite,
+            )
 
         peer = DIFFUSERS_PEERS.get(component.name)
         fns = [ours]
         if peer is not None:
             fns.append(_diffusers_loop(peer[0], peer[1], shape, steps, out, x_T))
         medians = _median_interleaved(fns, repeats)
-        row = {"sampler": component.qualified_name, "diffreg_us": medians[0] / steps * 1e6, "nfe_per_step": nfe}
+        label = component.qualified_name + ("" if check_finite else " (check_finite=False)")
+        row = {"sampler": label, "diffreg_us": medians[0] / steps * 1e6, "nfe_per_step": nfe}
         if peer is not None:
             # diffusers' Heun takes two step() calls per timestep: compare per timestep
             peer_steps = len(_peer_timesteps(peer, steps))
@@ -257,7 +273,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 9
+    repeats = 3 if args.quick else 15
     tables = {int(t) for t in args.tables.split(",")}
     results: dict = {"diffreg": diffreg.__version__, "torch": torch.__version__, "threads": args.threads}
     try:

@@ -227,17 +227,17 @@ class SamplingContext:
         """Whether step ``i`` is the final one (it goes to the data, t = 0)."""
         return i == self.num_steps - 1
 
-    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """A scratch tensor of ``like``'s shape, dtype and device, the same one for ``name`` at
-        every step of this call, or ``None`` unless :attr:`reuse_buffers` (then results must be
-        new tensors: pass it as ``out=``, where ``None`` allocates). Its contents are undefined
-        when first handed out; on the CPU, scratch tensors are recycled across calls of a thread
-        (page faults on fresh memory otherwise cost more than a step's arithmetic)."""
+    def buffer(self, name: str) -> torch.Tensor | None:
+        """A scratch tensor of the state's shape, dtype and device, the same one for ``name`` at
+        every step of this call, or ``None`` unless :attr:`reuse_buffers` (so a result can be
+        written with ``out=ctx.buffer(name)``: ``out=None`` allocates a new tensor). Its contents
+        are undefined when first handed out; on the CPU, scratch tensors are recycled across the
+        calls of a thread (page faults on fresh memory otherwise cost more than a step's arithmetic)."""
         if not self.reuse_buffers:
             return None
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[name] = _spare_buffers.take(like)
+        if buf is None:
+            buf = self._buffers[name] = _spare_buffers.take(self.shape, self.dtype, self.device)
         return buf
 
     def release_buffers(self, keep: torch.Tensor) -> None:
@@ -324,7 +324,12 @@ class SamplingContext:
         the generator(s)."""
         if self.step_noise is not None:
             return self.step_noise[i].to(device=like.device, dtype=like.dtype)
-        return draw_noise(like.shape, self.generator, like.device, like.dtype)
+        gen = self.generator
+        if self.reuse_buffers and like.shape == self.shape and like.dtype == self.dtype:
+            if gen is None or (isinstance(gen, torch.Generator) and gen.device == like.device):
+                # the same numbers draw_noise gives, written into a scratch tensor
+                return torch.randn(self.shape, generator=gen, dtype=like.dtype, out=self.buffer("noise"))
+        return draw_noise(like.shape, gen, like.device, like.dtype)
 
     def record_state(self, i: int, x: torch.Tensor) -> None:
         """Record whether the final state is finite (called after every step; only the last one
@@ -367,15 +372,15 @@ class _SpareBuffers(threading.local):
         self.key: tuple | None = None
         self.free: list[torch.Tensor] = []
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        if self.free and self.key == (like.shape, like.dtype, like.device):
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.free and self.key == (shape, dtype, device):
             return self.free.pop()
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
         if buf.device.type != "cpu":
             return
-        key = (buf.shape, buf.dtype, buf.device)
+        key = (tuple(buf.shape), buf.dtype, buf.device)
         if key != self.key:
             self.key, self.free = key, []
         if len(self.free) < self.limit:

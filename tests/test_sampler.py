@@ -281,10 +281,11 @@ IDENTITY = lambda x0: x0  # noqa: E731  (a denoised_fn sends DDIM down the gener
 
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 @pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_scaled_state_step_equals_the_general_step(variance, clip, eta):
-    # the fast path (x / sqrt(abar), three fused kernels) and the textbook update
-    # x_{t-1} = k_xstart x0 + k_x x_t (taken whenever a denoised_fn is given) are the same algebra
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", None)])
+def test_scaled_state_step_equals_the_general_step(variance, clip, sampler, eta):
+    # the fast path (x / sqrt(abar), four fused kernels) and the textbook update
+    # x_{t-1} = k_xstart x0 + k_x x_t + std z (taken whenever a denoised_fn is given) are the
+    # same algebra; DDPM takes it with the posterior variance (fixed_small) only
     d = make(T=200, variance=variance)
     c = 2 if variance == "learned_range" else 1
 
@@ -294,22 +295,31 @@ def test_ddim_scaled_state_step_equals_the_general_step(variance, clip, eta):
 
     shape = (3, 1, 4, 4)
     x_T = torch.randn(shape)
-    step_noise = torch.randn(20, *shape) if eta else None
-    opts = dict(steps=20, noise=x_T, eta=eta, clip_denoised=clip, step_noise=step_noise)
+    step_noise = torch.randn(20, *shape) if eta != 0.0 else None
+    opts = dict(steps=20, noise=x_T, sampler=sampler, clip_denoised=clip, step_noise=step_noise)
+    if eta is not None:
+        opts["eta"] = eta
     fast = d.sample(model, shape, **opts)
     general = d.sample(model, shape, denoised_fn=IDENTITY, **opts)
     torch.testing.assert_close(fast, general, rtol=2e-5, atol=2e-5)
 
 
-def test_sample_loop_equals_the_progressive_loop_bit_for_bit_and_keeps_every_intermediate():
+@pytest.mark.parametrize("sampler,options", [("ddim", {}), ("ddim", {"eta": 0.5}), ("ddpm", {})])
+def test_sample_loop_equals_the_progressive_loop_bit_for_bit_and_keeps_every_intermediate(sampler, options):
+    # sample_loop writes into reused scratch tensors (noise included), the progressive loop
+    # allocates: the same numbers either way
     d = make(T=100).respace("ddim10")
     x_T = torch.randn(4, 1, 4, 4)
     x_T_before = x_T.clone()
     kept, copies = [], []
-    for step in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T):
+    gen = torch.Generator().manual_seed(5)
+    for step in diffreg.sampler.sample_loop_progressive(
+        d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options
+    ):
         kept.append(step["sample"])
         copies.append(step["sample"].clone())
-    final = d.ddim_sample_loop(toy_model, x_T.shape, noise=x_T)
+    gen = torch.Generator().manual_seed(5)
+    final = diffreg.sampler.sample_loop(d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options)
     assert torch.equal(final, kept[-1])
     assert torch.equal(x_T, x_T_before)  # the caller's noise is never written
     for a, b in zip(kept, copies, strict=True):  # yielded states are never overwritten later

@@ -16,7 +16,7 @@ import torch
 
 import diffreg
 from diffreg import registry
-from diffreg.builtin.samplers import DDIM, DDPM
+from diffreg.builtin.samplers import DDIM
 from diffreg.parameterization import EpsPrediction, MeanType
 from diffreg.pytest_plugin import PluginRegistrar, builtin_registry
 from diffreg.sampler import Sampler, ddim_coefficients, exp
@@ -99,8 +99,16 @@ class HeunClaimingOneEvaluation(Heun):
     nfe_per_step = 1
 
 
-class LoudDDPM(DDPM):
+class LoudDDPM(Sampler):
     """Ancestral sampling with the noise scaled by 2."""
+
+    order = 1
+    nfe_per_step = 1
+    stochastic = True
+
+    def prepare(self, ctx):
+        tables, idx = ctx.diffusion.tables, ctx.timesteps
+        return list(zip(tables.posterior_mean_coef1[idx], tables.posterior_mean_coef2[idx], strict=True))
 
     def step(self, ctx, state, i, x):
         pred = ctx.denoise(x, i)

@@ -20,7 +20,11 @@ from diffreg.schedule import axpby
 class DDPM(Sampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2): x_{t-1} = mu(x_t, x0) + sigma_t z, with
     the posterior mean of eq. 7 and the parameterization's variance (learned variance honoured).
-    On a respaced diffusion this is guided-diffusion's respaced ancestral sampler."""
+    On a respaced diffusion this is guided-diffusion's respaced ancestral sampler.
+
+    With the posterior variance (``fixed_small``) this is DDIM with eta = 1 (Song et al. 2021,
+    eq. 16), and an eps-predicting model steps on the scaled state like :class:`DDIM`.
+    """
 
     order = 1
     nfe_per_step = 1
@@ -29,11 +33,17 @@ class DDPM(Sampler):
     def prepare(self, ctx):
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
-        return list(
-            zip(tables.posterior_mean_coef1[idx].tolist(), tables.posterior_mean_coef2[idx].tolist(), strict=True)
-        )
+        coef_xstart, coef_x = tables.posterior_mean_coef1[idx], tables.posterior_mean_coef2[idx]
+        if ctx.diffusion.parameterization.variance_type.name == "fixed_small":
+            # sqrt(posterior_variance): 0 at t = 0, where the last step adds no noise
+            scaled = ScaledState.build(ctx, coef_x, np.sqrt(tables.posterior_variance[idx]))
+            if scaled is not None:
+                return scaled
+        return list(zip(coef_xstart.tolist(), coef_x.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
+        if isinstance(state, ScaledState):
+            return state.step(ctx, i, x)
         pred = ctx.denoise(x, i, condition_score=False)
         coef_xstart, coef_x = state[i]
         mean = axpby(coef_xstart, pred.pred_xstart, coef_x, x)
@@ -52,14 +62,8 @@ class DDIM(Sampler):
     x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, sigma from eq. 16 scaled by ``eta``; eps is
     recomputed from the processed (clipped) x0, as guided-diffusion's ``ddim_sample`` does.
 
-    For an eps-predicting model without ``denoised_fn``, dynamic thresholding or ``cond_fn`` (the
-    usual case) the step runs on the scaled state x~ = x / sqrt(abar_t) (Karras et al. 2022's
-    x / s(t); x~ = x0 + sigma_t eps with sigma_t = sqrt(1 - abar_t) / sqrt(abar_t)), where
-    the update is x0 = x~ - sigma_t eps, clip, x~_{t-1} = lerp(x0, x~_t, w) + (sigma / sqrt(abar_{t-1})) z
-    with w = sqrt(1 - abar_{t-1} - sigma^2) / (sqrt(abar_{t-1}) sigma_t): three fused kernels
-    and the model input x = sqrt(abar) x~. The same algebra as the general path (x_{t-1} =
-    k_xstart x0 + k_x x_t), to float rounding. Otherwise the step goes through
-    :meth:`~diffreg.sampler.SamplingContext.denoise`.
+    An eps-predicting model steps on the scaled state (see :class:`ScaledState`); otherwise the
+    step is x_{t-1} = k_xstart x0 + k_x x_t + sigma z on :meth:`~diffreg.sampler.SamplingContext.denoise`.
 
     Args:
         eta: 0 for the deterministic sampler (then no random numbers are drawn); 1 gives the DDPM
@@ -79,20 +83,18 @@ class DDIM(Sampler):
     def prepare(self, ctx):
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
-        abar, abar_prev = tables.alphas_cumprod[idx], tables.alphas_cumprod_prev[idx]
-        c_xstart, c_eps, sigma = ddim_coefficients(abar, abar_prev, self.eta)
-        a, s = np.sqrt(abar), np.sqrt(1.0 - abar)
-        if _scaled_state_applies(ctx, abar):
-            sigma_t = s / a  # noise-to-signal ratio of x~ = x / sqrt(abar_t)
-            w = c_eps / (c_xstart * sigma_t)  # c_xstart = sqrt(abar_prev) > 0
-            columns = (1.0 / a, sigma_t, w, c_xstart, sigma / c_xstart)
-            return _ScaledState(list(zip(*(c.tolist() for c in columns), strict=True)))
+        abar = tables.alphas_cumprod[idx]
+        c_xstart, c_eps, sigma = ddim_coefficients(abar, tables.alphas_cumprod_prev[idx], self.eta)
         # x_{t-1} = c_xstart x0 + c_eps (x_t - a x0) / s + sigma z = k_xstart x0 + k_x x_t + sigma z
+        a, s = np.sqrt(abar), np.sqrt(1.0 - abar)
         k_xstart, k_x = c_xstart - c_eps * a / s, c_eps / s
+        scaled = ScaledState.build(ctx, k_x, sigma)
+        if scaled is not None:
+            return scaled
         return list(zip(k_xstart.tolist(), k_x.tolist(), sigma.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
-        if isinstance(state, _ScaledState):
+        if isinstance(state, ScaledState):
             return state.step(ctx, i, x)
         pred = ctx.denoise(x, i)
         k_xstart, k_x, sigma = state[i]
@@ -102,60 +104,88 @@ class DDIM(Sampler):
         return x_prev, pred.pred_xstart
 
 
-def _scaled_state_applies(ctx, alphas_cumprod) -> bool:
-    """Whether DDIM may step on x / sqrt(abar): an eps-predicting model whose x0 is only clipped
-    (nothing else transforms it), and abar > 0 at every visited timestep."""
-    mean_type = ctx.diffusion.parameterization.mean_type
-    return (
-        isinstance(mean_type, EpsPrediction)
-        and type(mean_type).predict is EpsPrediction.predict
-        and ctx.denoised_fn is None
-        and ctx.process_xstart is None
-        and ctx.cond_fn is None
-        and bool(np.all(alphas_cumprod > 0))
-    )
+class ScaledState:
+    """The first-order update x_{t-1} = k_xstart x0 + k_x x_t + std z, with clipped x0, stepped
+    on the scaled state x~ = x / sqrt(abar_t) (Karras et al. 2022's x / s(t); x~ = x0 + sigma_t
+    eps with sigma_t = sqrt(1 - abar_t) / sqrt(abar_t)) for an eps-predicting model.
 
+    When k_xstart + k_x sqrt(abar_t) = sqrt(abar_{t-1}) (DDIM for every eta, and DDPM with the
+    posterior variance: the marginals' scale is kept), the update divided by sqrt(abar_{t-1}) is a
+    linear interpolation, and a step is four fused kernels:
 
-class _ScaledState:
-    """Per-call state of DDIM's scaled-state step (see :class:`DDIM`): per-step coefficients
-    (1 / sqrt(abar_t), sigma_t, w, sqrt(abar_{t-1}), noise scale) as Python floats, and the last
-    state returned with its x~ (reused while that tensor is unchanged: same object, same version)."""
+        x0 = x~ - sigma_t eps;  clip x0;  x~_{t-1} = lerp(x0, x~_t, w) + std / sqrt(abar_{t-1}) z;
+        x_{t-1} = sqrt(abar_{t-1}) x~_{t-1}  (the next model input),  w = k_x sqrt(abar_t) / sqrt(abar_{t-1}),
 
-    __slots__ = ("coefs", "x", "x_tilde", "x_version")
+    against five for the same algebra on x (x0 takes two, the update two). Equal to the general
+    path to float rounding (tested). With reused buffers (``sample_loop`` without a callback),
+    every step writes into three scratch tensors and the returned ``pred_xstart`` is not kept.
 
-    def __init__(self, coefs):
+    Per call: the coefficients (1 / sqrt(abar_t), sigma_t, w, sqrt(abar_{t-1}), noise scale) as
+    Python floats, and the last state returned with its x~ (reused while that tensor is unchanged:
+    the same object at the same version).
+    """
+
+    __slots__ = ("coefs", "out_tilde", "out_x0", "split", "x", "x_tilde", "x_version")
+
+    def __init__(self, ctx, coefs: list[tuple[float, ...]]):
         self.coefs = coefs
+        self.split = ctx.diffusion.parameterization.split
+        self.out_tilde = ctx.buffer("scaled.x_tilde")  # None unless buffers are reused
+        self.out_x0 = ctx.buffer("scaled.x0")
         self.x: torch.Tensor | None = None
         self.x_tilde: torch.Tensor | None = None
         self.x_version = -1
 
-    def step(self, ctx, i, x):
+    @classmethod
+    def build(cls, ctx, k_x: np.ndarray, noise_std: np.ndarray) -> ScaledState | None:
+        """The scaled-state form of an update with x_t coefficients ``k_x`` and noise standard
+        deviations ``noise_std`` (float64 ``[steps]``, in visiting order), or ``None`` where it
+        does not apply: a model that does not predict eps, a ``denoised_fn``, dynamic
+        thresholding or a ``cond_fn``, or abar = 0 at a visited timestep."""
+        tables = ctx.diffusion.tables
+        idx = np.asarray(ctx.timesteps)
+        abar = tables.alphas_cumprod[idx]
+        mean_type = ctx.diffusion.parameterization.mean_type
+        if not (
+            isinstance(mean_type, EpsPrediction)
+            and type(mean_type).predict is EpsPrediction.predict
+            and ctx.denoised_fn is None
+            and ctx.process_xstart is None
+            and ctx.cond_fn is None
+            and bool(np.all(abar > 0))
+        ):
+            return None
+        a, a_prev = np.sqrt(abar), np.sqrt(tables.alphas_cumprod_prev[idx])
+        columns = (1.0 / a, np.sqrt(1.0 - abar) / a, k_x * a / a_prev, a_prev, noise_std / a_prev)
+        return cls(ctx, list(zip(*(c.tolist() for c in columns), strict=True)))
+
+    def step(self, ctx, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``i`` from ``x`` (the state's shape and dtype): ``(x_{t-1}, pred_xstart)``."""
         inv_a, sigma_t, w, a_prev, noise_scale = self.coefs[i]
         x_tilde = self.x_tilde
         if x_tilde is None or not self._unchanged(ctx, x):  # the first step, or x changed in place
-            x_tilde = torch.mul(x, inv_a, out=ctx.buffer("ddim.x_tilde", x))
-        eps = ctx.diffusion.parameterization.split(ctx.model_output(x, i, check_finite=False), x)[0]
-        pred_xstart = torch.add(x_tilde, eps, alpha=-sigma_t, out=ctx.buffer("ddim.x0", x))
+            x_tilde = torch.mul(x, inv_a, out=self.out_tilde)
+        eps = self.split(ctx.model_output(x, i, check_finite=False), x)[0]
+        pred_xstart = torch.add(x_tilde, eps, alpha=-sigma_t, out=self.out_x0)
         # x~ is finite (else an earlier step was), so x0 is non-finite exactly where eps is; it
         # is checked before clipping (which would turn inf into 1), while it is still in cache
         ctx.record_finite(i, pred_xstart)
         if ctx.clip_denoised:
             pred_xstart.clamp_(-1.0, 1.0)
         # x~_{t-1}, in place over x~_t when buffers are reused (out is then x_tilde itself)
-        x_tilde = torch.lerp(pred_xstart, x_tilde, w, out=ctx.buffer("ddim.x_tilde", x))
-        if noise_scale > 0.0:  # Python floats fixed by eta and the schedule
+        x_tilde = torch.lerp(pred_xstart, x_tilde, w, out=self.out_tilde)
+        if noise_scale > 0.0:  # Python floats fixed by the schedule (and eta)
             x_tilde.add_(ctx.noise(i, x), alpha=noise_scale)
-        # the model input of the next step; with reused buffers it takes pred_xstart's place
-        # (nobody reads pred_xstart then), so a step touches three state-sized tensors, not four
-        x_prev = x_tilde if a_prev == 1.0 else torch.mul(x_tilde, a_prev, out=ctx.buffer("ddim.x0", x))
+        # the next model input; with reused buffers it takes pred_xstart's place
+        x_prev = x_tilde if a_prev == 1.0 else torch.mul(x_tilde, a_prev, out=self.out_x0)
         self.x, self.x_tilde = x_prev, x_tilde
         self.x_version = -1 if x_prev.is_inference() else x_prev._version
         return x_prev, pred_xstart
 
-    def _unchanged(self, ctx, x) -> bool:
+    def _unchanged(self, ctx, x: torch.Tensor) -> bool:
         """Whether ``x`` is the state we returned, unchanged since (inference tensors keep no
         version counter: then only when nobody else saw it)."""
-        if self.x is None or x is not self.x:
+        if x is not self.x:
             return False
         if x.is_inference():
             return ctx.reuse_buffers
