@@ -128,7 +128,41 @@ def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[d
             row.update(diffusers=peer[0], diffusers_us=medians[1] / peer_steps * peer[2] * 1e6)
             row["ratio"] = row["diffreg_us"] / row["diffusers_us"]
         rows.append(row)
+    # what no eager driver can beat: DDIM's tensor work alone, in a bare loop
+    floor = _median_interleaved(
+        [_ddim_floor(shape, steps, out, x_T), _diffusers_loop("DDIMScheduler", {}, shape, steps, out, x_T)], repeats
+    )
+    rows.append(
+        {
+            "sampler": "eager floor: DDIM's 4 kernels + 1 sum, no driver",
+            "diffreg_us": floor[0] / steps * 1e6,
+            "diffusers": "DDIMScheduler",
+            "diffusers_us": floor[1] / steps * 1e6,
+            "ratio": floor[0] / floor[1],
+            "nfe_per_step": 1,
+        }
+    )
     return rows
+
+
+def _ddim_floor(shape, steps, out, x_T):
+    """The clipped DDIM step's kernels on x / sqrt(abar) (add, clamp, lerp, scale) and the sum
+    the finiteness record takes, into preallocated tensors, with constant coefficients."""
+    buffers = [torch.empty(shape) for _ in range(2)]
+
+    def run():
+        x_tilde, x0 = buffers
+        torch.mul(x_T, 1.0, out=x_tilde)
+        sums = []
+        for _ in range(steps):
+            torch.add(x_tilde, out, alpha=-0.5, out=x0)
+            sums.append(x0.sum())
+            x0.clamp_(-1.0, 1.0)
+            torch.lerp(x0, x_tilde, 0.9, out=x_tilde)
+            torch.mul(x_tilde, 0.99, out=x0)
+        torch.stack(sums)
+
+    return run
 
 
 def _peer_timesteps(peer, steps):

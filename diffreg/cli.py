@@ -26,9 +26,9 @@ from diffreg.errors import (
     SamplingError,
     UnknownComponentError,
 )
-from diffreg.fileio import atomic_path
+from diffreg.fileio import atomic_paths
 from diffreg.sampler import resolve_sampler
-from diffreg.validation import check_finite_number, resolve_device
+from diffreg.validation import check_guidance_scale, resolve_device
 
 MAX_SAMPLES = 10_000_000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -386,10 +386,8 @@ def sample(
     path = checkpoint or bundled_checkpoint_path()
     resolve_device(device)
     outputs = _check_outputs(output, npz_path)  # before any work, so a bad path costs nothing
-    if guidance_scale is not None and abs(check_finite_number(guidance_scale, "--guidance-scale")) > 1e4:
-        raise ValueError(
-            f"--guidance-scale {guidance_scale!r} is out of range; accepted: -10000..10000 (typically 1..20)"
-        )
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale, "--guidance-scale")
     if num_samples > MAX_SAMPLES:
         raise ValueError(f"--num-samples {num_samples} is more than one run holds in memory; at most {MAX_SAMPLES:,}")
     sampler_options = _parse_options(options)
@@ -453,14 +451,16 @@ def sample(
     else:
         picture = scatter_image(x.numpy())
         arrays = {"arr_0": x.numpy(), "arr_1": label_array}
-    if outputs[0] is not None:
-        with atomic_path(outputs[0]) as tmp:
-            picture.save(tmp, format="PNG")
-    if outputs[1] is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        with atomic_path(outputs[1]) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+    # the grid and the arrays together or not at all: both replaced only after both were written
+    targets = [p for p in outputs if p is not None]
+    with atomic_paths(*targets) as temps:
+        tmp_for = dict(zip(targets, temps, strict=True))
+        if outputs[0] is not None:
+            picture.save(tmp_for[outputs[0]], format="PNG")
+        if outputs[1] is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]
+            tmp_for[outputs[1]].write_bytes(buffer.getvalue())
     written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import attrs
 
 from diffreg.errors import ConfigError, closest
+from diffreg.validation import check_guidance_scale
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -278,7 +279,6 @@ def _is_int(value: Any) -> bool:
 def _check_data(data: Any) -> None:
     """The ``data`` table of a checkpoint: ``shape`` (positive ints), ``num_classes`` (None or a
     positive int), ``guidance_scale`` (None or a finite number)."""
-    import math
 
     if not isinstance(data, Mapping):
         raise ConfigError(f"checkpoint data must be a table, got {type(data).__name__}: {data!r}")
@@ -291,8 +291,11 @@ def _check_data(data: Any) -> None:
     if n is not None and not (_is_int(n) and n >= 1):
         raise ConfigError(f"checkpoint data.num_classes must be a positive int or null, got {n!r}")
     w = data.get("guidance_scale")
-    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)):
-        raise ConfigError(f"checkpoint data.guidance_scale must be a finite number or null, got {w!r}")
+    if w is not None:
+        try:
+            check_guidance_scale(w, "checkpoint data.guidance_scale")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{exc} (or null)") from None
 
 
 def _coerce_diffusion(value: Any) -> DiffusionConfig:

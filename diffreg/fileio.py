@@ -48,6 +48,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for several files that belong together: yield one temporary path per
+    target; the targets are replaced only once every file was written (so a failure on the last
+    one leaves none of them changed), and on error every temporary file is removed.
+
+    Raises:
+        FileNotFoundError: a target's folder does not exist.
+    """
+    with contextlib.ExitStack() as stack:
+        temps = [stack.enter_context(atomic_path(p)) for p in paths]
+        yield temps
+        # leaving the stack replaces the targets, last one first; all writing is done by then
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; returns ``path``."""
     with atomic_path(path) as tmp:

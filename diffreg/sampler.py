@@ -24,7 +24,7 @@ from diffreg import registry
 from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, predict_eps_from_xstart, predict_xstart_from_eps
 from diffreg.schedule import spaced_timesteps
-from diffreg.validation import check_finite_number, check_float_dtype, check_tensor, resolve_device
+from diffreg.validation import check_float_dtype, check_guidance_scale, check_tensor, resolve_device
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
@@ -544,10 +544,8 @@ def sample_loop_progressive(
     )
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
-    if guidance_scale is not None and abs(check_finite_number(guidance_scale, "guidance_scale")) > 1e4:
-        raise ValueError(
-            f"guidance_scale {guidance_scale!r} is out of range; accepted: -10000..10000 (typically 1..20)"
-        )
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
     _check_generator(generator, shape[0])
     if step_noise is not None:
         for k, z in enumerate(step_noise):
@@ -599,6 +597,11 @@ class SamplingRun(Iterator[dict[str, Any]]):
         if self._steps is None:
             self._steps = self._iterate()
         return next(self._steps)
+
+    def close(self) -> None:
+        """Stop iterating early (as a generator's ``close``)."""
+        if self._steps is not None:
+            self._steps.close()  # type: ignore[attr-defined]
 
     def _range(self):
         n = self.ctx.num_steps

@@ -23,6 +23,7 @@ from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig, _co
 from diffreg.data import load_dataset
 from diffreg.diffusion import Diffusion
 from diffreg.errors import ConfigError
+from diffreg.validation import check_guidance_scale
 
 
 def _number(value) -> bool:
@@ -69,6 +70,14 @@ def _optional_finite(instance, attribute, value):
         raise ConfigError(f"{attribute.name} must be a finite number or absent, got {value!r}")
 
 
+def _optional_guidance_scale(instance, attribute, value):
+    if value is not None:
+        try:
+            check_guidance_scale(value, attribute.name)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{exc} (or absent)") from None
+
+
 @attrs.frozen
 class TrainConfig(_DictMixin):
     """A training run. Read from TOML with :meth:`from_toml`; every field has a default.
@@ -108,7 +117,7 @@ class TrainConfig(_DictMixin):
     ema_decay: float = attrs.field(default=0.999, validator=_unit)
     grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
     seed: int = attrs.field(default=0, validator=_int)
-    guidance_scale: float | None = attrs.field(default=None, validator=_optional_finite)
+    guidance_scale: float | None = attrs.field(default=None, validator=_optional_guidance_scale)
     save_every: int = attrs.field(default=0, validator=_non_negative_int)
     bf16: bool = attrs.field(default=False, validator=_bool)
     format_version: int = 1

@@ -80,3 +80,25 @@ def check_finite_number(value: Any, what: str, *, minimum: float | None = None) 
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
     return float(value)
+
+
+#: classifier-free guidance scales accepted (Ho & Salimans 2022, eq. 6 as uncond + w (cond - uncond))
+GUIDANCE_RANGE = (0.0, 1e4)
+
+
+def check_guidance_scale(value: Any, what: str = "guidance_scale") -> float:
+    """``value`` as a float if it is a classifier-free guidance scale w in [0, 10000]: 0 is the
+    unconditional model, 1 the conditional one, above 1 guided (typically 1..20). A negative w
+    would steer away from the condition, almost always a typo, so it is refused.
+
+    Raises:
+        TypeError: not a number. ValueError: NaN, infinite or out of range (naming the range).
+    """
+    w = check_finite_number(value, what)
+    low, high = GUIDANCE_RANGE
+    if not low <= w <= high:
+        raise ValueError(
+            f"{what} {value!r} is out of range; accepted: 0..10000 (0: unconditional, 1: conditional, "
+            "above 1: guided, typically 1..20)"
+        )
+    return w

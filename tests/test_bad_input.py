@@ -140,7 +140,8 @@ def _tampered(tmp_path, edit, name="bad.safetensors"):
             "data.num_classes = 20 but the model has num_classes = 10",
         ),
         (lambda c: c["data"].__setitem__("shape", "abc"), "data.shape must be a list of positive ints"),
-        (lambda c: c["data"].__setitem__("guidance_scale", "abc"), "guidance_scale must be a finite number"),
+        (lambda c: c["data"].__setitem__("guidance_scale", "abc"), "guidance_scale must be a number"),
+        (lambda c: c["data"].__setitem__("guidance_scale", -2.0), r"guidance_scale -2.0 is out of range; accepted: 0"),
     ],
 )
 def test_checkpoint_with_inconsistent_metadata_is_refused(tmp_path, edit, message):
@@ -186,6 +187,7 @@ SAMPLE = ["sample", "--num-samples", 2, "--steps", 2, "--no-progress"]
         (["--guidance-scale", "inf"], "--guidance-scale must be finite"),
         (["--guidance-scale", "nan"], "--guidance-scale must be finite"),
         (["--guidance-scale", "1e308"], "out of range"),
+        (["--guidance-scale", "-3"], "--guidance-scale -3.0 is out of range; accepted: 0..10000 (0: unconditional"),
         (["--num-samples", "100000000000"], "more than one run holds in memory"),
         (["--output", "nodir/g.png"], "folder 'nodir' does not exist"),
         (["--output", "."], ""),
@@ -216,7 +218,8 @@ def test_sample_with_a_directory_as_output_is_refused(cli, tmp_path):
         ('seed = "abc"', "seed must be an integer"),
         ('bf16 = "yes"', "bf16 must be true or false"),
         ('class_conditional = "no"', "class_conditional must be true or false"),
-        ('guidance_scale = "abc"', "guidance_scale must be a finite number"),
+        ('guidance_scale = "abc"', "guidance_scale must be a number"),
+        ("guidance_scale = -1.5", "guidance_scale -1.5 is out of range; accepted: 0..10000"),
         ("weight_decay = -1", "weight_decay must be a finite number >= 0"),
         ("lr = inf", "lr must be a finite number > 0"),
         ('[data]\nname = "digits"\nimage_sise = 8', "data 'digits' has no option 'image_sise'"),

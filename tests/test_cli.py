@@ -258,3 +258,20 @@ def test_bundled_model_samples_with_a_plugin_solver(run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "with dpmpp_2m" in result.output and "sigmas=karras" in result.output
+
+
+def test_a_failure_writing_the_npz_leaves_the_previous_grid_and_npz_untouched(run, tiny_checkpoint, tmp_path):
+    (tmp_path / "g.png").write_bytes(b"old grid")
+    (tmp_path / "s.npz").write_bytes(b"old arrays")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np, "savez", disk_full)
+        args = ["sample", str(tiny_checkpoint), "--num-samples", "2", "--steps", "2", "--output", "g.png"]
+        result = CliRunner().invoke(main, [*args, "--npz", "s.npz", "--no-progress"])
+    assert result.exit_code != 0
+    assert (tmp_path / "g.png").read_bytes() == b"old grid"  # not replaced by the new grid alone
+    assert (tmp_path / "s.npz").read_bytes() == b"old arrays"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []

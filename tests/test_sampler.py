@@ -383,3 +383,18 @@ def test_sampling_under_inference_mode_equals_no_grad():
         progressive = [s["sample"] for s in d.ddim_sample_loop_progressive(toy_model, x_T.shape, noise=x_T.clone())]
     assert torch.equal(got, expected)
     assert progressive[-1].shape == x_T.shape
+
+
+@pytest.mark.parametrize("w", [-0.5, float("nan"), 1e5])
+def test_guidance_scale_outside_0_to_10000_is_refused_naming_the_range(w):
+    with pytest.raises(ValueError, match=r"guidance_scale .* accepted: 0\.\.10000|guidance_scale must be finite"):
+        make().sample(toy_model, (1, 1, 2, 2), steps=2, guidance_scale=w, uncond_model_kwargs={})
+
+
+def test_progressive_loop_can_stop_early_and_be_closed():
+    run = make().ddim_sample_loop_progressive(toy_model, (1, 1, 2, 2), noise=torch.zeros(1, 1, 2, 2))
+    first = next(run)
+    run.close()
+    assert first["i"] == 0
+    with pytest.raises(StopIteration):
+        next(run)
