@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from plugin_fixtures import plugin_dist  # noqa: F401  (a fixture for every test module)
@@ -50,35 +48,8 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-class GaussianDenoiser:
-    """The exact eps-prediction for 1-D-per-pixel Gaussian data x0 ~ N(mu, s^2), independent per
-    dimension: E[x0 | x_t] = mu + sqrt(a) s^2 / (a s^2 + 1 - a) (x_t - sqrt(a) mu), a = abar_t;
-    eps = (x_t - sqrt(a) E[x0|x_t]) / sqrt(1 - a)."""
-
-    def __init__(self, alphas_cumprod, mu: float = 0.5, s: float = 0.3, mean_type: str = "eps"):
-        self.abar = torch.tensor(alphas_cumprod, dtype=torch.float64)
-        self.mu, self.s, self.mean_type = mu, s, mean_type
-        self.calls: list[torch.Tensor] = []
-
-    def __call__(self, x, t, **kwargs):
-        self.calls.append(t.clone())
-        a = self.abar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        x0 = self.mu + a.sqrt() * self.s**2 / (a * self.s**2 + 1 - a) * (x - a.sqrt() * self.mu)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        if self.mean_type == "eps":
-            return eps
-        if self.mean_type == "x0":
-            return x0
-        return a.sqrt() * eps - (1 - a).sqrt() * x0  # v
-
-
-@pytest.fixture
-def gaussian_denoiser():
-    return GaussianDenoiser
-
-
 def pytest_report_header(config):
     return f"diffreg {diffreg.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-__all__ = ["GaussianDenoiser", "math", "tiny_unet_checkpoint_config"]
+__all__ = ["tiny_unet_checkpoint_config"]

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
-from conftest import GaussianDenoiser
 
 import diffreg
 from diffreg.errors import ComponentOptionError, SamplingError, UnknownComponentError
 from diffreg.sampler import per_sample_generators
+from diffreg.testing import ExactDenoiser, GaussianMixture
 
 
 def make(T=100, variance="fixed_small", parameterization="eps", schedule="linear"):
@@ -150,7 +150,7 @@ def test_classifier_guidance_shifts_ddpm_mean_by_variance_times_gradient():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_exact_denoiser_lands_on_the_data_distribution(sampler):
     d = make(T=1000, schedule="cosine")
-    model = GaussianDenoiser(d.alphas_cumprod, mu=0.5, s=0.3)
+    model = ExactDenoiser(GaussianMixture([1.0], [[0.5]], [0.3]), d)  # data N(0.5, 0.3^2)
     x = d.sample(
         model,
         (4000, 1, 1, 1),
@@ -167,7 +167,7 @@ def test_ddim_inversion_round_trip_error_shrinks_at_first_order():
     # DDIM is a first-order ODE solver (Song et al. 2021, section 4.3): inverting and resampling
     # with an exact denoiser returns x0 with an error ~ 1 / steps.
     base = make(T=1000, schedule="cosine")
-    model = GaussianDenoiser(base.alphas_cumprod)
+    model = ExactDenoiser(GaussianMixture([1.0], [[0.5]], [0.3]), base)
     x0 = 0.5 + 0.3 * torch.randn(16, 1, 1, 1)
     errors = []
     for steps in (50, 200):
