@@ -92,17 +92,20 @@ def _diffusers_loop(name, options, shape, steps, out, x_T):
 LIKE_FOR_LIKE = ("ddim", "ddpm")
 
 
-def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[dict]:
+def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: int = 50) -> list[dict]:
+    """Per-step cost of every registered sampler beside its diffusers scheduler. Each of
+    ``rounds`` rounds measures every row (``repeats`` interleaved runs, medians); a row reports the
+    median over rounds and the range of its per-round ratios, since one round on a shared machine
+    can be off by 30%."""
     shape = (batch, 3, 32, 32)
     out = torch.randn(shape)
     x_T = torch.randn(shape)
     diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    cases = [(c, True) for c in registry.components("sampler")]
-    cases += [(c, False) for c in registry.components("sampler") if c.name in LIKE_FOR_LIKE]
-    for component, check_finite in cases:
-        nfe = int(component.metadata.get("nfe_per_step", 1))
+    cases = []  # (label, nfe per step, our run, diffusers peer or None)
+    plain = [(c, True) for c in registry.components("sampler")]
+    like_for_like = [(c, False) for c in registry.components("sampler") if c.name in LIKE_FOR_LIKE]
+    for component, check_finite in plain + like_for_like:
 
         def ours(name=component.qualified_name, check_finite=check_finite):
             diffusion.sample(
@@ -115,33 +118,33 @@ def table_sampler_step(repeats: int, batch: int = 64, steps: int = 50) -> list[d
                 check_finite=check_finite,
             )
 
-        peer = DIFFUSERS_PEERS.get(component.name)
-        fns = [ours]
-        if peer is not None:
-            fns.append(_diffusers_loop(peer[0], peer[1], shape, steps, out, x_T))
-        medians = _median_interleaved(fns, repeats)
         label = component.qualified_name + ("" if check_finite else " (check_finite=False)")
-        row = {"sampler": label, "diffreg_us": medians[0] / steps * 1e6, "nfe_per_step": nfe}
-        if peer is not None:
-            # diffusers' Heun takes two step() calls per timestep: compare per timestep
-            peer_steps = len(_peer_timesteps(peer, steps))
-            row.update(diffusers=peer[0], diffusers_us=medians[1] / peer_steps * peer[2] * 1e6)
-            row["ratio"] = row["diffreg_us"] / row["diffusers_us"]
-        rows.append(row)
+        cases.append((label, int(component.metadata.get("nfe_per_step", 1)), ours, DIFFUSERS_PEERS.get(component.name)))
     # what no eager driver can beat: DDIM's tensor work alone, in a bare loop
-    floor = _median_interleaved(
-        [_ddim_floor(shape, steps, out, x_T), _diffusers_loop("DDIMScheduler", {}, shape, steps, out, x_T)], repeats
-    )
-    rows.append(
-        {
-            "sampler": "eager floor: DDIM's 4 kernels + 1 sum, no driver",
-            "diffreg_us": floor[0] / steps * 1e6,
-            "diffusers": "DDIMScheduler",
-            "diffusers_us": floor[1] / steps * 1e6,
-            "ratio": floor[0] / floor[1],
-            "nfe_per_step": 1,
-        }
-    )
+    floor = _ddim_floor(shape, steps, out, x_T)
+    cases.append(("eager floor: DDIM's 4 kernels + 1 sum, no driver", 1, floor, ("DDIMScheduler", {}, 1)))
+    per_round: list[list[tuple[float, float | None]]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for k, (_, _, ours, peer) in enumerate(cases):
+            fns = [ours] + ([_diffusers_loop(peer[0], peer[1], shape, steps, out, x_T)] if peer else [])
+            medians = _median_interleaved(fns, repeats)
+            ours_us = medians[0] / steps * 1e6
+            # diffusers' Heun takes two step() calls per timestep: compare per timestep
+            peer_us = medians[1] / len(_peer_timesteps(peer, steps)) * peer[2] * 1e6 if peer else None
+            per_round[k].append((ours_us, peer_us))
+    rows = []
+    for (label, nfe, _, peer), measured in zip(cases, per_round, strict=True):
+        row = {"sampler": label, "nfe_per_step": nfe, "diffreg_us": statistics.median(m[0] for m in measured)}
+        if peer is not None:
+            ratios = [m[0] / m[1] for m in measured if m[1]]
+            row.update(
+                diffusers=peer[0],
+                diffusers_us=statistics.median(m[1] for m in measured if m[1]),
+                ratio=statistics.median(ratios),
+                ratio_min=min(ratios),
+                ratio_max=max(ratios),
+            )
+        rows.append(row)
     return rows
 
 
@@ -177,14 +180,15 @@ def print_table_1(rows, batch=64):
     print(
         f"\n### 1. Sampler step cost, model excluded (batch {batch}x3x32x32 fp32, {torch.get_num_threads()} threads)\n"
     )
-    print("| sampler | diffreg us/step | diffusers scheduler | diffusers us/step | ratio |")
-    print("|---|---|---|---|---|")
+    print("| sampler | diffreg us/step | diffusers scheduler | diffusers us/step | ratio | ratio range |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "diffusers" in r:
             cells = [r["sampler"], f"{r['diffreg_us']:.0f}", r["diffusers"], f"{r['diffusers_us']:.0f}"]
-            print("| " + " | ".join(cells) + f" | {r['ratio']:.2f} |")
+            cells += [f"{r['ratio']:.2f}", f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f}"]
+            print("| " + " | ".join(cells) + " |")
         else:
-            print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | — | — | — |")
+            print(f"| {r['sampler']} | {r['diffreg_us']:.0f} | — | — | — | — |")
 
 
 # -- table 2 ---------------------------------------------------------------------------------------
@@ -304,10 +308,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--tables", default="1,2,3,4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of table 1 (ratio = median over rounds)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 15
+    repeats = 3 if args.quick else 9
+    rounds = 1 if args.quick else args.rounds
     tables = {int(t) for t in args.tables.split(",")}
     results: dict = {"diffreg": diffreg.__version__, "torch": torch.__version__, "threads": args.threads}
     try:
@@ -317,7 +323,7 @@ def main(argv=None) -> dict:
     except ImportError:
         sys.exit("the benchmarks compare against diffusers: pip install diffusers")
     if 1 in tables:
-        results["sampler_step"] = table_sampler_step(repeats)
+        results["sampler_step"] = table_sampler_step(repeats, rounds)
         print_table_1(results["sampler_step"])
     if 2 in tables:
         results["ode_error"] = table_ode_error()
