@@ -2,6 +2,9 @@
 # (torch 2.13.0 first, so pip takes the CPU build on disk, then diffreg with its test extra, then
 # the separately packaged plugin plugins/diffreg-solvers, installed like any third-party plugin).
 PYTHON ?= python3
+# where torch comes from; empty: pip's own settings (on the CI machines, a local CPU wheel).
+# Elsewhere, for the CPU build: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.diffreg-installed
@@ -11,7 +14,7 @@ STAMP := $(VENV)/.diffreg-installed
 $(STAMP): pyproject.toml plugins/diffreg-solvers/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet ./plugins/diffreg-solvers
 	touch $(STAMP)

@@ -48,26 +48,32 @@ _USER_ERRORS = (
 
 
 def _user_errors(fn):
-    """Turn the library's user-facing errors into a one-line message and exit code 1."""
+    """Turn exceptions into a one-line message and exit code 1 (``DIFFREG_DEBUG=1``: the traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except _USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
-        except OSError as exc:  # permissions, full disk, names too long: the OS's own words
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:
             if os.environ.get("DIFFREG_DEBUG"):
                 raise
-            raise click.ClickException(
-                f"unexpected {type(exc).__name__}: {exc} (set DIFFREG_DEBUG=1 for the traceback, and please report it)"
-            ) from exc
+            raise _one_line(exc) from exc
 
     return wrapper
+
+
+def _one_line(exc: Exception) -> click.ClickException:
+    """The library's user-facing errors as they are, OS errors in the OS's own words (permissions,
+    full disk, names too long), anything else as unexpected."""
+    if isinstance(exc, _USER_ERRORS):
+        return click.ClickException(str(exc))
+    if isinstance(exc, OSError):
+        return click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    return click.ClickException(
+        f"unexpected {type(exc).__name__}: {exc} (set DIFFREG_DEBUG=1 for the traceback, and please report it)"
+    )
 
 
 @click.group()
@@ -561,7 +567,8 @@ def train(
     path = run_training(
         cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype], resume=resume
     )
-    click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -275,3 +275,11 @@ def test_checkpoint_whose_sample_shape_does_not_fit_the_model_is_refused(tmp_pat
     path = _tampered(tmp_path, lambda c: c["data"].__setitem__("shape", [1, 16, 16]))
     with pytest.raises(CheckpointError, match=r"data.shape = \[1, 16, 16\] but the model takes \[1, 8, 8\]"):
         diffreg.load_checkpoint(path)
+
+
+def test_diffreg_debug_shows_the_traceback_of_a_user_error(cli, monkeypatch):
+    plain = cli(*SAMPLE, "--sampler", "ddimm")
+    assert plain.exit_code == 1 and "unknown sampler 'ddimm'" in plain.output and "Traceback" not in plain.output
+    monkeypatch.setenv("DIFFREG_DEBUG", "1")
+    with pytest.raises(diffreg.UnknownComponentError, match="ddimm"):
+        cli(*SAMPLE, "--sampler", "ddimm")
