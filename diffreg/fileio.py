@@ -4,6 +4,7 @@ write never leaves a half-written file where a good one was."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,15 +26,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         FileNotFoundError: the target's folder does not exist.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary_beside(target)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -51,16 +44,83 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     """:func:`atomic_path` for several files that belong together: yield one temporary path per
-    target; the targets are replaced only once every file was written (so a failure on the last
-    one leaves none of them changed), and on error every temporary file is removed.
+    target (in each target's folder). Once the body has written them all, every temporary file is
+    synced, then the targets are replaced one by one, each old target first moved aside; if a
+    replacement fails, the ones already made are undone (the old files moved back), so the
+    targets end up all new or all as they were. On error every temporary file is removed.
 
     Raises:
-        FileNotFoundError: a target's folder does not exist.
+        FileNotFoundError: a target's folder does not exist. OSError: naming the target it
+        could not write (also for errors the body raises while writing a temporary file).
     """
-    with contextlib.ExitStack() as stack:
-        temps = [stack.enter_context(atomic_path(p)) for p in paths]
-        yield temps
-        # leaving the stack replaces the targets, last one first; all writing is done by then
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            temps.append(_temporary_beside(target))
+        try:
+            yield list(temps)
+        except OSError as exc:
+            raise _naming_target(exc, dict(zip(temps, targets, strict=False))) from exc
+        for tmp in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _default_mode())
+        _replace_all(temps, targets)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _temporary_beside(target: Path) -> Path:
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def _naming_target(exc: OSError, target_of: dict[Path, Path]) -> OSError:
+    """``exc`` re-worded to name the target whose temporary file it concerns (else every target)."""
+    filename = Path(exc.filename) if exc.filename else None
+    target = target_of.get(filename) if filename is not None else None
+    names = str(target) if target is not None else ", ".join(str(t) for t in target_of.values())
+    return OSError(exc.errno, f"cannot write {names!r}: {exc.strerror or exc}")
+
+
+def _replace_all(temps: list[Path], targets: list[Path]) -> None:
+    """Move each temporary file over its target, keeping the old targets aside until all are in
+    place; on a failure, put back what was already replaced."""
+    for target in targets:
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"cannot write {str(target)!r}: it is a directory")
+    done: list[tuple[Path, Path | None]] = []  # (target, its old file moved aside, or None)
+    try:
+        for tmp, target in zip(temps, targets, strict=True):
+            aside = None
+            if target.exists():
+                aside = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+                os.replace(target, aside)
+            done.append((target, aside))
+            os.replace(tmp, target)
+    except OSError as exc:
+        failed = target
+        for replaced, aside in reversed(done):
+            with contextlib.suppress(OSError):
+                if aside is not None:
+                    os.replace(aside, replaced)
+                else:
+                    replaced.unlink()
+        raise OSError(exc.errno, f"cannot write {str(failed)!r}: {exc.strerror or exc}") from exc
+    for _, aside in done:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                aside.unlink()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

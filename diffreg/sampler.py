@@ -247,14 +247,11 @@ class SamplingContext:
                 _spare_buffers.give(buf)
         self._buffers.clear()
 
-    def model_output(self, x: torch.Tensor, i: int, *, check_finite: bool = True) -> torch.Tensor:
+    def model_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Raw network output at step ``i``, with classifier-free guidance applied to the mean
         channels (Ho & Salimans 2022, eq. 6: uncond + w (cond - uncond); the variance channels,
         if learned, come from the conditional pass). One forward pass over the doubled batch.
-
-        The output is recorded for the non-finite check unless ``check_finite=False``: then the
-        caller passes :meth:`record_finite` a tensor derived from it instead (one it computes
-        anyway, while it is still in cache)."""
+        The output is recorded for the non-finite check (one reduction, kept on the device)."""
         self.nfe += 1
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         if self.guidance_scale is None:
@@ -268,19 +265,12 @@ class SamplingContext:
             out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        if check_finite:
-            # the model's own output: clipping would otherwise hide an inf prediction
-            self.record_finite(i, out)
-        return out
-
-    def record_finite(self, i: int, value: torch.Tensor) -> None:
-        """Record ``value`` for the non-finite check of step ``i``: it must be non-finite wherever
-        the model output the sampler uses was (e.g. the unclipped x0 = (x - sqrt(1 - abar) eps) /
-        sqrt(abar)). One reduction on the device, read on the host once, after the loop."""
         if self.check_finite:
-            # fp32/fp64 sum as they are (asking for a dtype takes a slower kernel); half in fp32
-            self._out_sums.append(value.sum() if value.dtype in _WIDE_FLOATS else value.sum(dtype=torch.float32))
+            # the model's own output: clipping would otherwise hide an inf prediction. fp32/fp64
+            # are summed as they are (asking for a dtype takes a slower kernel), half in fp32
+            self._out_sums.append(out.sum() if out.dtype in _WIDE_FLOATS else out.sum(dtype=torch.float32))
             self._out_steps.append(i)
+        return out
 
     def denoise(self, x: torch.Tensor, i: int, *, condition_score: bool = True) -> Prediction:
         """The model's :class:`Prediction` at step ``i``: guidance, ``denoised_fn``, dynamic
@@ -324,12 +314,7 @@ class SamplingContext:
         the generator(s)."""
         if self.step_noise is not None:
             return self.step_noise[i].to(device=like.device, dtype=like.dtype)
-        gen = self.generator
-        if self.reuse_buffers and like.shape == self.shape and like.dtype == self.dtype:
-            if gen is None or (isinstance(gen, torch.Generator) and gen.device == like.device):
-                # the same numbers draw_noise gives, written into a scratch tensor
-                return torch.randn(self.shape, generator=gen, dtype=like.dtype, out=self.buffer("noise"))
-        return draw_noise(like.shape, gen, like.device, like.dtype)
+        return draw_noise(like.shape, self.generator, like.device, like.dtype)
 
     def record_state(self, i: int, x: torch.Tensor) -> None:
         """Record whether the final state is finite (called after every step; only the last one
@@ -363,10 +348,14 @@ _WIDE_FLOATS = (torch.float32, torch.float64)
 
 
 class _SpareBuffers(threading.local):
-    """Scratch tensors that sampling calls of this thread handed back: at most ``limit``, of one
-    (shape, dtype) on the CPU (CUDA's caching allocator already recycles device memory)."""
+    """Scratch tensors that sampling calls of this thread handed back: at most ``limit`` of one
+    (shape, dtype), on the CPU (CUDA's caching allocator already recycles device memory), of at
+    most ``max_bytes`` each (for large states a page fault per 4 KiB is cheap beside the model,
+    and holding them would keep memory after sampling), never inference tensors (they could not
+    be written outside ``torch.inference_mode``)."""
 
-    limit = 4
+    limit = 2
+    max_bytes = 8 << 20
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -378,7 +367,7 @@ class _SpareBuffers(threading.local):
         return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, buf: torch.Tensor) -> None:
-        if buf.device.type != "cpu":
+        if buf.device.type != "cpu" or buf.is_inference() or buf.nbytes > self.max_bytes:
             return
         key = (tuple(buf.shape), buf.dtype, buf.device)
         if key != self.key:
@@ -592,9 +581,12 @@ class SamplingRun(Iterator[dict[str, Any]]):
         self._callback = callback
         self._stats = stats
         self._steps: Iterator[dict[str, Any]] | None = None
+        self._ran = False
 
     def __next__(self) -> dict[str, Any]:
         if self._steps is None:
+            if self._ran:
+                raise RuntimeError("this sampling run was already run to the end by run()")
             self._steps = self._iterate()
         return next(self._steps)
 
@@ -622,8 +614,9 @@ class SamplingRun(Iterator[dict[str, Any]]):
 
     def run(self) -> torch.Tensor:
         """Run every step and return the final sample (``shape``, the state's dtype)."""
-        if self._steps is not None:
+        if self._steps is not None or self._ran:
             raise RuntimeError("this sampling run was already iterated")
+        self._ran = True
         ctx, sampler, callback, x = self.ctx, self.sampler, self._callback, self._x
         ctx.reuse_buffers = callback is None
         grad_enabled = torch.is_grad_enabled()

@@ -4,8 +4,10 @@ or ``TypeError`` that names the offending value and what is accepted."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -68,18 +70,25 @@ def check_tensor(x: Any, what: str, *, floating: bool = True) -> torch.Tensor:
 
 
 def check_finite_number(value: Any, what: str, *, minimum: float | None = None) -> float:
-    """``value`` as a float if it is a finite real number (>= ``minimum`` when given).
+    """``value`` as a float if it is a finite real number (Python or numpy; >= ``minimum`` when
+    given).
 
     Raises:
         ValueError / TypeError: non-numbers, NaN, infinities, values below ``minimum``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        text = repr(value)
+        got = f"{text[:20]}... ({len(text)} digits)"
+        raise ValueError(f"{what} is out of range (beyond a float's), got {got}") from None
+    if not math.isfinite(number):
         raise ValueError(f"{what} must be finite, got {value!r}")
-    if minimum is not None and value < minimum:
+    if minimum is not None and number < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
-    return float(value)
+    return number
 
 
 #: classifier-free guidance scales accepted (Ho & Salimans 2022, eq. 6 as uncond + w (cond - uncond))

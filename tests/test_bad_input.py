@@ -283,3 +283,13 @@ def test_diffreg_debug_shows_the_traceback_of_a_user_error(cli, monkeypatch):
     monkeypatch.setenv("DIFFREG_DEBUG", "1")
     with pytest.raises(diffreg.UnknownComponentError, match="ddimm"):
         cli(*SAMPLE, "--sampler", "ddimm")
+
+
+def test_numpy_numbers_are_numbers_and_ints_beyond_float_range_are_out_of_range():
+    from diffreg.validation import check_guidance_scale
+
+    assert check_guidance_scale(np.float32(3)) == 3.0 and check_guidance_scale(np.int64(2)) == 2.0
+    with pytest.raises(ValueError, match=r"guidance_scale is out of range \(beyond a float's\), got 1000"):
+        check_guidance_scale(10**400)
+    with pytest.raises(TypeError, match="must be a number"):
+        check_guidance_scale(np.bool_(True))

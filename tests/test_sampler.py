@@ -305,9 +305,10 @@ def test_scaled_state_step_equals_the_general_step(variance, clip, sampler, eta)
 
 
 @pytest.mark.parametrize("sampler,options", [("ddim", {}), ("ddim", {"eta": 0.5}), ("ddpm", {})])
-def test_sample_loop_equals_the_progressive_loop_bit_for_bit_and_keeps_every_intermediate(sampler, options):
-    # sample_loop writes into reused scratch tensors (noise included), the progressive loop
-    # allocates: the same numbers either way
+def test_sample_loop_equals_the_progressive_loop_and_keeps_every_intermediate(sampler, options):
+    # sample_loop carries x / sqrt(abar) from step to step in reused scratch tensors; the
+    # progressive loop recomputes it from each yielded state (which its caller may change): the
+    # same numbers to float rounding
     d = make(T=100).respace("ddim10")
     x_T = torch.randn(4, 1, 4, 4)
     x_T_before = x_T.clone()
@@ -320,7 +321,7 @@ def test_sample_loop_equals_the_progressive_loop_bit_for_bit_and_keeps_every_int
         copies.append(step["sample"].clone())
     gen = torch.Generator().manual_seed(5)
     final = diffreg.sampler.sample_loop(d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options)
-    assert torch.equal(final, kept[-1])
+    torch.testing.assert_close(final, kept[-1], rtol=1e-5, atol=1e-6)
     assert torch.equal(x_T, x_T_before)  # the caller's noise is never written
     for a, b in zip(kept, copies, strict=True):  # yielded states are never overwritten later
         assert torch.equal(a, b)
@@ -397,4 +398,136 @@ def test_progressive_loop_can_stop_early_and_be_closed():
     run.close()
     assert first["i"] == 0
     with pytest.raises(StopIteration):
+        next(run)
+
+
+# -- what the scratch tensors and the scaled state must never change (found by an adversarial pass)
+
+
+def test_a_call_under_inference_mode_does_not_break_the_next_call():
+    d = make()
+    model = lambda x, t, **k: 0.1 * x  # noqa: E731
+    for sampler in ("ddim", "ddpm"):
+        with torch.inference_mode():
+            d.sample(model, (2, 3, 4, 4), sampler=sampler, steps=5)
+        assert torch.isfinite(d.sample(model, (2, 3, 4, 4), sampler=sampler, steps=5)).all()
+
+
+@pytest.mark.parametrize("view", ["transpose", "expand", "identity"])
+def test_a_model_returning_a_view_of_its_input_gives_the_progressive_result(view):
+    d = make()
+    make_view = {
+        "transpose": lambda x: x.transpose(-1, -2),
+        "expand": lambda x: x[:, :1].expand_as(x),
+        "identity": lambda x: x,
+    }[view]
+    model = lambda x, t, **k: make_view(x)  # noqa: E731
+    x_T = torch.randn(2, 3, 4, 4)
+    final = d.sample(model, x_T.shape, steps=10, noise=x_T)
+    progressive = [s["sample"] for s in d.ddim_sample_loop_progressive(model, x_T.shape, noise=x_T)]
+    reference = d.respace([k for k in range(100)]).ddim_sample_loop(model, x_T.shape, noise=x_T, denoised_fn=IDENTITY)
+    torch.testing.assert_close(progressive[-1], reference, rtol=1e-5, atol=1e-5)
+    general = d.sample(model, x_T.shape, steps=10, noise=x_T, denoised_fn=IDENTITY)
+    torch.testing.assert_close(final, general, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_keeps_its_inputs_sees_each_one_unchanged():
+    # e.g. a cache that compares each input with the previous one: inputs are never recycled
+    d = make()
+    seen, copies = [], []
+
+    def model(x, t, **kwargs):
+        seen.append(x)
+        copies.append(x.clone())
+        return 0.3 * torch.tanh(x)
+
+    for sampler in ("ddim", "ddpm"):
+        seen.clear(), copies.clear()
+        d.sample(model, (2, 1, 4, 4), sampler=sampler, steps=6, generator=torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(seen, copies, strict=True))
+        assert len({a.data_ptr() for a in seen}) == len(seen)
+
+
+def test_two_noise_draws_in_one_step_are_independent_in_sample_loop():
+    class TwoDraws(diffreg.Sampler):
+        stochastic = True
+
+        def step(self, ctx, state, i, x):
+            x0 = ctx.denoise(x, i).pred_xstart
+            z1, z2 = ctx.noise(i, x), ctx.noise(i, x)
+            return 0.9 * x + 0.1 * x0 + 0.01 * (z1 - z2), x0
+
+    d = make().respace("ddim10")
+    runs = []
+    for progressive in (True, False):
+        gen = torch.Generator().manual_seed(1)
+        opts = dict(sampler=TwoDraws(), noise=torch.zeros(2, 1, 4, 4), generator=gen)
+        if progressive:
+            runs.append(list(diffreg.sampler.sample_loop_progressive(d, toy_model, (2, 1, 4, 4), **opts))[-1]["sample"])
+        else:
+            runs.append(diffreg.sampler.sample_loop(d, toy_model, (2, 1, 4, 4), **opts))
+    assert torch.equal(runs[0], runs[1]) and runs[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("edit", ["fill_", "data", "numpy"])
+def test_a_callback_editing_the_state_steers_the_next_step_however_it_writes(edit):
+    d = make()
+    write = {
+        "fill_": lambda x: x.fill_(0.5),
+        "data": lambda x: x.data.fill_(0.5),
+        "numpy": lambda x: x.numpy().fill(0.5),
+    }[edit]
+
+    def callback(i, t, x, pred_xstart):
+        if i == 3:
+            write(x)
+
+    x_T = torch.randn(2, 1, 4, 4)
+    got = d.sample(toy_model, x_T.shape, steps=10, noise=x_T, callback=callback)
+    expected = d.sample(toy_model, x_T.shape, steps=10, noise=x_T, callback=callback, denoised_fn=IDENTITY)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, d.sample(toy_model, x_T.shape, steps=10, noise=x_T), atol=1e-3)
+
+
+def test_float16_state_with_the_cosine_schedule_stays_finite():
+    # x / sqrt(abar) would reach ~1e4 |x| at t = T, beyond float16: such states take the general path
+    d = make(T=1000, schedule="cosine")
+    model = lambda x, t, **k: 0.1 * x  # noqa: E731
+    x_T = torch.randn(2, 3, 8, 8)
+    x = d.sample(model, x_T.shape, steps=50, dtype=torch.float16, noise=x_T)
+    general = d.sample(model, x_T.shape, steps=50, dtype=torch.float16, noise=x_T, denoised_fn=IDENTITY)
+    assert x.dtype == torch.float16 and torch.isfinite(x).all() and torch.equal(x, general)
+
+
+def test_nan_in_unused_variance_channels_is_still_reported_by_ddim():
+    d = make(variance="learned_range")
+
+    def model(x, t, **kwargs):
+        return torch.cat([toy_model(x, t), torch.full_like(x, float("nan"))], 1)
+
+    with pytest.raises(SamplingError, match="at step 0 of 5"):
+        d.sample(model, (1, 1, 2, 2), steps=5)
+
+
+def test_huge_but_finite_eps_is_clipped_without_a_false_alarm():
+    d = make(T=1000, schedule="cosine")
+    x = d.sample(lambda x, t, **k: torch.full_like(x, 1e35), (1, 1, 2, 2), steps=5)
+    assert torch.isfinite(x).all()
+
+
+def test_a_diffusion_subclass_overriding_prediction_from_output_is_honoured():
+    class Clamped(diffreg.Diffusion):
+        def prediction_from_output(self, output, x, t, clip_denoised=True, denoised_fn=None, process_xstart=None):
+            return super().prediction_from_output(output, x, t, clip_denoised, lambda x0: 0 * x0, process_xstart)
+
+    d = Clamped.from_config({"schedule": "linear", "num_timesteps": 100})
+    x = d.sample(toy_model, (2, 1, 2, 2), steps=None, noise=torch.randn(2, 1, 2, 2))
+    # pred_xstart is always 0, so every DDIM step keeps only the noise direction: x_0 = 0
+    assert torch.equal(x, torch.zeros_like(x))
+
+
+def test_a_run_cannot_be_iterated_after_run():
+    run = diffreg.sampler.sample_loop_progressive(make(), toy_model, (1, 1, 2, 2), noise=torch.zeros(1, 1, 2, 2))
+    run.run()
+    with pytest.raises(RuntimeError, match="already run"):
         next(run)

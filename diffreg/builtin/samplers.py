@@ -117,12 +117,14 @@ class ScaledState:
         x_{t-1} = sqrt(abar_{t-1}) x~_{t-1}  (the next model input),  w = k_x sqrt(abar_t) / sqrt(abar_{t-1}),
 
     against five for the same algebra on x (x0 takes two, the update two). Equal to the general
-    path to float rounding (tested). With reused buffers (``sample_loop`` without a callback),
-    every step writes into three scratch tensors and the returned ``pred_xstart`` is not kept.
+    path to float rounding (tested). x~ is carried from step to step only where nobody else sees
+    the states (``sample_loop`` without a callback, ``ctx.reuse_buffers``), which also writes x0
+    and x~ into scratch tensors; otherwise x~ is recomputed from the x handed in, so a state
+    changed by whoever saw it steers the next step as in guided-diffusion's loops. The model's
+    input is a new tensor at every step (models may keep references to their inputs).
 
     Per call: the coefficients (1 / sqrt(abar_t), sigma_t, w, sqrt(abar_{t-1}), noise scale) as
-    Python floats, and the last state returned with its x~ (reused while that tensor is unchanged:
-    the same object at the same version).
+    Python floats, and the last state returned with its x~.
     """
 
     __slots__ = ("coefs", "out_tilde", "out_x0", "split", "x", "x_tilde", "x_version")
@@ -141,7 +143,11 @@ class ScaledState:
         """The scaled-state form of an update with x_t coefficients ``k_x`` and noise standard
         deviations ``noise_std`` (float64 ``[steps]``, in visiting order), or ``None`` where it
         does not apply: a model that does not predict eps, a ``denoised_fn``, dynamic
-        thresholding or a ``cond_fn``, or abar = 0 at a visited timestep."""
+        thresholding or a ``cond_fn``, a Diffusion whose ``prediction_from_output`` is
+        overridden, a state narrower than float32 (x~ reaches 1e4 |x| near t = T, beyond float16),
+        or abar = 0 at a visited timestep."""
+        from diffreg.diffusion import Diffusion
+
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
         abar = tables.alphas_cumprod[idx]
@@ -149,9 +155,11 @@ class ScaledState:
         if not (
             isinstance(mean_type, EpsPrediction)
             and type(mean_type).predict is EpsPrediction.predict
+            and type(ctx.diffusion).prediction_from_output is Diffusion.prediction_from_output
             and ctx.denoised_fn is None
             and ctx.process_xstart is None
             and ctx.cond_fn is None
+            and ctx.dtype in (torch.float32, torch.float64)
             and bool(np.all(abar > 0))
         ):
             return None
@@ -163,33 +171,27 @@ class ScaledState:
         """Step ``i`` from ``x`` (the state's shape and dtype): ``(x_{t-1}, pred_xstart)``."""
         inv_a, sigma_t, w, a_prev, noise_scale = self.coefs[i]
         x_tilde = self.x_tilde
-        if x_tilde is None or not self._unchanged(ctx, x):  # the first step, or x changed in place
+        if x_tilde is None or not self._carried(ctx, x):
             x_tilde = torch.mul(x, inv_a, out=self.out_tilde)
-        eps = self.split(ctx.model_output(x, i, check_finite=False), x)[0]
+        eps = self.split(ctx.model_output(x, i), x)[0]
         pred_xstart = torch.add(x_tilde, eps, alpha=-sigma_t, out=self.out_x0)
-        # x~ is finite (else an earlier step was), so x0 is non-finite exactly where eps is; it
-        # is checked before clipping (which would turn inf into 1), while it is still in cache
-        ctx.record_finite(i, pred_xstart)
         if ctx.clip_denoised:
             pred_xstart.clamp_(-1.0, 1.0)
         # x~_{t-1}, in place over x~_t when buffers are reused (out is then x_tilde itself)
         x_tilde = torch.lerp(pred_xstart, x_tilde, w, out=self.out_tilde)
         if noise_scale > 0.0:  # Python floats fixed by the schedule (and eta)
             x_tilde.add_(ctx.noise(i, x), alpha=noise_scale)
-        # the next model input; with reused buffers it takes pred_xstart's place
-        x_prev = x_tilde if a_prev == 1.0 else torch.mul(x_tilde, a_prev, out=self.out_x0)
+        x_prev = x_tilde if a_prev == 1.0 else torch.mul(x_tilde, a_prev)
         self.x, self.x_tilde = x_prev, x_tilde
         self.x_version = -1 if x_prev.is_inference() else x_prev._version
         return x_prev, pred_xstart
 
-    def _unchanged(self, ctx, x: torch.Tensor) -> bool:
-        """Whether ``x`` is the state we returned, unchanged since (inference tensors keep no
-        version counter: then only when nobody else saw it)."""
-        if x is not self.x:
+    def _carried(self, ctx, x: torch.Tensor) -> bool:
+        """Whether x~ can be carried over: nobody but us saw the states, and ``x`` is the state we
+        returned, unchanged (same object; same version unless it is an inference tensor)."""
+        if not ctx.reuse_buffers or x is not self.x:
             return False
-        if x.is_inference():
-            return ctx.reuse_buffers
-        return x._version == self.x_version
+        return x.is_inference() or x._version == self.x_version
 
 
 @hookimpl
