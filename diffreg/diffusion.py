@@ -7,6 +7,7 @@ Sampling methods delegate to the registered samplers through :mod:`diffreg.sampl
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -157,7 +158,11 @@ class Diffusion:
         acp = self.tables.alphas_cumprod
         kept = acp[keep]
         new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
-        spaced = Diffusion(
+        # the same class, with whatever a subclass or the caller set on this instance (overridden
+        # methods, extra attributes), and the Diffusion state of the respaced process
+        spaced = copy.copy(self)
+        Diffusion.__init__(
+            spaced,
             new_betas,
             self.parameterization,
             self.loss,

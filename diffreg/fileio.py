@@ -62,10 +62,13 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
             yield list(temps)
         except OSError as exc:
             raise _naming_target(exc, dict(zip(temps, targets, strict=False))) from exc
-        for tmp in temps:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _default_mode())
+        for tmp, target in zip(temps, targets, strict=True):
+            try:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(tmp, _default_mode())
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
         _replace_all(temps, targets)
     finally:
         for tmp in temps:
@@ -94,33 +97,45 @@ def _naming_target(exc: OSError, target_of: dict[Path, Path]) -> OSError:
 
 
 def _replace_all(temps: list[Path], targets: list[Path]) -> None:
-    """Move each temporary file over its target, keeping the old targets aside until all are in
-    place; on a failure, put back what was already replaced."""
+    """Move each temporary file over its target, keeping a hard link to each old target until all
+    are in place (so no target is ever missing); on any failure or interruption, put back what was
+    already replaced."""
     for target in targets:
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, f"cannot write {str(target)!r}: it is a directory")
-    done: list[tuple[Path, Path | None]] = []  # (target, its old file moved aside, or None)
+    done: list[tuple[Path, Path | None]] = []  # (target, a link to its old file, or None: there was none)
+    current = targets[0]
     try:
         for tmp, target in zip(temps, targets, strict=True):
-            aside = None
-            if target.exists():
-                aside = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
-                os.replace(target, aside)
-            done.append((target, aside))
-            os.replace(tmp, target)
-    except OSError as exc:
-        failed = target
-        for replaced, aside in reversed(done):
-            with contextlib.suppress(OSError):
-                if aside is not None:
-                    os.replace(aside, replaced)
-                else:
+            current = target
+            old = None
+            if os.path.lexists(target):
+                old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+                os.link(target, old, follow_symlinks=False)
+            done.append((target, old))
+            os.replace(tmp, target)  # atomic: the target is the old file, then the new one
+    except BaseException as exc:
+        lost = []
+        for replaced, old in reversed(done):
+            try:
+                if old is not None:
+                    os.replace(old, replaced)  # a no-op when both still name the old file
+                    with contextlib.suppress(FileNotFoundError):
+                        old.unlink()
+                elif os.path.lexists(replaced):
                     replaced.unlink()
-        raise OSError(exc.errno, f"cannot write {str(failed)!r}: {exc.strerror or exc}") from exc
-    for _, aside in done:
-        if aside is not None:
+            except OSError:
+                lost.append(f"{str(replaced)!r} (its previous content is in {str(old)!r})")
+        if not isinstance(exc, OSError):
+            raise
+        where = f"; could not put back {', '.join(lost)}" if lost else ""
+        raise OSError(exc.errno, f"cannot write {str(current)!r}: {exc.strerror or exc}{where}") from exc
+    for _, old in done:
+        if old is not None:
             with contextlib.suppress(OSError):
-                aside.unlink()
+                old.unlink()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

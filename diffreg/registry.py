@@ -25,6 +25,7 @@ import functools
 import importlib
 import importlib.metadata as importlib_metadata
 import inspect
+import numbers
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
+import numpy as np
 import pluggy
 
 from diffreg import hookspecs
@@ -490,10 +492,10 @@ def _conforms(value: Any, hint: Any) -> bool:
         return value in args
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # numpy's numbers too
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if hint in (bool, str):
         return isinstance(value, hint)
     if origin in (tuple, list, typing.Sequence) or hint in (tuple, list):

@@ -61,3 +61,42 @@ def test_a_target_that_became_a_directory_is_refused_before_anything_is_replaced
             tb.write_bytes(b"new b")
             b.mkdir()  # appears while sampling runs
     assert a.read_bytes() == b"old a" and b.is_dir() and _leftovers(tmp_path) == []
+
+
+def test_an_interruption_while_replacing_puts_back_the_old_files_and_no_target_is_ever_missing(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.png", tmp_path / "b.npz"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and ".old." not in str(src):
+            assert os.path.exists(dst)  # replaced in one step, never removed first
+            if str(dst) == str(b):
+                raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_paths(a, b) as (ta, tb):
+            ta.write_bytes(b"new a")
+            tb.write_bytes(b"new b")
+    assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b" and _leftovers(tmp_path) == []
+
+
+def test_a_dangling_symlink_target_is_put_back_not_deleted(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.png", tmp_path / "b.npz"
+    a.symlink_to(tmp_path / "nowhere")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(b) and ".old." not in str(src):
+            raise PermissionError(1, "Operation not permitted")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match="Operation not permitted"):
+        with atomic_paths(a, b) as (ta, tb):
+            ta.write_bytes(b"new a")
+            tb.write_bytes(b"new b")
+    assert a.is_symlink() and os.readlink(a) == str(tmp_path / "nowhere") and not b.exists()

@@ -509,10 +509,12 @@ def test_nan_in_unused_variance_channels_is_still_reported_by_ddim():
         d.sample(model, (1, 1, 2, 2), steps=5)
 
 
-def test_huge_but_finite_eps_is_clipped_without_a_false_alarm():
+def test_absurdly_large_model_output_is_reported_as_such_not_clipped_away():
+    # eps = 1e35 clips to a finite sample; the record (a sum) overflows and says so
     d = make(T=1000, schedule="cosine")
-    x = d.sample(lambda x, t, **k: torch.full_like(x, 1e35), (1, 1, 2, 2), steps=5)
-    assert torch.isfinite(x).all()
+    with pytest.raises(SamplingError, match=r"at step 0 of 5 .*values so large, beyond ~1e38 / their count"):
+        d.sample(lambda x, t, **k: torch.full_like(x, 1e35), (2, 3, 32, 32), steps=5)
+    assert torch.isfinite(d.sample(lambda x, t, **k: torch.full_like(x, 1e30), (2, 3, 32, 32), steps=5)).all()
 
 
 def test_a_diffusion_subclass_overriding_prediction_from_output_is_honoured():
@@ -521,8 +523,18 @@ def test_a_diffusion_subclass_overriding_prediction_from_output_is_honoured():
             return super().prediction_from_output(output, x, t, clip_denoised, lambda x0: 0 * x0, process_xstart)
 
     d = Clamped.from_config({"schedule": "linear", "num_timesteps": 100})
-    x = d.sample(toy_model, (2, 1, 2, 2), steps=None, noise=torch.randn(2, 1, 2, 2))
-    # pred_xstart is always 0, so every DDIM step keeps only the noise direction: x_0 = 0
+    # pred_xstart is always 0, so every DDIM step keeps only the noise direction: x_0 = 0; also
+    # on respaced processes (steps=10), which keep the subclass
+    for steps in (None, 10):
+        for sampler in ("ddim", "ddpm"):
+            x = d.sample(toy_model, (2, 1, 2, 2), sampler=sampler, steps=steps, noise=torch.randn(2, 1, 2, 2))
+            assert torch.equal(x, torch.zeros_like(x)), (sampler, steps)
+    plain = make()
+    zero_x0 = plain.prediction_from_output
+    plain.prediction_from_output = lambda out, x, t, clip=True, fn=None, process=None: zero_x0(  # on the instance
+        out, x, t, clip, lambda x0: 0 * x0, process
+    )
+    x = plain.sample(toy_model, (2, 1, 2, 2), steps=10, noise=torch.randn(2, 1, 2, 2))
     assert torch.equal(x, torch.zeros_like(x))
 
 
@@ -531,3 +543,18 @@ def test_a_run_cannot_be_iterated_after_run():
     run.run()
     with pytest.raises(RuntimeError, match="already run"):
         next(run)
+
+
+def test_eta_takes_numpy_numbers_and_refuses_what_is_not_a_finite_number_from_zero_up():
+    import numpy as np
+
+    d = make()
+    fixed = dict(noise=torch.ones(1, 1, 2, 2), step_noise=torch.ones(5, 1, 1, 2, 2))
+    a = d.sample(toy_model, (1, 1, 2, 2), steps=5, eta=np.float32(0.5), **fixed)
+    b = d.sample(toy_model, (1, 1, 2, 2), steps=5, eta=0.5, **fixed)
+    assert torch.equal(a, b)
+    for eta, message in ((10**400, "beyond a float's"), (-1, "must be >= 0"), (float("nan"), "must be finite")):
+        with pytest.raises(ComponentOptionError, match=message):
+            d.sample(toy_model, (1, 1, 2, 2), steps=5, eta=eta)
+        with pytest.raises(ValueError, match=message):
+            d.ddim_sample(toy_model, torch.zeros(1, 1, 2, 2), torch.tensor([5]), eta=eta)

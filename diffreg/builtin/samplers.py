@@ -6,14 +6,12 @@ of fused tensor operations and never reads a tensor value on the host.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from diffreg import hookimpl
 from diffreg.parameterization import EpsPrediction
-from diffreg.sampler import Sampler, ddim_coefficients, exp
+from diffreg.sampler import Sampler, check_eta, ddim_coefficients, exp
 from diffreg.schedule import axpby
 
 
@@ -75,9 +73,7 @@ class DDIM(Sampler):
     stochastic = False
 
     def __init__(self, eta: float = 0.0):
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_eta(eta)
         self.stochastic = self.eta > 0
 
     def prepare(self, ctx):
@@ -144,8 +140,8 @@ class ScaledState:
         deviations ``noise_std`` (float64 ``[steps]``, in visiting order), or ``None`` where it
         does not apply: a model that does not predict eps, a ``denoised_fn``, dynamic
         thresholding or a ``cond_fn``, a Diffusion whose ``prediction_from_output`` is
-        overridden, a state narrower than float32 (x~ reaches 1e4 |x| near t = T, beyond float16),
-        or abar = 0 at a visited timestep."""
+        overridden (by its class or on the instance), a state narrower than float32 (x~ reaches
+        1e4 |x| near t = T, beyond float16), or abar = 0 at a visited timestep."""
         from diffreg.diffusion import Diffusion
 
         tables = ctx.diffusion.tables
@@ -156,6 +152,7 @@ class ScaledState:
             isinstance(mean_type, EpsPrediction)
             and type(mean_type).predict is EpsPrediction.predict
             and type(ctx.diffusion).prediction_from_output is Diffusion.prediction_from_output
+            and "prediction_from_output" not in vars(ctx.diffusion)
             and ctx.denoised_fn is None
             and ctx.process_xstart is None
             and ctx.cond_fn is None
