@@ -113,7 +113,10 @@ def _replace_all(temps: list[Path], targets: list[Path]) -> None:
                 old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
-                os.link(target, old, follow_symlinks=False)
+                try:
+                    os.link(target, old, follow_symlinks=False)
+                except OSError:  # no hard links here (FAT, some network mounts): move it aside
+                    os.replace(target, old)
             done.append((target, old))
             os.replace(tmp, target)  # atomic: the target is the old file, then the new one
     except BaseException as exc:

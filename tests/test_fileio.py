@@ -100,3 +100,31 @@ def test_a_dangling_symlink_target_is_put_back_not_deleted(tmp_path, monkeypatch
             ta.write_bytes(b"new a")
             tb.write_bytes(b"new b")
     assert a.is_symlink() and os.readlink(a) == str(tmp_path / "nowhere") and not b.exists()
+
+
+def test_without_hard_links_the_old_files_are_moved_aside_and_put_back(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.png", tmp_path / "b.npz"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+
+    def no_link(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")  # as on FAT
+
+    monkeypatch.setattr(fileio.os, "link", no_link)
+    with atomic_paths(a, b) as (ta, tb):
+        ta.write_bytes(b"new a")
+        tb.write_bytes(b"new b")
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b" and _leftovers(tmp_path) == []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(b) and ".old." not in str(src):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match=r"b\.npz'"):
+        with atomic_paths(a, b) as (ta, tb):
+            ta.write_bytes(b"newer a")
+            tb.write_bytes(b"newer b")
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b" and _leftovers(tmp_path) == []
