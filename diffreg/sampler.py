@@ -580,9 +580,13 @@ def sample_loop_progressive(
 
 class SamplingRun(Iterator[dict[str, Any]]):
     """One sampling call, as :func:`sample_loop_progressive` returns it: an iterator yielding
-    ``{"sample", "pred_xstart", "t", "i", "nfe"}`` after each step, or run to the end at once by
-    :meth:`run` (what :func:`sample_loop` does; then, without a callback, nobody but the sampler
-    sees the intermediate states, and samplers may reuse their buffers)."""
+    ``{"sample", "pred_xstart", "t", "i", "nfe"}`` after each step (``sample`` and ``pred_xstart``
+    new ``[N, C, ...]`` tensors of the state's dtype; ``t`` the original-process timestep), or
+    run to the end at once by :meth:`run` (what :func:`sample_loop` does; then, without a
+    callback, nobody but the sampler sees the intermediate states, and samplers may write them
+    into scratch tensors). Iterating to the end raises :class:`~diffreg.errors.SamplingError` if
+    the state became non-finite. The same contract as guided-diffusion's
+    ``p_sample_loop_progressive`` generator (plus :meth:`close`)."""
 
     def __init__(self, ctx: SamplingContext, sampler: Sampler, x: torch.Tensor, progress: bool, callback, stats):
         self.ctx = ctx
@@ -624,7 +628,13 @@ class SamplingRun(Iterator[dict[str, Any]]):
         self._finish()
 
     def run(self) -> torch.Tensor:
-        """Run every step and return the final sample (``shape``, the state's dtype)."""
+        """Run every step and return the final sample (``[N, C, ...]`` of the call's ``shape``,
+        in the state's dtype, on its device): what :func:`sample_loop` returns.
+
+        Raises:
+            SamplingError: the state became non-finite (naming the step). RuntimeError: this run
+            was already iterated or run.
+        """
         if self._steps is not None or self._ran:
             raise RuntimeError("this sampling run was already iterated")
         self._ran = True
