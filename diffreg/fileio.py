@@ -20,34 +20,22 @@ def _default_mode() -> int:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` atomically,
-    on error it is removed and ``path`` is untouched.
+    on error it is removed and ``path`` is untouched (:func:`atomic_paths` with one target).
 
     Raises:
-        FileNotFoundError: the target's folder does not exist.
+        FileNotFoundError: the target's folder does not exist. OSError: naming the target.
     """
-    target = Path(path)
-    tmp = _temporary_beside(target)
-    try:
+    with atomic_paths(path) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the usual umask-based mode
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-        raise
 
 
 @contextlib.contextmanager
 def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     """:func:`atomic_path` for several files that belong together: yield one temporary path per
     target (in each target's folder). Once the body has written them all, every temporary file is
-    synced, then the targets are replaced one by one, each old target first moved aside; if a
-    replacement fails, the ones already made are undone (the old files moved back), so the
-    targets end up all new or all as they were. On error every temporary file is removed.
+    synced, then the targets are replaced one by one, each by one atomic rename while a hard link
+    keeps its old file; if a replacement fails or is interrupted, the ones already made are undone,
+    so the targets end up all new or all as they were. On error every temporary file is removed.
 
     Raises:
         FileNotFoundError: a target's folder does not exist. OSError: naming the target it
@@ -66,7 +54,7 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
             try:
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
-                os.chmod(tmp, _default_mode())
+                os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the usual umask-based mode
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
         _replace_all(temps, targets)

@@ -65,11 +65,6 @@ def _unit(instance, attribute, value):
         raise ConfigError(f"{attribute.name} must be in [0, 1), got {value!r}")
 
 
-def _optional_finite(instance, attribute, value):
-    if value is not None and not _number(value):
-        raise ConfigError(f"{attribute.name} must be a finite number or absent, got {value!r}")
-
-
 def _optional_guidance_scale(instance, attribute, value):
     if value is not None:
         try:

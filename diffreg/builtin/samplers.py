@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from diffreg import hookimpl
-from diffreg.parameterization import EpsPrediction
+from diffreg.parameterization import EpsPrediction, FixedSmallVariance
 from diffreg.sampler import Sampler, check_eta, ddim_coefficients, exp
 from diffreg.schedule import axpby
 
@@ -32,7 +32,7 @@ class DDPM(Sampler):
         tables = ctx.diffusion.tables
         idx = np.asarray(ctx.timesteps)
         coef_xstart, coef_x = tables.posterior_mean_coef1[idx], tables.posterior_mean_coef2[idx]
-        if ctx.diffusion.parameterization.variance_type.name == "fixed_small":
+        if isinstance(ctx.diffusion.parameterization.variance_type, FixedSmallVariance):
             # sqrt(posterior_variance): 0 at t = 0, where the last step adds no noise
             scaled = ScaledState.build(ctx, coef_x, np.sqrt(tables.posterior_variance[idx]))
             if scaled is not None:
