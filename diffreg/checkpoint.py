@@ -13,7 +13,6 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -24,13 +23,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffreg import registry
-from diffreg.config import CheckpointConfig
+from diffreg.config import CheckpointConfig, parse_json
 from diffreg.diffusion import Diffusion
 from diffreg.errors import CheckpointError, ConfigError
 from diffreg.fileio import atomic_path
 from diffreg.validation import check_float_dtype, resolve_device
 
-FORMAT_VERSION = 1
+#: Checkpoint format written by this diffreg: 2 added the ``sampling`` defaults to the config.
+FORMAT_VERSION = 2
+#: safetensors dtypes loaded as floating-point weights.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 BUNDLED_DIGITS = "digits.safetensors"
 
 
@@ -152,18 +154,23 @@ def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
             f"{str(path)!r} is a safetensors file without a diffreg configuration in its metadata; "
             "it was not written by diffreg.save_checkpoint"
         )
+    raw_version = meta.get("diffreg.format_version", "1")
     try:
-        version = int(meta.get("diffreg.format_version", "1"))
+        version = int(raw_version)
     except ValueError:
-        raise CheckpointError(f"{str(path)!r}: bad format version {meta.get('diffreg.format_version')!r}") from None
+        version = 0
+    if version < 1 or raw_version.strip() != str(version):
+        raise CheckpointError(
+            f"{str(path)!r}: bad checkpoint format version {raw_version!r}; accepted: 1..{FORMAT_VERSION}"
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{str(path)!r} has checkpoint format {version}, newer than this diffreg "
             f"understands ({FORMAT_VERSION}); written by diffreg {meta.get('diffreg.version', '?')}: upgrade diffreg"
         )
     try:
-        return CheckpointConfig.from_dict(json.loads(meta["diffreg.config"]))
-    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+        return CheckpointConfig.from_dict(parse_json(meta["diffreg.config"], "JSON configuration"))
+    except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r}: its stored configuration is invalid: {exc}") from exc
 
 
@@ -223,12 +230,59 @@ def _mismatch_report(
     return "; ".join(lines)
 
 
+def _build_on_meta(cfg: CheckpointConfig, path: Any) -> torch.nn.Module | None:
+    """The network of ``cfg`` on the ``meta`` device: shapes only, no memory, no RNG draws.
+
+    Returns ``None`` when a third-party model cannot be built on ``meta`` (it then gets only the
+    check after a real build). Raises CheckpointError for options the model refuses.
+    """
+    try:
+        with torch.device("meta"):
+            return registry.create("model", cfg.model.name, **cfg.model.options)
+    except (ValueError, TypeError) as exc:  # ComponentOptionError, out-of-bounds sizes
+        raise CheckpointError(f"{str(path)!r}: its stored model options are invalid: {exc}") from exc
+    except Exception:  # pragma: no cover - a plugin whose __init__ needs real tensors
+        return None
+
+
+def _dtype_report(model: torch.nn.Module, dtypes: dict[str, str]) -> str | None:
+    """Tensors whose stored dtype the model cannot take: a floating weight must be stored as
+    F16, BF16, F32 or F64 (float8 is refused by name); an integer buffer as an integer."""
+    float8, other = [], []
+    for key, tensor in model.state_dict().items():
+        stored = dtypes.get(key)
+        if stored is None or (stored in FLOAT_DTYPES) == tensor.is_floating_point():
+            continue
+        (float8 if stored.startswith("F8") else other).append(f"{key} is {stored}")
+    if not (float8 or other):
+        return None
+    parts = []
+    if other:
+        parts.append(
+            f"tensors stored with a non-floating dtype where the model has weights, or the reverse ({len(other)}): "
+            f"{', '.join(other[:8])}{' ...' if len(other) > 8 else ''}"
+        )
+    if float8:
+        parts.append(
+            f"float8 tensors ({len(float8)}): {', '.join(float8[:8])}{' ...' if len(float8) > 8 else ''}; "
+            "diffreg does not load float8 weights: convert them to float16 or float32 first"
+        )
+    return "; ".join(parts) + f"; accepted for weights: {', '.join(FLOAT_DTYPES)}"
+
+
 def load_checkpoint(
     path: str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint: the model (in eval mode), its diffusion and its configuration.
+
+    Nothing is built from the header alone: the network is first built on the ``meta`` device
+    (shapes only, no memory) and its tensor names, shapes and dtypes are compared with those the
+    file's header declares; only a file whose tensors fit is then built for real and read. Every
+    size option of the built-in components is bounded (see :class:`~diffreg.models.UNet`,
+    :class:`~diffreg.models.MLPDenoiser`, :data:`diffreg.config.MAX_TIMESTEPS`), so a hostile header
+    can neither exhaust memory nor hang the loader.
 
     Args:
         path: a ``.safetensors`` file from :func:`save_checkpoint`; ``None`` loads the bundled
@@ -237,12 +291,16 @@ def load_checkpoint(
             (default float32; fp16/bf16 work with every sampler, whose state stays fp32).
 
     Returns:
-        :class:`LoadedCheckpoint` ``(model, diffusion, config)``.
+        :class:`LoadedCheckpoint` ``(model, diffusion, config)``; ``config.sampling`` holds the
+        checkpoint's sampling defaults (clipping, dynamic thresholding; files written before they
+        were recorded get ``clip=True``).
 
     Raises:
-        FileNotFoundError: no such file. CheckpointError: not safetensors, truncated, a newer
-        format, a training-state file, or tensors that do not fit the stored configuration (all
-        mismatches reported together, naming the options that would explain them).
+        FileNotFoundError: no such file. CheckpointError: not safetensors, truncated, a format
+        version that is not a positive int or is newer than this diffreg, a training-state file,
+        out-of-bounds options, tensors in an unsupported dtype (float8), or tensors that do not fit
+        the stored configuration (all mismatches reported together, naming the options that would
+        explain them).
     """
     target_dtype = torch.float32 if dtype is None else check_float_dtype(dtype, "dtype")
     target_device = resolve_device(device if device is not None else "cpu")
@@ -250,21 +308,27 @@ def load_checkpoint(
         raise TypeError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
     path = bundled_checkpoint_path() if path is None else Path(path)
     cfg = read_config(path)
-    diffusion = Diffusion.from_config(cfg.diffusion)
-    with torch.random.fork_rng(devices=[]):  # building the network must not move the caller's RNG
-        model = registry.create("model", cfg.model.name, **cfg.model.options)
     _check_classes(cfg, path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            floating = {k: f.get_slice(k).get_dtype() in ("F16", "BF16", "F32", "F64") for k in keys}
-            problem = _mismatch_report(model, shapes, cfg, floating)
-            if problem:
-                raise CheckpointError(f"{str(path)!r} does not fit its configuration: {problem}")
+            dtypes = {k: str(f.get_slice(k).get_dtype()) for k in keys}
+    except Exception as exc:
+        raise CheckpointError(
+            f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
+    skeleton = _build_on_meta(cfg, path)  # the header is checked against shapes before any allocation
+    if skeleton is not None:
+        _check_tensors(skeleton, shapes, dtypes, cfg, path)
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    with torch.random.fork_rng(devices=[]):  # building the network must not move the caller's RNG
+        model = registry.create("model", cfg.model.name, **cfg.model.options)
+    if skeleton is None:
+        _check_tensors(model, shapes, dtypes, cfg, path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in keys}
-    except CheckpointError:
-        raise
     except Exception as exc:
         raise CheckpointError(
             f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}"
@@ -274,3 +338,13 @@ def load_checkpoint(
     model.to(device=target_device, dtype=target_dtype)
     model.eval()
     return LoadedCheckpoint(model, diffusion, cfg)
+
+
+def _check_tensors(
+    model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], cfg: CheckpointConfig, path: Any
+) -> None:
+    problem = _dtype_report(model, dtypes) or _mismatch_report(
+        model, shapes, cfg, {k: d in FLOAT_DTYPES for k, d in dtypes.items()}
+    )
+    if problem:
+        raise CheckpointError(f"{str(path)!r} does not fit its configuration: {problem}")

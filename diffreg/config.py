@@ -9,8 +9,11 @@ never disagree. Change a configuration with ``attrs.evolve``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
@@ -25,17 +28,64 @@ else:  # pragma: no cover
 
 #: Version of the configuration format written by this diffreg. Newer files are refused.
 FORMAT_VERSION = 1
+#: Deepest nesting of lists and tables accepted in an option value (real options nest 1-2 levels;
+#: a bound keeps hostile input from exhausting Python's recursion limit).
+MAX_NESTING = 32
+#: Largest number of diffusion timesteps T accepted (guided-diffusion trains with T <= 4000); the
+#: float64 tables cost 8 bytes x 9 tables x T.
+MAX_TIMESTEPS = 100_000
 
 
-def _json_value(value: Any, where: str) -> Any:
-    """Check that ``value`` is a JSON/TOML value (tuples become lists)."""
+def _json_value(value: Any, where: str, depth: int = 0) -> Any:
+    """Check that ``value`` is a JSON/TOML value (tuples become lists) nested at most
+    :data:`MAX_NESTING` levels."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if depth >= MAX_NESTING:
+        raise ConfigError(f"{where}: option values are nested more than {MAX_NESTING} levels deep")
     if isinstance(value, (list, tuple)):
-        return [_json_value(v, where) for v in value]
+        return [_json_value(v, where, depth + 1) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _json_value(v, where) for k, v in value.items()}
+        return {str(k): _json_value(v, where, depth + 1) for k, v in value.items()}
     raise ConfigError(f"{where}: option values must be JSON values, got {type(value).__name__}")
+
+
+def parse_json(text: str, what: str = "JSON configuration") -> Any:
+    """``json.loads`` with one-line :class:`ConfigError` for invalid or too deeply nested text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"invalid {what}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"invalid {what}: lists or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+
+
+def parse_toml(text: str, what: str = "TOML configuration") -> dict[str, Any]:
+    """``tomllib.loads`` with one-line :class:`ConfigError` for invalid or too deeply nested text."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid {what}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"invalid {what}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+
+
+def read_toml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict. TOML is UTF-8 by definition (TOML 1.0, "Spec").
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: not UTF-8 (naming the byte offset), invalid
+        TOML, or nested too deeply; each naming the file.
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"configuration {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "TOML files must be UTF-8"
+        ) from None
+    return parse_toml(text, f"TOML in {str(path)!r}")
 
 
 @attrs.frozen
@@ -91,13 +141,13 @@ def _spec(field: str, default: str):
 
 
 def _check_num_timesteps(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ConfigError(f"num_timesteps must be an int >= 2, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_TIMESTEPS:
+        raise ConfigError(f"num_timesteps must be an int in 2..{MAX_TIMESTEPS:,}, got {value!r}")
 
 
 def _check_format_version(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"format_version must be a positive int, got {value!r}")
+        raise ConfigError(f"format_version must be an int >= 1, got {value!r}")
     if value > FORMAT_VERSION:
         raise ConfigError(
             f"configuration format_version {value} is newer than this diffreg understands "
@@ -143,11 +193,7 @@ class _DictMixin:
     @classmethod
     def from_json(cls, text: str):
         """Parse JSON text; invalid JSON or content raises ConfigError."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"invalid JSON configuration: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text))
 
     def to_toml(self) -> str:
         """TOML text. TOML has no null: an option set to ``None`` is left out when the component's
@@ -165,11 +211,12 @@ class _DictMixin:
     @classmethod
     def from_toml(cls, text: str):
         """Parse TOML text (with tomllib); invalid TOML or content raises ConfigError."""
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML configuration: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(parse_toml(text))
+
+    @classmethod
+    def from_toml_file(cls, path: str | os.PathLike[str]):
+        """Read a TOML file (see :func:`read_toml_file`); errors name the file."""
+        return cls.from_dict(read_toml_file(path))
 
 
 def _drop_none(value: Any) -> Any:
@@ -302,6 +349,69 @@ def _coerce_diffusion(value: Any) -> DiffusionConfig:
     return DiffusionConfig.coerce(value)
 
 
+def _check_clip(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"sampling.clip must be true (clip the predicted x_0 to [-1, 1], for data in that range) or "
+            f"false (no clipping), got {value!r}"
+        )
+
+
+def _check_threshold(instance, attribute, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ConfigError(
+            f"sampling.dynamic_threshold must be a percentile in (0, 1] such as 0.995, or null (off), got {value!r}"
+        )
+
+
+@attrs.frozen
+class SamplingConfig(_DictMixin):
+    """Sampling defaults a checkpoint recommends, chosen from its training data; the command line
+    (``--clip/--no-clip``, ``--dynamic-threshold``) and keyword arguments override them.
+
+    Fields:
+        clip: clip the predicted x_0 to [-1, 1] at every step (guided-diffusion's
+            ``clip_denoised``): right for images scaled to [-1, 1], wrong for data that reaches
+            beyond (2-D toys reach +-1.5), which training records as ``False``. Checkpoints written
+            before this field existed load with ``True``, the behaviour they were sampled with.
+        dynamic_threshold: a percentile p in (0, 1] for dynamic thresholding (Saharia et al. 2022,
+            "Imagen", section 2.3), or ``None`` (off).
+
+    Use :meth:`driver_options` to pass them to :meth:`diffreg.Diffusion.sample`.
+    """
+
+    clip: bool = attrs.field(default=True, validator=_check_clip)
+    dynamic_threshold: float | None = attrs.field(default=None, validator=_check_threshold)
+
+    @classmethod
+    def coerce(cls, value: SamplingConfig | Mapping[str, Any] | None) -> SamplingConfig:
+        """Accept a SamplingConfig, a plain dict or ``None`` (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, SamplingConfig):
+            return value
+        return cls.from_dict(value)
+
+    def driver_options(self) -> dict[str, Any]:
+        """Keyword options of :meth:`diffreg.Diffusion.sample`: ``clip_denoised`` and
+        ``dynamic_threshold``."""
+        return {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
+
+    @classmethod
+    def for_data(cls, x: Any) -> SamplingConfig:
+        """The defaults for training data ``x`` (a tensor or array ``[N, ...]``): clip only images
+        (``[N, C, H, W]``) that lie within [-1, 1]; vectors such as 2-D toys are never clipped."""
+        import torch
+
+        x = torch.as_tensor(x)
+        if x.ndim == 4 and x.numel():
+            lo, hi = float(x.min()), float(x.max())
+            return cls(clip=bool(math.isfinite(lo) and math.isfinite(hi) and -1.0 <= lo and hi <= 1.0))
+        return cls(clip=False)
+
+
 @attrs.frozen
 class CheckpointConfig(_DictMixin):
     """What a checkpoint carries besides its weights: the diffusion, the model, and the data.
@@ -309,14 +419,16 @@ class CheckpointConfig(_DictMixin):
     ``model`` is a :class:`ComponentSpec` of kind ``model`` whose options rebuild the network;
     ``data`` describes the samples: ``{"shape": [C, H, W], "num_classes": int | None,
     "dataset": str}`` (num_classes counts real classes; the null class for classifier-free
-    guidance is extra).
+    guidance is extra); ``sampling`` holds the sampling defaults recommended for this data
+    (:class:`SamplingConfig`: clipping, dynamic thresholding).
     """
 
-    _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig}
+    _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig, "sampling": SamplingConfig}
 
     diffusion: DiffusionConfig = attrs.field(converter=_coerce_diffusion)
     model: ComponentSpec = attrs.field(converter=lambda v: ComponentSpec.coerce(v, "model"))
     data: dict[str, Any] = attrs.field(factory=dict, hash=False, validator=lambda i, a, v: _check_data(v))
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig, converter=SamplingConfig.coerce)
     format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)
 
     @classmethod

@@ -40,7 +40,7 @@ def test_metadata_records_config_and_versions(tmp_path):
     path = diffreg.save_checkpoint(tmp_path / "m.safetensors", _model(cfg), cfg)
     meta = read_metadata(path)
     assert meta["diffreg.version"] == diffreg.__version__
-    assert meta["diffreg.format_version"] == "1"
+    assert meta["diffreg.format_version"] == "2"  # 2: the config carries sampling defaults
     assert json.loads(meta["diffreg.config"])["model"]["name"] == "unet"
 
 
