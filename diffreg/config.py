@@ -57,7 +57,9 @@ def parse_json(text: str, what: str = "JSON configuration") -> Any:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"invalid {what}: {exc}") from exc
     except RecursionError:
-        raise ConfigError(f"invalid {what}: lists or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+        raise ConfigError(
+            f"invalid {what}: lists or tables nested too deeply (at most {MAX_NESTING} levels)"
+        ) from None
 
 
 def parse_toml(text: str, what: str = "TOML configuration") -> dict[str, Any]:
@@ -67,7 +69,9 @@ def parse_toml(text: str, what: str = "TOML configuration") -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid {what}: {exc}") from exc
     except RecursionError:
-        raise ConfigError(f"invalid {what}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)") from None
+        raise ConfigError(
+            f"invalid {what}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)"
+        ) from None
 
 
 def read_toml_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def test_info_prints_config_and_parameter_count(run, tiny_checkpoint):
     result = run("info", tiny_checkpoint, "--json")
     report = json.loads(result.output)
     assert report["config"]["model"]["name"] == "unet"
-    assert report["parameters"] > 1000 and report["format_version"] == 1
+    assert report["parameters"] > 1000 and report["format_version"] == 2  # 2: with sampling defaults
 
 
 def test_plugins_and_list_json(run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffreg.models.options import MLP_BOUNDS, check_int, check_labels, warn_no_labels
 from diffreg.models.unet import timestep_embedding
 
 
@@ -16,7 +17,12 @@ class MLPDenoiser(nn.Module):
             variance). hidden: width. depth: residual blocks. num_classes: optional class
             conditioning with a null class at index ``num_classes``.
 
-    Input ``x`` float ``[N, dim]``, ``t`` int64 ``[N]``; output ``[N, out_dim]``.
+    Input ``x`` float ``[N, dim]``, ``t`` int64 ``[N]``, ``y`` int64 ``[N]`` in ``0..num_classes``
+    (``None``: the null class, with a warning once); output ``[N, out_dim]``.
+
+    Raises:
+        ValueError: a size option outside :data:`diffreg.models.options.MLP_BOUNDS` (naming it, its
+        value and the bound); in ``forward``, a wrong shape or a CPU label out of range.
     """
 
     def __init__(
@@ -28,11 +34,15 @@ class MLPDenoiser(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("out_dim", out_dim or 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MLPDenoiser option {name} must be an integer >= 1, got {value!r}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"MLPDenoiser option num_classes must be >= 1 or None, got {num_classes}")
+        for name, value in (
+            ("dim", dim),
+            ("hidden", hidden),
+            ("depth", depth),
+            ("out_dim", out_dim),
+            ("num_classes", num_classes),
+        ):
+            if value is not None or name in ("dim", "hidden", "depth"):
+                check_int("MLPDenoiser", name, value, MLP_BOUNDS[name])
         self.dim = dim
         self.hidden = hidden
         self.num_classes = num_classes
@@ -57,8 +67,12 @@ class MLPDenoiser(nn.Module):
         emb = self.emb(timestep_embedding(t, self.hidden).to(x.dtype))
         if self.label_emb is not None:
             if y is None:
+                warn_no_labels("MLPDenoiser", self, self.num_classes or 0)
                 y = torch.full((x.shape[0],), self.num_classes or 0, dtype=torch.long, device=x.device)
+            check_labels("MLPDenoiser", y, x.shape[0], self.num_classes or 0)
             emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this MLPDenoiser is unconditional (num_classes=None) but got labels y")
         h = self.inp(x) + emb
         for block in self.blocks:
             h = h + block(h)

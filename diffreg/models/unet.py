@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffreg.models.options import UNET_BOUNDS, check_int, check_int_list, check_labels, warn_no_labels
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (Vaswani et al. 2017; as in ADM).
@@ -138,9 +140,18 @@ class UNet(nn.Module):
             guidance.
         dropout, use_scale_shift_norm: as in ADM.
 
+    Every size option is bounded (:data:`diffreg.models.options.UNET_BOUNDS`); ``channel_mult`` and
+    ``attention_resolutions`` must be lists of ints.
+
     Input: ``x`` float ``[N, in_channels, H, W]``, ``t`` int64 ``[N]`` (original-process
     timesteps), ``y`` int64 ``[N]`` class labels in ``[0, num_classes]`` (``None`` -> null class).
-    Output: ``[N, out_channels, H, W]``.
+    Output: ``[N, out_channels, H, W]``. Called without ``y``, a conditional UNet warns once and
+    uses the null class.
+
+    Raises:
+        ValueError: an option out of bounds or of the wrong type (naming it, its value and the
+        bound); in ``forward``, a wrong input shape or a CPU label out of ``0..num_classes``.
+        TypeError: labels that are not an integer tensor.
     """
 
     def __init__(
@@ -164,22 +175,26 @@ class UNet(nn.Module):
             ("image_size", image_size),
             ("num_res_blocks", num_res_blocks),
             ("num_heads", num_heads),
-            ("out_channels", 1 if out_channels is None else out_channels),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNet option {name} must be an integer >= 1, got {value!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"UNet option dropout must be in [0, 1), got {dropout!r}")
+            check_int("UNet", name, value, UNET_BOUNDS[name])
+        if out_channels is not None:
+            check_int("UNet", "out_channels", out_channels, UNET_BOUNDS["out_channels"])
+        if num_classes is not None:
+            check_int("UNet", "num_classes", num_classes, UNET_BOUNDS["num_classes"])
+        channel_mult = check_int_list(
+            "UNet", "channel_mult", channel_mult, UNET_BOUNDS["channel_mult"], UNET_BOUNDS["levels"]
+        )
+        attention_resolutions = check_int_list(
+            "UNet", "attention_resolutions", attention_resolutions, (1, UNET_BOUNDS["image_size"][1]), (0, 16)
+        )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"UNet option dropout must be a number in [0, 1), got {dropout!r}")
         levels = len(channel_mult)
-        if levels < 1 or any(m < 1 for m in channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {channel_mult!r}")
         if image_size % (2 ** (levels - 1)):
             raise ValueError(
                 f"image_size {image_size} is not divisible by 2^{levels - 1} "
                 f"(needed for {levels} levels of channel_mult)"
             )
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size = image_size
@@ -241,7 +256,9 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         if self.label_emb is not None:
             if y is None:
+                warn_no_labels("UNet", self, self.num_classes or 0)
                 y = torch.full((x.shape[0],), self.num_classes or 0, dtype=torch.long, device=x.device)
+            check_labels("UNet", y, x.shape[0], self.num_classes or 0)
             emb = emb + self.label_emb(y)
         elif y is not None:
             raise ValueError("this UNet is unconditional (num_classes=None) but got labels y")
