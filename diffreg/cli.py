@@ -64,9 +64,25 @@ def _user_errors(fn):
     return wrapper
 
 
+_OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), or a RuntimeError in which an allocator reports no memory
+    (CPU: "DefaultCPUAllocator: not enough memory" / "can't allocate memory"; MPS)."""
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
 def _one_line(exc: Exception) -> click.ClickException:
     """The library's user-facing errors as they are, OS errors in the OS's own words (permissions,
-    full disk, names too long), anything else as unexpected."""
+    full disk, names too long), running out of memory with the fix, anything else as unexpected."""
+    if _is_out_of_memory(exc):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return click.ClickException(
+            f"out of memory ({detail[:200]}); lower --batch-size (or use a smaller model or data size)"
+        )
     if isinstance(exc, _USER_ERRORS):
         return click.ClickException(str(exc))
     if isinstance(exc, OSError):
@@ -322,11 +338,20 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option(
     "--spacing", default="trailing", show_default=True, type=click.Choice(["leading", "trailing", "linspace"])
 )
-@click.option("--eta", default=None, type=float, help="DDIM stochasticity (samplers that take eta).")
+@click.option(
+    "--eta",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="DDIM stochasticity in 0..1 (0: deterministic, 1: as DDPM), for samplers that take eta.",
+)
 @click.option("--num-samples", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--seed", default=0, show_default=True, type=int, help="Sample k depends only on (seed, k), not on the batch size."
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 2**63 - 1),
+    help="Sample k depends only on (seed, k), not on the batch size.",
 )
 @click.option(
     "--class-label",
@@ -364,6 +389,19 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     type=click.Choice(list(DTYPES)),
     help="Model weights' dtype (the sampler state stays float32).",
 )
+@click.option(
+    "--clip/--no-clip",
+    default=None,
+    help="Clip the predicted x_0 to [-1, 1] at every step. Default: the checkpoint's recorded choice "
+    "(on for images in [-1, 1], off for 2-D toys and other data; on for checkpoints that record none).",
+)
+@click.option(
+    "--dynamic-threshold",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    metavar="P",
+    help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Imagen). Default: the checkpoint's.",
+)
 @click.option("--option", "options", multiple=True, help="Extra sampler option KEY=VALUE (JSON value), repeatable.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
@@ -382,6 +420,8 @@ def sample(
     npz_path,
     device,
     dtype_name,
+    clip,
+    dynamic_threshold,
     options,
     progress,
 ) -> None:
@@ -404,7 +444,13 @@ def sample(
     shape = cfg.sample_shape
     if shape is None:
         raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
-    labels = parse_labels(class_label, cfg.num_classes, num_samples)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
+    labels = parse_labels(class_label, num_classes, num_samples)
+    clipping = cfg.sampling.driver_options()  # the checkpoint's defaults, then the flags
+    if clip is not None:
+        clipping["clip_denoised"] = clip
+    if dynamic_threshold is not None:
+        clipping["dynamic_threshold"] = dynamic_threshold
     if guidance_scale is None:
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
     if guidance_scale != 1.0 and labels is None:
@@ -434,6 +480,7 @@ def sample(
             device=device,
             progress=progress and rank == 0,
             stats=stats,
+            **clipping,
         )
         samples.append(x.cpu())
     x = torch.cat(samples) if samples else torch.zeros(0, *shape)
@@ -470,9 +517,15 @@ def sample(
     written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}) in {elapsed:.1f} s -> {written}"
+        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}, {_clip_text(clipping)}) in {elapsed:.1f} s -> {written}"
     )
     finish_distributed()
+
+
+def _clip_text(clipping: dict[str, Any]) -> str:
+    threshold = clipping.get("dynamic_threshold")
+    text = "clip to [-1, 1]" if clipping.get("clip_denoised") else "no clipping"
+    return text + (f", dynamic threshold {threshold:g}" if threshold is not None else "")
 
 
 def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torch.Tensor:
@@ -558,7 +611,7 @@ def train(
     from diffreg.training import TrainConfig
     from diffreg.training import train as run_training
 
-    cfg = TrainConfig.from_toml(config_path.read_text()) if config_path else TrainConfig()
+    cfg = TrainConfig.from_toml_file(config_path) if config_path else TrainConfig()
     if settings:
         cfg = TrainConfig.from_dict(apply_settings(cfg.to_dict(), settings))
     overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}

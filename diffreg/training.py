@@ -19,7 +19,14 @@ from tqdm.auto import tqdm
 
 from diffreg import registry
 from diffreg.checkpoint import save_checkpoint
-from diffreg.config import CheckpointConfig, ComponentSpec, DiffusionConfig, _coerce_diffusion, _DictMixin
+from diffreg.config import (
+    CheckpointConfig,
+    ComponentSpec,
+    DiffusionConfig,
+    SamplingConfig,
+    _coerce_diffusion,
+    _DictMixin,
+)
 from diffreg.data import load_dataset
 from diffreg.diffusion import Diffusion
 from diffreg.errors import ConfigError
@@ -307,7 +314,12 @@ class Trainer:
         }
         if self.cfg.guidance_scale is not None and self.conditional:
             data_info["guidance_scale"] = self.cfg.guidance_scale
-        return CheckpointConfig(diffusion=self.cfg.diffusion, model=self.model_spec, data=data_info)
+        return CheckpointConfig(
+            diffusion=self.cfg.diffusion,
+            model=self.model_spec,
+            data=data_info,
+            sampling=SamplingConfig.for_data(self.x_all),  # clip images in [-1, 1] only
+        )
 
     def save(self, output: str | os.PathLike[str], checkpoint_dtype: torch.dtype | None = None) -> Path:
         """Write the EMA model checkpoint to ``output`` and the training state beside it
