@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 DATASETS = ("digits", "moons", "swiss_roll", "gaussian_mixture", "folder", "npz")
+#: Largest image (width x height) the image-folder loader decodes: 64 megapixels, far above
+#: any training image and below Pillow's decompression-bomb warning (about 89 megapixels).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -79,7 +83,9 @@ def load_image_folder(
     (zeros when unlabelled), ``K`` or ``None``.
 
     Raises:
-        FileNotFoundError: no such folder. ValueError: no images in it, or a bad ``channels``.
+        FileNotFoundError: no such folder. ValueError: no images in it, a bad ``channels``, an
+        unreadable image, or one larger than :data:`MAX_IMAGE_PIXELS` or Pillow's decompression-bomb
+        limit (naming the file).
     """
     from pathlib import Path
 
@@ -102,10 +108,24 @@ def load_image_folder(
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {str(root)!r}")
 
     def open_image(f):
+        # Pillow checks an image's declared size when it opens it (the header only): a warning
+        # above Image.MAX_IMAGE_PIXELS, an error above twice that; we refuse above our own bound
         try:
-            return Image.open(f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"{str(f)!r} is too large to decode safely (a decompression bomb?): {exc}") from None
         except OSError as exc:
             raise ValueError(f"{str(f)!r} is not a readable image ({exc})") from exc
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            img.close()
+            raise ValueError(
+                f"{str(f)!r} is {width}x{height} = {width * height:,} pixels; image-folder images may have at "
+                f"most {MAX_IMAGE_PIXELS:,} pixels (resize them first)"
+            )
+        return img
 
     with open_image(files[0][0]) as first:
         channels = channels or (1 if first.mode in ("L", "1", "I;16", "I") else 3)
@@ -147,8 +167,14 @@ def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     with archive as f:
         if "arr_0" not in f:
             raise ValueError(f"{str(path)!r} has no arr_0 (found: {', '.join(f.files)})")
-        data = f["arr_0"]
-        labels = f["arr_1"] if "arr_1" in f else None
+        try:
+            data = f["arr_0"]
+            labels = f["arr_1"] if "arr_1" in f else None
+        except ValueError as exc:  # object arrays: reading them would unpickle, which we never do
+            raise ValueError(
+                f"{str(path)!r} holds pickled Python objects (an object array), which diffreg never loads; "
+                f"save plain numeric arrays (np.savez(path, arr_0=images, arr_1=labels)) ({exc})"
+            ) from None
     if data.ndim == 4:
         x = torch.from_numpy(data.astype(np.float32)).permute(0, 3, 1, 2)
         x = x / 127.5 - 1.0 if data.dtype == np.uint8 else x
