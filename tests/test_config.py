@@ -396,3 +396,64 @@ def test_property_config_from_registered_names_builds_a_diffusion(data):
     assert diffusion.num_timesteps == cfg.num_timesteps
     assert diffusion.config == cfg
     assert diffusion.betas.shape == (cfg.num_timesteps,)
+
+
+# -- hostile configuration text -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (DiffusionConfig.from_json, "[" * 100_000 + "]" * 100_000),
+        (DiffusionConfig.from_toml, "a = " + "[" * 100_000 + "]" * 100_000),
+        (DiffusionConfig.from_toml, "a = " + "{b = " * 5_000 + "1" + "}" * 5_000),
+    ],
+)
+def test_deeply_nested_text_is_a_config_error(parse, text):
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse(text)
+
+
+def test_deeply_nested_option_values_are_refused():
+    value: list = []
+    for _ in range(40):
+        value = [value]
+    with pytest.raises(ConfigError, match="nested more than 32 levels"):
+        ComponentSpec("cosine", {"x": value})
+
+
+@pytest.mark.parametrize("version", [0, -1, -(10**30)])
+def test_format_version_below_one_names_the_value(version):
+    with pytest.raises(ConfigError, match=rf"format_version must be an int >= 1, got {version}"):
+        DiffusionConfig.from_dict({"format_version": version})
+
+
+def test_a_non_utf8_toml_file_is_named_with_the_offending_byte(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes('schedule = "cosine"\n# caf\xe9\n'.encode("latin-1"))  # 20 + 5 bytes before it
+    with pytest.raises(ConfigError, match=r"'.*c\.toml' is not UTF-8 text \(byte 0xe9 at offset 25\)"):
+        DiffusionConfig.from_toml_file(path)
+
+
+def test_a_toml_file_round_trips(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(DiffusionConfig.from_dict(DESIGN_EXAMPLE).to_toml(), encoding="utf-8")
+    assert DiffusionConfig.from_toml_file(path) == DiffusionConfig.from_dict(DESIGN_EXAMPLE)
+
+
+# -- sampling defaults chosen from the data --------------------------------------------------------
+
+
+def test_sampling_defaults_clip_only_images_within_minus_one_one():
+    import torch
+
+    from diffreg.config import SamplingConfig
+    from diffreg.data import load_digits, toy_2d
+
+    digits, _ = load_digits()
+    moons, _ = toy_2d("moons")
+    assert float(moons.abs().max()) > 1.2  # the 2-D toys reach beyond [-1, 1]
+    assert SamplingConfig.for_data(digits).clip is True
+    assert SamplingConfig.for_data(moons).clip is False
+    assert SamplingConfig.for_data(torch.full((2, 1, 4, 4), 1.5)).clip is False  # images beyond the range
+    assert SamplingConfig.for_data(torch.zeros(3, 2)).clip is False  # vectors: never
