@@ -517,7 +517,8 @@ def sample(
     written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}, {_clip_text(clipping)}) in {elapsed:.1f} s -> {written}"
+        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}, {_clip_text(clipping)}) "
+        f"in {elapsed:.1f} s -> {written}"
     )
     finish_distributed()
 

@@ -293,3 +293,212 @@ def test_numpy_numbers_are_numbers_and_ints_beyond_float_range_are_out_of_range(
         check_guidance_scale(10**400)
     with pytest.raises(TypeError, match="must be a number"):
         check_guidance_scale(np.bool_(True))
+
+
+# -- sequence options, labels and missing labels through the Python API ---------------------------
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("12", r"channel_mult must be a list of 1\.\.8 integers, each in 1\.\.32 such as \[1, 2, 4\], got '12'"),
+        (2, r"channel_mult must be a list .* got 2"),
+        ([], r"channel_mult must be a list of 1\.\.8 integers.*; got 0 entries: \[\]"),
+        ([1, 2.0], r"channel_mult .*; entry 1 is 2\.0"),
+        ([1, True], r"channel_mult .*; entry 1 is True"),
+        ([1, 0], r"channel_mult .*; entry 1 is 0"),
+        ([1] * 9, r"got 9 entries"),
+    ],
+)
+def test_channel_mult_names_the_value_and_what_is_accepted(value, message):
+    with pytest.raises(ComponentOptionError, match=message):
+        diffreg.registry.create("model", "unet", channel_mult=value, image_size=256)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"attention_resolutions": "4"}, r"attention_resolutions must be a list of 0\.\.16 integers"),
+        ({"num_res_blocks": 10**5}, r"num_res_blocks must be an integer in 1\.\.32, got 100000"),
+        ({"dropout": 1.5}, r"dropout must be a number in \[0, 1\), got 1\.5"),
+    ],
+)
+def test_other_unet_options_name_value_and_bound(options, message):
+    with pytest.raises(ComponentOptionError, match=message):
+        diffreg.registry.create("model", "unet", **options)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"hidden": 10**6}, r"MLPDenoiser option hidden must be an integer in 1\.\.65,536, got 1000000"),
+        ({"depth": 10**4}, r"depth must be an integer in 1\.\.256, got 10000"),
+        ({"num_classes": 0}, r"num_classes must be an integer in 1\.\.100,000, got 0"),
+        ({"out_dim": 0}, r"out_dim must be an integer in 1\.\.131,072, got 0"),
+    ],
+)
+def test_mlp_options_name_value_and_bound(options, message):
+    with pytest.raises(ComponentOptionError, match=message):
+        diffreg.registry.create("model", "mlp", **options)
+
+
+@pytest.fixture(scope="module")
+def conditional_models():
+    return {
+        "unet": diffreg.registry.create("model", "unet", model_channels=8, num_heads=1, num_classes=3),
+        "mlp": diffreg.registry.create("model", "mlp", hidden=8, depth=1, num_classes=3),
+    }
+
+
+def _inputs(name):
+    return (torch.zeros(2, 1, 8, 8) if name == "unet" else torch.zeros(2, 2)), torch.tensor([5, 5])
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+@pytest.mark.parametrize("label", [4, -1, 1000])
+def test_class_labels_out_of_range_name_the_label(conditional_models, name, label):
+    # 3 real classes: 0..2, and 3 the null class; torch would raise IndexError inside nn.Embedding
+    x, t = _inputs(name)
+    with pytest.raises(ValueError, match=rf"class label {label} is out of range; accepted: 0\.\.2 \(and 3, the null"):
+        conditional_models[name](x, t, y=torch.tensor([0, label]))
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_float_or_misshaped_labels_are_named(conditional_models, name):
+    x, t = _inputs(name)
+    with pytest.raises(TypeError, match=r"class labels y must be an integer tensor.*got a torch\.float32 tensor"):
+        conditional_models[name](x, t, y=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class labels y must have shape \[2\] \(one per sample\), got \(3,\)"):
+        conditional_models[name](x, t, y=torch.tensor([0, 1, 2]))
+
+
+def test_labels_for_an_unconditional_mlp_are_refused():
+    model = diffreg.registry.create("model", "mlp", hidden=8, depth=1)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.zeros(2, 2), torch.tensor([1, 1]), y=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_sampling_a_conditional_model_without_labels_warns_once(name):
+    model = (
+        diffreg.registry.create("model", "unet", model_channels=8, num_heads=1, num_classes=3)
+        if name == "unet"
+        else diffreg.registry.create("model", "mlp", hidden=8, depth=1, num_classes=3)
+    )
+    d = diffreg.Diffusion.from_config({"schedule": "cosine", "num_timesteps": 10})
+    shape = (2, 1, 8, 8) if name == "unet" else (2, 2)
+    expected = r"class-conditional \(num_classes=3\) but was called without class labels"
+    with pytest.warns(UserWarning, match=expected) as seen:
+        d.sample(model, shape, steps=3, generator=torch.Generator().manual_seed(0))
+    assert sum("without class labels" in str(w.message) for w in seen) == 1  # once, not per step
+
+
+# -- hostile data files ---------------------------------------------------------------------------
+
+
+def test_a_pickled_npz_is_refused_naming_the_file(cli, tmp_path):
+    np.savez(tmp_path / "d.npz", np.array([{"a": 1}, None], dtype=object))
+    (tmp_path / "c.toml").write_text('steps = 1\n[data]\nname = "npz"\npath = "d.npz"\n')
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "'d.npz' holds pickled Python objects" in result.output, result.output
+
+
+def _folder_with(tmp_path, size):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    Image.new("1", size).save(tmp_path / "imgs" / "b.png")  # a few kB on disk, huge decoded
+    (tmp_path / "c.toml").write_text('steps = 1\n[data]\nname = "folder"\npath = "imgs"\n')
+
+
+def test_an_image_above_our_pixel_bound_is_named(cli, tmp_path):
+    _folder_with(tmp_path, (9000, 8000))  # 72 megapixels > 64 Mi, below Pillow's own limit
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "b.png' is 9000x8000 = 72,000,000 pixels; image-folder images may have at most 67,108,864" in result.output
+
+
+@pytest.mark.parametrize("limit", [1000, 30])  # 8 * 8 * 2 > 100: Pillow's error; > 30: its warning
+def test_a_decompression_bomb_is_named(cli, tmp_path, monkeypatch, limit):
+    from PIL import Image
+
+    _folder_with(tmp_path, (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # Pillow warns above it, raises above twice it
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "too large to decode safely (a decompression bomb?)" in result.output
+    assert "unexpected" not in result.output
+
+
+def test_a_non_utf8_training_config_is_named(cli, tmp_path):
+    (tmp_path / "c.toml").write_bytes(b"steps = 1\n# \xff\n")
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "'c.toml' is not UTF-8 text (byte 0xff at offset 12)" in result.output
+
+
+def test_a_deeply_nested_training_config_is_named(cli, tmp_path):
+    (tmp_path / "c.toml").write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "nested too deeply" in result.output and "unexpected" not in result.output
+
+
+# -- sample flags: numbers, memory, clipping --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=9223372036854775807"),
+        (["--eta", "1e308"], "Invalid value for '--eta': 1e+308 is not in the range 0.0<=x<=1.0"),
+        (["--dynamic-threshold", "0"], "Invalid value for '--dynamic-threshold': 0.0 is not in the range 0.0<x<=1.0"),
+        (["--dynamic-threshold", "1.5"], "Invalid value for '--dynamic-threshold'"),
+    ],
+)
+def test_out_of_range_sample_numbers_are_named(cli, args, message):
+    result = cli(*SAMPLE, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_nan_eta_is_named(cli):
+    result = cli(*SAMPLE, "--eta", "nan")
+    assert result.exit_code == 1 and "eta must be finite, got nan" in result.output, result.output
+
+
+def test_out_of_memory_says_lower_the_batch_size(cli, monkeypatch):
+    def exhausted(*args, **kwargs):  # what torch's CPU allocator raises
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes"
+        )
+
+    monkeypatch.setattr(diffreg.Diffusion, "sample", exhausted)
+    result = cli(*SAMPLE)
+    assert result.exit_code == 1 and "out of memory" in result.output and "lower --batch-size" in result.output
+    assert "unexpected" not in result.output
+
+
+def test_a_moons_model_samples_without_clipping_by_default(cli, tmp_path):
+    # the moons reach +-1.5: clipping x_0 to [-1, 1] piles samples on the box's edge (issue 12)
+    trained = cli("train", "--set", "data.name=moons", "--set", "model.name=mlp", "--set", "model.hidden=32",
+                  "--steps", 30, "--output", "m.safetensors", "--no-progress")  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    _, _, cfg = diffreg.load_checkpoint(tmp_path / "m.safetensors")
+    assert cfg.sampling.clip is False
+    base = ["sample", "m.safetensors", "--num-samples", 200, "--steps", 10, "--no-progress", "--output", ""]
+    default = cli(*base, "--npz", "default.npz")
+    assert default.exit_code == 0 and "no clipping" in default.output, default.output
+    clipped = cli(*base, "--clip", "--npz", "clipped.npz")
+    assert clipped.exit_code == 0 and "clip to [-1, 1]" in clipped.output, clipped.output
+    x = np.load(tmp_path / "default.npz")["arr_0"]
+    x_clipped = np.load(tmp_path / "clipped.npz")["arr_0"]
+    # a (barely trained) model that is not clipped leaves the box; the same noise clipped stays in it
+    assert np.abs(x).max() > 1.0 and not np.any(np.abs(x) == 1.0)
+    assert np.abs(x_clipped).max() <= 1.0 + 1e-6
+    assert not np.allclose(x, x_clipped)
+
+
+def test_an_image_model_records_clipping_and_no_clip_turns_it_off(cli, tmp_path, tiny_checkpoint):
+    _, _, cfg = diffreg.load_checkpoint(tiny_checkpoint)
+    assert cfg.sampling.clip is True
+    result = cli("sample", tiny_checkpoint, "--num-samples", 2, "--steps", 2, "--no-progress", "--no-clip",
+                 "--dynamic-threshold", "0.9")  # fmt: skip
+    assert result.exit_code == 0 and "no clipping, dynamic threshold 0.9" in result.output, result.output
