@@ -6,10 +6,20 @@ import difflib
 from collections.abc import Iterable
 
 
-def closest(name: str, candidates: Iterable[str]) -> str | None:
-    """Return the candidate closest to ``name`` (difflib ratio >= 0.6), or ``None``."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+def closest(name: str, candidates: Iterable[str], n: int = 1) -> str | None:
+    """Return the candidate closest to ``name`` (difflib ratio >= 0.6, ignoring case), or ``None``.
+
+    With ``n > 1``, a comma-separated string of up to ``n`` closest candidates (or ``None``).
+    """
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(candidate.lower(), candidate)
+    matches = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)
+    return ", ".join(by_lower[m] for m in matches) if matches else None
+
+
+#: Unknown-name messages list every known name up to this many, then only the closest ones.
+MAX_LISTED = 30
 
 
 class UnknownComponentError(KeyError):
@@ -19,19 +29,34 @@ class UnknownComponentError(KeyError):
     known names and the closest match.
     """
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]):
+    def __init__(self, kind: str, name: str, known: Iterable[str], message: str | None = None):
         self.kind = kind
         self.name = name
         self.known = sorted(known)
-        hint = closest(name, self.known)
-        message = f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}"
-        if hint is not None:
-            message += f"; did you mean {hint!r}?"
+        if message is None:
+            hint = closest(name, self.known)
+            if len(self.known) <= MAX_LISTED:
+                message = f"unknown {kind} {name!r}; known: {', '.join(self.known) or '(none)'}"
+                if hint is not None:
+                    message += f"; did you mean {hint!r}?"
+            else:  # do not print ten thousand names
+                near = closest(name, self.known, n=5)
+                message = f"unknown {kind} {name!r} ({len(self.known)} known; `diffreg list {kind}` shows them)"
+                message += f"; closest: {near}" if near else ""
         self.message = message
         super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would print repr(message)
         return self.message
+
+
+class MissingProviderError(UnknownComponentError):
+    """A component recorded (in a checkpoint) with the distribution that provided it, which is not
+    installed or no longer provides it; the message says what to install."""
+
+    def __init__(self, kind: str, name: str, provider: str, message: str):
+        self.provider = provider
+        super().__init__(kind, name, (), message=message)
 
 
 class AmbiguousComponentError(KeyError):

@@ -1,34 +1,43 @@
-"""The plugin contract: the hooks through which every diffreg component is registered.
+"""The plugin contract: every hook, what it passes, what each factory must return. Read this file.
 
-A plugin is a module (or any object) with functions marked ``@diffreg.hookimpl`` whose names are
-the hooks below. It is found through the ``diffreg`` entry-point group::
+A plugin is a module (or any object) with functions marked ``@diffreg.hookimpl`` and named after
+the hooks below. An installed plugin is found through the ``diffreg`` entry-point group::
 
     # pyproject.toml of a plugin distribution
     [project.entry-points.diffreg]
     my_plugin = "my_package.diffreg_plugin"
 
-and the built-in components of ``diffreg/builtin/`` are registered through exactly these hooks.
+The built-in components of ``diffreg/builtin/`` are registered through exactly these hooks.
 
-Every hook receives one argument, ``register``, a callable::
+**Every hook** receives one argument, ``register``, a callable::
 
-    register(name: str, factory: Callable[..., Any], **metadata) -> None
+    register(name: str, factory: Callable[..., Product], **metadata) -> None
 
-``name`` is the component's bare name (lower-case letters, digits, ``_`` and ``-``); the registry
-also knows it by its qualified name ``<plugin>:<name>``. ``factory`` is called with the component's
-options (keyword arguments from a configuration) and returns the component; its signature is what
-options are checked against. ``metadata`` is free-form JSON-able information shown by
-``diffreg list`` (for samplers: ``order``, ``nfe_per_step``, ``stochastic``, ``paper``).
+- ``name``: the component's bare name (lower-case letters, digits, ``_``, ``-``, ``.``); the
+  registry also knows it as ``<plugin>:<name>`` and ``<distribution>:<name>``.
+- ``factory``: called with the component's options (keyword arguments from a configuration) and
+  returns the component, which must be an instance of the kind's ``product`` (checked when it is
+  created: a wrong type is a :class:`~diffreg.errors.PluginError` naming the plugin). Its signature
+  is what options are checked against, so give options defaults and annotations.
+- ``metadata``: free-form JSON-able information shown by ``diffreg list`` (``paper=...``). For a
+  kind with ``class_metadata`` (samplers: ``order``, ``nfe_per_step``, ``stochastic``) those keys
+  are read from the factory's class attributes; do not repeat them (a different value is an error).
 
-A hook must only call ``register``: it runs once per process, when the registry is first used. If it
-raises, or registers one name twice, the whole plugin is skipped with a warning naming its
-distribution (an error under ``DIFFREG_STRICT_PLUGINS=1``); the host keeps working.
+A hook must only call ``register``. Hooks run once per process, when the registry is first used;
+they must not use the registry themselves (it is not complete yet: that is an error). If a hook
+raises (anything, ``SystemExit`` included), or registers one name twice, the whole plugin is skipped
+with a warning naming its distribution (an error under ``DIFFREG_STRICT_PLUGINS=1``).
 
-All hooks: since diffreg 0.1.
+**Adding a kind** is one row of :data:`COMPONENT_KINDS`: the hook ``diffreg_register_<plural>`` is
+made from it (with the row's text as its documentation), and the registry, ``diffreg list`` and the
+product check follow.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pluggy
 
@@ -39,88 +48,122 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 Register = Callable[..., None]
 
-#: Component kinds and the hook that registers each one.
-KIND_HOOKS: dict[str, str] = {
-    "schedule": "diffreg_register_schedules",
-    "parameterization": "diffreg_register_parameterizations",
-    "variance": "diffreg_register_variances",
-    "sampler": "diffreg_register_samplers",
-    "loss": "diffreg_register_losses",
-    "timestep_sampler": "diffreg_register_timestep_samplers",
-    "model": "diffreg_register_models",
-}
+
+class Kind(NamedTuple):
+    """One component kind: its ``name``, the ``hook`` that registers it, the ``product`` class every
+    factory must return (``"module:Class"``, imported when first needed), the diffreg version that
+    added it (``since``), class attributes read as metadata, and the hook's documentation."""
+
+    name: str
+    hook: str
+    product: str
+    since: str
+    doc: str
+    class_metadata: tuple[str, ...] = ()
+
+    def product_type(self) -> type:
+        """The class the factories of this kind must return (imported on first use)."""
+        module, _, attr = self.product.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
-@hookspec
-def diffreg_register_schedules(register: Register) -> None:
-    """Register noise schedules (kind ``schedule``).
-
-    The factory is called as ``factory(num_timesteps: int, **options)`` and returns a
-    :class:`diffreg.NoiseSchedule`, whose ``betas`` is a float64 array of shape ``[num_timesteps]``
-    with every value in ``(0, 1]``.
+#: Every component kind, in the order ``diffreg list`` shows them.
+COMPONENT_KINDS: tuple[Kind, ...] = (
+    Kind("schedule", "diffreg_register_schedules", "diffreg.schedule:NoiseSchedule", "0.1", """
+    Noise schedules: ``factory(num_timesteps: int, **options)`` returns a :class:`diffreg.NoiseSchedule`
+    whose ``betas`` is a float64 array of shape ``[num_timesteps]`` with every value in ``(0, 1]``
+    (subclass it and implement ``compute_betas``).
 
     Example::
 
-        @hookimpl
+        @diffreg.hookimpl
         def diffreg_register_schedules(register):
             register("quadratic", QuadraticSchedule, paper="...")
-    """
+    """),
+    Kind("parameterization", "diffreg_register_parameterizations", "diffreg.parameterization:MeanType", "0.1", """
+    What the network predicts: ``factory(**options)`` returns a
+    :class:`diffreg.parameterization.MeanType`, which turns the raw output into ``pred_xstart`` and
+    ``pred_eps`` and gives the training target. Built-ins: ``eps``, ``x0``, ``v``.
 
+    Example::
 
-@hookspec
-def diffreg_register_parameterizations(register: Register) -> None:
-    """Register model mean types (kind ``parameterization``): what the network predicts.
+        @diffreg.hookimpl
+        def diffreg_register_parameterizations(register):
+            register("eps", EpsPrediction, paper="Ho et al. 2020")
+    """),
+    Kind("variance", "diffreg_register_variances", "diffreg.parameterization:VarianceType", "0.1", """
+    Reverse-process variances: ``factory(**options)`` returns a
+    :class:`diffreg.parameterization.VarianceType`; a type with ``learned = True`` doubles the
+    network's output channels. Built-ins: ``fixed_small``, ``fixed_large``, ``learned``,
+    ``learned_range``.
 
-    The factory is called with options and returns a :class:`diffreg.parameterization.MeanType`,
-    which turns the raw network output into ``pred_xstart`` and ``pred_eps`` and gives the training
-    target. Built-ins: ``eps``, ``x0``, ``v``.
-    """
+    Example::
 
+        @diffreg.hookimpl
+        def diffreg_register_variances(register):
+            register("fixed_small", FixedSmallVariance)
+    """, ("learned",)),
+    Kind("sampler", "diffreg_register_samplers", "diffreg:Sampler", "0.1", """
+    Samplers: ``factory(**options)`` (for example ``eta``) returns a :class:`diffreg.Sampler`, whose
+    class attributes ``order``, ``nfe_per_step`` and ``stochastic`` are its declared properties
+    (read from the class; the conformance kit checks them).
 
-@hookspec
-def diffreg_register_variances(register: Register) -> None:
-    """Register reverse-process variance types (kind ``variance``).
+    Example::
 
-    The factory is called with options and returns a :class:`diffreg.parameterization.VarianceType`.
-    Types with ``learned = True`` double the network's output channels. Built-ins: ``fixed_small``,
-    ``fixed_large``, ``learned``, ``learned_range``.
-    """
-
-
-@hookspec
-def diffreg_register_samplers(register: Register) -> None:
-    """Register samplers (kind ``sampler``).
-
-    The factory is called with the sampler's options (for example ``eta``) and returns a
-    :class:`diffreg.Sampler`. Declare ``order``, ``nfe_per_step`` and ``stochastic`` in the metadata
-    (they are also class attributes of the sampler); conformance checks read them.
-    """
-
-
-@hookspec
-def diffreg_register_losses(register: Register) -> None:
-    """Register training losses (kind ``loss``).
-
-    The factory is called with options and returns a :class:`diffreg.loss.Loss`, called by
+        @diffreg.hookimpl
+        def diffreg_register_samplers(register):
+            register("plain_ddim", PlainDDIM, paper="Song et al. 2021")
+    """, ("order", "nfe_per_step", "stochastic")),
+    Kind("loss", "diffreg_register_losses", "diffreg.loss:Loss", "0.1", """
+    Training losses: ``factory(**options)`` returns a :class:`diffreg.loss.Loss`, called by
     ``Diffusion.training_losses`` to produce per-example loss terms.
-    """
 
+    Example::
 
-@hookspec
-def diffreg_register_timestep_samplers(register: Register) -> None:
-    """Register training timestep samplers (kind ``timestep_sampler``).
-
-    The factory is called as ``factory(num_timesteps: int, **options)`` and returns a
+        @diffreg.hookimpl
+        def diffreg_register_losses(register):
+            register("pseudo_huber", PseudoHuberLoss, paper="Song & Dhariwal 2023")
+    """),
+    Kind("timestep_sampler", "diffreg_register_timestep_samplers", "diffreg.loss:TimestepSampler", "0.1", """
+    Training timestep samplers: ``factory(num_timesteps: int, **options)`` returns a
     :class:`diffreg.loss.TimestepSampler`.
-    """
+
+    Example::
+
+        @diffreg.hookimpl
+        def diffreg_register_timestep_samplers(register):
+            register("uniform", UniformSampler)
+    """),
+    Kind("model", "diffreg_register_models", "torch.nn:Module", "0.1", """
+    Architectures: ``factory(**options)`` returns a ``torch.nn.Module`` called as
+    ``model(x, t, **model_kwargs)`` with ``x`` of shape ``[N, C, H, W]`` (or ``[N, D]``) and ``t``
+    int64 timesteps of shape ``[N]`` (indices of the original training process). Options are
+    stored in checkpoints, so they must be JSON values.
+
+    Example::
+
+        @diffreg.hookimpl
+        def diffreg_register_models(register):
+            register("mlp", MLPDenoiser)
+    """),
+)
+
+#: kind name -> :class:`Kind`.
+KINDS: dict[str, Kind] = {kind.name: kind for kind in COMPONENT_KINDS}
+#: kind name -> hook name.
+KIND_HOOKS: dict[str, str] = {kind.name: kind.hook for kind in COMPONENT_KINDS}
 
 
-@hookspec
-def diffreg_register_models(register: Register) -> None:
-    """Register model architectures (kind ``model``).
+def _make_hookspec(kind: Kind) -> Callable[[Register], None]:
+    def spec(register: Register) -> None:
+        pass
 
-    The factory is called with the architecture's options and returns a ``torch.nn.Module`` called
-    as ``model(x, t, **model_kwargs)`` with ``x`` of shape ``[N, C, H, W]`` (or ``[N, D]``) and ``t``
-    int64 timesteps of shape ``[N]`` (indices of the original training process). Options are stored
-    in checkpoints, so they must be JSON values.
-    """
+    spec.__name__ = spec.__qualname__ = kind.hook
+    spec.__doc__ = f"Register components of kind ``{kind.name}`` (since diffreg {kind.since}).\n{kind.doc}"
+    return hookspec(spec)
+
+
+for _kind in COMPONENT_KINDS:
+    globals()[_kind.hook] = _make_hookspec(_kind)
+del _kind
+

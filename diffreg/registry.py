@@ -1,18 +1,20 @@
-"""Plugin discovery and component lookup by name.
+"""Plugin discovery and component lookup by name, on top of pluggy.
 
 The registry is built on first use: the built-in plugins of :mod:`diffreg.builtin` first, then the
-entry points of group ``diffreg`` sorted by distribution and entry-point name. Every plugin goes
-through the same door (:func:`Registry.add_plugin`): it is imported, its hooks are validated against
-:mod:`diffreg.hookspecs`, and its components are collected; a plugin that fails at any point is
-skipped whole, with a :class:`~diffreg.errors.PluginWarning` naming its distribution and the reason,
-and kept in :func:`failures`.
+entry points of group ``diffreg`` sorted by distribution and entry-point name. pluggy validates each
+plugin's hooks against :mod:`diffreg.hookspecs` (argument names, unknown hooks); the registry calls
+one plugin's hooks at a time, so a plugin that fails at any point (anything it raises, ``SystemExit``
+included) is skipped whole, with a :class:`~diffreg.errors.PluginWarning` naming its distribution
+and the reason, and kept in :func:`failures`. A Ctrl-C while a plugin loads still stops the program.
 
 Environment (read when the registry is built, before any plugin is imported):
 
 - ``DIFFREG_LOAD_PLUGINS``: comma-separated allow-list of third-party plugins (entry-point or
-  distribution names); set but blank means "no third-party plugins".
-- ``DIFFREG_DISABLE_PLUGINS``: comma-separated deny-list, same names.
+  distribution names, shell-style patterns: ``*`` is every plugin); set but blank: none.
+- ``DIFFREG_DISABLE_PLUGINS``: comma-separated deny-list, same names. A name in either list that
+  matches no installed plugin is warned about.
 - ``DIFFREG_STRICT_PLUGINS=1``: a failing plugin raises :class:`~diffreg.errors.PluginError`.
+- ``DIFFREG_DEBUG=1``: print each plugin's name to stderr before it is imported.
 
 Names: ``plugin:name`` (plugin = entry-point or distribution name; ``diffreg`` for built-ins) always
 resolves; a bare name resolves to the built-in first, then to the single plugin that has it.
@@ -21,39 +23,42 @@ resolves; a bare name resolves to the built-in first, then to the single plugin 
 from __future__ import annotations
 
 import contextlib
-import functools
+import fnmatch
 import importlib
 import importlib.metadata as importlib_metadata
-import inspect
-import numbers
 import os
 import re
+import signal
+import sys
 import threading
-import types
-import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
-import numpy as np
 import pluggy
 
 from diffreg import hookspecs
 from diffreg.errors import (
     AmbiguousComponentError,
     ComponentOptionError,
+    MissingProviderError,
     PluginError,
     PluginWarning,
     UnknownComponentError,
     closest,
 )
 from diffreg.hookspecs import KIND_HOOKS
+from diffreg.options import accepted_options, check_options
+
+__all__ = ["Component", "PluginFailure", "PluginInfo", "Registry", "accepted_options", "check_options"]
 
 ENTRY_POINT_GROUP = "diffreg"
 BUILTIN_PLUGIN = "diffreg"
-KINDS: tuple[str, ...] = tuple(KIND_HOOKS)
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+KINDS: tuple[str, ...] = tuple(hookspecs.KINDS)
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.\-]*")
+_PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_loading = threading.local()  # .plugin: the plugin whose code this thread is running
 
 
 @attrs.frozen
@@ -63,7 +68,7 @@ class Component:
     Attributes: ``kind`` (one of :data:`KINDS`), ``name`` (bare name), ``plugin`` (the plugin's
     name: its entry-point name, or ``"diffreg"`` for built-ins), ``factory``, ``distribution`` and
     ``version`` (the installed distribution it came from, or ``None`` for an ad-hoc plugin),
-    ``metadata`` (as passed to ``register``).
+    ``metadata`` (as passed to ``register``, plus the kind's class attributes).
     """
 
     kind: str
@@ -87,13 +92,15 @@ class Component:
 
 @attrs.frozen
 class PluginInfo:
-    """A loaded plugin: its name, distribution, version, module and the components it registered."""
+    """A loaded plugin: its name, distribution, version, module, the components it registered, and
+    its other names (``aliases``: a second entry point to the same module, a test's name for it)."""
 
     name: str
     distribution: str | None
     version: str | None
     module: str
     components: tuple[Component, ...]
+    aliases: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -106,18 +113,80 @@ class PluginFailure:
     reason: str
 
 
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _env_list(env: Mapping[str, str], key: str) -> set[str] | None:
-    if key not in env:
-        return None
-    return {_normalize(item.strip()) for item in env[key].split(",") if item.strip()}
+class _Entry(NamedTuple):
+    name: str
+    value: str
+    distribution: str
+    version: str | None
+    load: Callable[[], object]
 
 
 class _SkipPlugin(Exception):
     """Internal: a plugin failed; the message is the reason."""
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _patterns(env: Mapping[str, str], key: str) -> list[str] | None:
+    if key not in env:
+        return None
+    return [_normalize(item.strip()) for item in env[key].split(",") if item.strip()]
+
+
+def _identity(dist: importlib_metadata.Distribution) -> tuple[str, str | None]:
+    """A distribution's name and version; from its folder name when its METADATA is unreadable."""
+    try:
+        name, version = dist.metadata["Name"], dist.version
+        if name:
+            return name, version
+    except Exception:  # e.g. METADATA that is not UTF-8: never let another package break diffreg
+        pass
+    folder = getattr(getattr(dist, "_path", None), "name", "")
+    match = re.fullmatch(r"([^-]+)(?:-([^-]+))?(?:-[^-]+)*\.(?:dist|egg)-info", folder)
+    return (match[1], match[2]) if match else (folder or "?", None)
+
+
+def _discover(debug: Callable[[str], None]) -> list[_Entry]:
+    """Entry points of group ``diffreg``; a distribution shadowed by an earlier one of the same name
+    on ``sys.path`` is left out (as importlib does), an unreadable one is skipped."""
+    entries, seen = [], set()
+    for dist in importlib_metadata.distributions():
+        try:
+            eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
+        except Exception as exc:
+            debug(f"cannot read the entry points of {getattr(dist, '_path', dist)}: {exc}")
+            continue
+        name, version = _identity(dist) if eps else ("", None)
+        if eps and _normalize(name) not in seen:
+            seen.add(_normalize(name))
+            entries += [_Entry(ep.name, ep.value, name, version, ep.load) for ep in eps]
+    return sorted(entries, key=lambda e: (_normalize(e.distribution), e.name))
+
+
+@contextlib.contextmanager
+def _watch_interrupts() -> Iterator[dict[str, bool]]:
+    """Tell a real Ctrl-C (SIGINT) from a ``KeyboardInterrupt`` a plugin raises itself."""
+    seen = {"sigint": False}
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+    def handler(signum, frame):
+        seen["sigint"] = True
+        if previous == signal.SIG_IGN:
+            return
+        (previous if callable(previous) else signal.default_int_handler)(signum, frame)
+
+    installed = False
+    if previous is not None:  # None: not the main thread, or a handler set outside Python
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGINT, handler)
+            installed = True
+    try:
+        yield seen
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
 
 
 class Registry:
@@ -132,184 +201,205 @@ class Registry:
         self._env = os.environ if env is None else env
         self._lock = threading.RLock()
         self._built = False
-        self._building = False
-        self._pm: pluggy.PluginManager
-        self._plugins: dict[str, PluginInfo]
-        self._failures: list[PluginFailure]
-        self._components: dict[str, list[Component]]
         self._reset_state()
-
-    # -- discovery ---------------------------------------------------------------------------
 
     @property
     def strict(self) -> bool:
         """Whether DIFFREG_STRICT_PLUGINS turns plugin failures into errors."""
         return self._env.get("DIFFREG_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off")
 
+    def _reset_state(self) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._plugins: dict[str, PluginInfo] = {}
+        self._owners: dict[str, str] = {}  # normalized plugin name or alias -> plugin name
+        self._pm_names: dict[str, str] = {}  # pluggy's name -> plugin name
+        self._failures: list[PluginFailure] = []
+        self._components: dict[str, list[Component]] = {kind: [] for kind in KINDS}
+
+    def _debug(self, message: str) -> None:
+        if self._env.get("DIFFREG_DEBUG"):
+            print(f"diffreg: {message}", file=sys.stderr, flush=True)
+
+    # -- discovery ---------------------------------------------------------------------------
+
     def _ensure_built(self) -> None:
         if self._built:
             return
+        loading = getattr(_loading, "plugin", None)
+        if loading is not None:
+            raise PluginError(
+                f"plugin {loading!r} used the diffreg registry while plugins were loading; a plugin may "
+                "only call `register` in its hooks (look components up later, when they are used)"
+            )
         with self._lock:
             if self._built:
                 return
             from diffreg import __version__
             from diffreg.builtin import DEFAULT_PLUGINS
 
-            self._building = True
             try:
-                for module_name in DEFAULT_PLUGINS:
-                    self._add(
-                        functools.partial(importlib.import_module, module_name),
-                        name=BUILTIN_PLUGIN,
-                        distribution="diffreg",
-                        version=__version__,
-                        module="diffreg.builtin",
-                    )
+                for module in DEFAULT_PLUGINS:
+                    loader = lambda module=module: importlib.import_module(module)  # noqa: E731
+                    self._load(loader, BUILTIN_PLUGIN, "diffreg", __version__, "diffreg.builtin", module)
                 if self._use_entry_points:
                     self._load_entry_points()
-            except BaseException:
-                # strict mode (or an interrupt): leave nothing half-built; the next use retries
+            except BaseException:  # strict mode, or a Ctrl-C: nothing half-built; the next use retries
                 self._reset_state()
                 raise
-            finally:
-                self._building = False
             self._built = True
 
-    def _reset_state(self) -> None:
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self._pm.add_hookspecs(hookspecs)
-        self._plugins = {}
-        self._failures = []
-        self._components = {kind: [] for kind in KINDS}
-
     def _load_entry_points(self) -> None:
-        allow = _env_list(self._env, "DIFFREG_LOAD_PLUGINS")
-        deny = _env_list(self._env, "DIFFREG_DISABLE_PLUGINS") or set()
-        seen: set[tuple[str, str]] = set()
-        found = []
-        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            version = dist.version if dist is not None else None
-            if (ep.name, ep.value) in seen:
-                continue
-            seen.add((ep.name, ep.value))
-            found.append((dist_name or "", ep.name, ep, dist_name, version))
-        for _, ep_name, ep, dist_name, version in sorted(found, key=lambda item: item[:2]):
-            keys = {_normalize(ep_name)} | ({_normalize(dist_name)} if dist_name else set())
-            if keys & deny or (allow is not None and not keys & allow):
+        allow = _patterns(self._env, "DIFFREG_LOAD_PLUGINS")
+        deny = _patterns(self._env, "DIFFREG_DISABLE_PLUGINS") or []
+        entries = _discover(self._debug)
+        for entry in entries:
+            keys = {_normalize(entry.name), _normalize(entry.distribution)}
+            denied = any(fnmatch.fnmatchcase(k, p) for k in keys for p in deny)
+            if denied or (allow is not None and not any(fnmatch.fnmatchcase(k, p) for k in keys for p in allow)):
                 continue  # never imported
-            if _normalize(ep_name) == BUILTIN_PLUGIN:
-                self._fail(
-                    ep_name,
-                    dist_name,
-                    version,
-                    f"the plugin name {BUILTIN_PLUGIN!r} is reserved for the built-ins; rename the entry point",
-                )
+            if BUILTIN_PLUGIN in keys:
+                reason = f"the name {BUILTIN_PLUGIN!r} is reserved for the built-ins; rename the entry point or distribution"
+            elif not _PLUGIN_NAME_RE.fullmatch(entry.name):
+                reason = f"invalid entry-point name {entry.name!r} (accepted: letters, digits, '_', '-', '.')"
+            elif _normalize(entry.name) in self._owners:
+                taken = self._plugins[self._owners[_normalize(entry.name)]]
+                reason = f"the name {entry.name!r} is already taken by {taken.distribution} {taken.version}; rename one entry point"
+            else:
+                self._debug(f"importing plugin {entry.name!r} ({entry.distribution} {entry.version}, {entry.value})")
+                self._load(entry.load, entry.name, entry.distribution, entry.version, entry.value)
                 continue
-            self._add(ep.load, name=ep_name, distribution=dist_name, version=version, module=ep.value)
+            self._fail(entry.name, entry.distribution, entry.version, reason, ran_code=False)
+        keys = {_normalize(k) for e in entries for k in (e.name, e.distribution)}
+        for var, patterns in (("DIFFREG_LOAD_PLUGINS", allow or []), ("DIFFREG_DISABLE_PLUGINS", deny)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
+                    hint = closest(pattern, keys)
+                    known = ", ".join(sorted({f"{e.name} ({e.distribution})" for e in entries})) or "none"
+                    warnings.warn(
+                        f"{var} names {pattern!r}, which matches no installed plugin (installed: {known})"
+                        + (f"; did you mean {hint!r}?" if hint else ""),
+                        PluginWarning,
+                        stacklevel=2,
+                    )
 
-    def add_plugin(
-        self,
-        plugin: object,
-        name: str,
-        *,
-        distribution: str | None = None,
-        version: str | None = None,
-    ) -> PluginInfo | None:
-        """Register an already-imported plugin object (a module, class or instance with hooks).
-
-        Returns its :class:`PluginInfo`, or ``None`` when it was skipped (see :func:`failures`).
-        Raises :class:`~diffreg.errors.PluginError` under strict mode, and ``ValueError`` when a
-        plugin of that name is already loaded.
-        """
-        self._ensure_built()
-        with self._lock:
-            if name in self._plugins or _normalize(name) == BUILTIN_PLUGIN:
-                raise ValueError(f"a plugin named {name!r} is already loaded (or the name is reserved)")
-            module = getattr(plugin, "__name__", type(plugin).__name__)
-            return self._add(lambda: plugin, name, distribution, version, module)
-
-    def remove_plugin(self, name: str) -> None:
-        """Unload plugin ``name`` and forget its components. Raises ``KeyError`` if not loaded."""
-        with self._lock:
-            info = self._plugins.pop(name)
-            for component in info.components:
-                self._components[component.kind].remove(component)
-            obj = self._pm.get_plugin(name)
-            if obj is not None:
-                self._pm.unregister(obj)
-
-    def _add(
-        self,
-        loader: Callable[[], object],
-        name: str,
-        distribution: str | None,
-        version: str | None,
-        module: str,
-    ) -> PluginInfo | None:
-        pm_name = name if name not in self._plugins else f"{name}#{len(self._pm.get_plugins())}"
-        try:
-            staged = self._collect(loader, pm_name, name, distribution, version)
-        except _SkipPlugin as exc:
-            self._fail(name, distribution, version, str(exc))
-            return None
+    def _load(self, loader, name, distribution, version, module, pm_name=None) -> PluginInfo | None:
+        """Import a plugin and collect its components; on any failure skip it whole."""
+        with _watch_interrupts() as interrupts:
+            try:
+                obj = self._run(loader, interrupts, name, "import failed")
+                existing = self._pm.get_name(obj)
+                if existing is not None and name != BUILTIN_PLUGIN:  # one module, two names
+                    return self._alias(self._pm_names[existing], name)
+                staged = self._collect(obj, pm_name or name, name, distribution, version, interrupts)
+            except _SkipPlugin as exc:
+                self._fail(name, distribution, version, str(exc), ran_code=True)
+                return None
         previous = self._plugins.get(name)
         components = (previous.components if previous else ()) + tuple(staged)
-        info = PluginInfo(name, distribution, version, module, components)
-        self._plugins[name] = info
+        self._plugins[name] = info = PluginInfo(name, distribution, version, module, components)
+        self._owners[_normalize(name)] = name
+        self._pm_names[pm_name or name] = name
         for component in staged:
             self._components[component.kind].append(component)
         return info
 
-    def _collect(
-        self,
-        loader: Callable[[], object],
-        pm_name: str,
-        name: str,
-        distribution: str | None,
-        version: str | None,
-    ) -> list[Component]:
+    def _run(self, fn: Callable[[], Any], interrupts: dict[str, bool], plugin: str, what: str) -> Any:
+        """Run plugin code: whatever it raises (SystemExit too) skips it, except a real Ctrl-C."""
+        outer, _loading.plugin = getattr(_loading, "plugin", None), plugin
         try:
-            obj = loader()
-        except Exception as exc:
-            raise _SkipPlugin(f"import failed: {type(exc).__name__}: {exc}") from exc
-        _check_hook_names(obj)
+            return fn()
+        except _SkipPlugin:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and interrupts["sigint"]:
+                raise
+            raise _SkipPlugin(f"{what}{':' if what.endswith('failed') else ''} {type(exc).__name__}: {exc}") from exc
+        finally:
+            _loading.plugin = outer
+
+    def _collect(self, obj, pm_name, name, distribution, version, interrupts) -> list[Component]:
+        _check_hook_functions(self._pm, obj)
         try:
             self._pm.register(obj, name=pm_name)
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise _SkipPlugin(f"invalid hook: {exc}") from exc
-        staged: list[Component] = []
-        already = {(c.kind, c.name) for c in (self._plugins[name].components if name in self._plugins else ())}
         try:
-            unknown = [hc.name for hc in self._pm.get_hookcallers(obj) or [] if hc.spec is None]
-            if unknown:
-                raise _SkipPlugin(_unknown_hook_message(unknown[0]))
-
-            for kind, hook_name in KIND_HOOKS.items():
-                for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                    if impl.plugin is not obj:
-                        continue
-                    register = _make_register(kind, name, distribution, version, staged, already)
-                    try:
-                        impl.function(**{arg: register for arg in impl.argnames})
-                    except _SkipPlugin:
-                        raise
-                    except Exception as exc:
-                        raise _SkipPlugin(f"hook {hook_name} raised {type(exc).__name__}: {exc}") from exc
+            try:
+                self._pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                unknown = [hc.name for hc in self._pm.get_hookcallers(obj) or [] if hc.spec is None]
+                raise _SkipPlugin(_unknown_hook_message(unknown[0]) if unknown else str(exc)) from exc
+            taken = {(c.kind, c.name) for c in (self._plugins[name].components if name in self._plugins else ())}
+            staged: list[Component] = []
+            for kind in hookspecs.COMPONENT_KINDS:
+                for impl in getattr(self._pm.hook, kind.hook).get_hookimpls():
+                    if impl.plugin is obj:
+                        register = _make_register(kind, name, distribution, version, staged, taken)
+                        hook_call = lambda impl=impl, r=register: impl.function(**dict.fromkeys(impl.argnames, r))  # noqa: E731
+                        self._run(hook_call, interrupts, name, f"hook {kind.hook} raised")
         except _SkipPlugin:
             self._pm.unregister(obj)
             raise
         return staged
 
-    def _fail(self, name: str, distribution: str | None, version: str | None, reason: str) -> None:
-        failure = PluginFailure(name, distribution, version, reason)
-        self._failures.append(failure)
+    def _alias(self, owner: str, alias: str) -> PluginInfo:
+        info = self._plugins[owner]
+        self._plugins[owner] = info = attrs.evolve(info, aliases=(*info.aliases, alias))
+        self._owners[_normalize(alias)] = owner
+        return info
+
+    def _fail(self, name, distribution, version, reason: str, *, ran_code: bool) -> None:
+        self._failures.append(PluginFailure(name, distribution, version, reason))
         where = f"{distribution} {version}" if distribution else "no distribution"
         message = f"diffreg skipped plugin {name!r} ({where}): {reason}"
+        if ran_code:
+            message += (
+                "; its code ran before it failed, and skipping it cannot undo what that code changed"
+                f" (DIFFREG_DISABLE_PLUGINS={name} keeps it from being imported)"
+            )
         if self.strict:
             raise PluginError(message + " [DIFFREG_STRICT_PLUGINS is set]")
-        warnings.warn(message, PluginWarning, stacklevel=4)
+        warnings.warn(message, PluginWarning, stacklevel=2)
+
+    def add_plugin(
+        self, plugin: object, name: str, *, distribution: str | None = None, version: str | None = None
+    ) -> PluginInfo | None:
+        """Register an already-imported plugin object (a module, class or instance with hooks).
+
+        Returns its :class:`PluginInfo`, or ``None`` when it was skipped (see :func:`failures`). An
+        object that is already loaded (an installed plugin, ``pip install -e`` included) is not
+        registered twice: ``name`` becomes one more name for it. Raises
+        :class:`~diffreg.errors.PluginError` under strict mode, and ``ValueError`` for a name that
+        is taken, reserved, or not a plugin name.
+        """
+        if not isinstance(name, str) or not _PLUGIN_NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid plugin name {name!r} (accepted: letters, digits, '_', '-', '.')")
+        self._ensure_built()
+        with self._lock:
+            if _normalize(name) in self._owners or _normalize(name) == BUILTIN_PLUGIN:
+                raise ValueError(f"a plugin named {name!r} is already loaded (or the name is reserved)")
+            existing = self._pm.get_name(plugin)
+            if existing is not None:
+                return self._alias(self._pm_names[existing], name)
+            module = getattr(plugin, "__name__", type(plugin).__name__)
+            return self._load(lambda: plugin, name, distribution, version, module)
+
+    def remove_plugin(self, name: str) -> None:
+        """Unload plugin ``name`` (or drop the alias ``name``). Raises ``KeyError`` if not loaded."""
+        with self._lock:
+            owner = self._owners.pop(_normalize(name))
+            info = self._plugins[owner]
+            if owner != name:
+                self._plugins[owner] = attrs.evolve(info, aliases=tuple(a for a in info.aliases if a != name))
+                return
+            del self._plugins[name]
+            for alias in info.aliases:
+                self._owners.pop(_normalize(alias), None)
+            for component in info.components:
+                self._components[component.kind].remove(component)
+            self._pm.unregister(name=name)
+            self._pm_names.pop(name, None)
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -333,6 +423,13 @@ class Registry:
         """Sorted bare names of ``kind`` (a name several plugins registered appears once)."""
         return sorted({c.name for c in self.components(kind)})
 
+    def collisions(self) -> dict[tuple[str, str], list[Component]]:
+        """Bare names that several plugins registered: ``(kind, name) -> components``."""
+        found: dict[tuple[str, str], list[Component]] = {}
+        for c in self.components():
+            found.setdefault((c.kind, c.name), []).append(c)
+        return {key: cs for key, cs in found.items() if len(cs) > 1}
+
     def get(self, kind: str, name: str) -> Component:
         """Resolve ``name`` (bare or ``plugin:name``) to a :class:`Component`.
 
@@ -346,37 +443,74 @@ class Registry:
         if ":" in name:
             plugin, bare = name.split(":", 1)
             key = _normalize(plugin)
+            owner = self._owners.get(key)
             for c in candidates:
-                if c.name == bare and (
-                    _normalize(c.plugin) == key or (c.distribution is not None and _normalize(c.distribution) == key)
-                ):
+                if c.name == bare and (c.plugin == owner or (c.distribution and _normalize(c.distribution) == key)):
                     return c
             raise UnknownComponentError(kind, name, [c.qualified_name for c in candidates])
         matches = [c for c in candidates if c.name == name]
-        builtin = [c for c in matches if c.builtin]
-        if builtin:
-            return builtin[0]
+        if any(c.builtin for c in matches):
+            return next(c for c in matches if c.builtin)
         if len(matches) == 1:
             return matches[0]
         if matches:
             raise AmbiguousComponentError(kind, name, [c.qualified_name for c in matches])
         raise UnknownComponentError(kind, name, {c.name for c in candidates})
 
+    def locate(self, kind: str, name: str, provider: str | None = None, version: str | None = None) -> Component:
+        """Resolve ``name`` preferring the distribution ``provider`` (e.g. the one a checkpoint
+        recorded); without a provider, the same as :meth:`get`.
+
+        Raises :class:`~diffreg.errors.MissingProviderError` (an ``UnknownComponentError``) when
+        ``provider`` is not installed, failed to load, or no longer registers ``name``: the message
+        says what to install.
+        """
+        if provider is None:
+            return self.get(kind, name)
+        key = _normalize(provider)
+        for c in self.components(kind):
+            if c.name == name and c.distribution is not None and _normalize(c.distribution) == key:
+                return c
+        wanted = f"{provider} {version}" if version else provider
+        pin = f"'{provider}=={version}'" if version else provider
+        message = f"{kind} {name!r} was provided by {wanted!r}"
+        installed = [p for p in self._plugins.values() if p.distribution and _normalize(p.distribution) == key]
+        failed = [f for f in self._failures if f.distribution and _normalize(f.distribution) == key]
+        if installed:
+            have = installed[0]
+            message += f"; the installed {have.distribution} {have.version} does not register it; pip install {pin}"
+        elif failed:
+            message += f", which is installed but failed to load: {failed[0].reason}"
+        else:
+            message += f", which is not installed (or is disabled); pip install {pin}"
+        raise MissingProviderError(kind, name, provider, message)
+
     def create(self, kind: str, name: str, /, *args: Any, **options: Any) -> Any:
         """Build component ``name`` of ``kind``: ``factory(*args, **options)``.
 
         Options are checked against the factory's signature first; an unknown option, a value of
         the wrong type, or a value the factory rejects raises
-        :class:`~diffreg.errors.ComponentOptionError` naming the component and the option.
+        :class:`~diffreg.errors.ComponentOptionError` naming the component and the option. A
+        factory whose product is not the kind's product class (:mod:`diffreg.hookspecs`) raises
+        :class:`~diffreg.errors.PluginError`.
         """
         component = self.get(kind, name)
         check_options(component, options, n_positional=len(args))
         try:
-            return component.factory(*args, **options)
+            product = component.factory(*args, **options)
         except (ValueError, TypeError) as exc:
             if isinstance(exc, ComponentOptionError):
                 raise
             raise ComponentOptionError(f"{kind} {component.name!r}: {exc}") from exc
+        expected = hookspecs.KINDS[kind].product_type()
+        if not isinstance(product, expected):
+            source = f"{component.distribution} {component.version}" if component.distribution else "no distribution"
+            raise PluginError(
+                f"{kind} {component.qualified_name!r} ({source}) made a {type(product).__module__}."
+                f"{type(product).__qualname__}, not a {expected.__module__}.{expected.__qualname__}"
+                " (see diffreg.hookspecs)"
+            )
+        return product
 
     @contextlib.contextmanager
     def plugin(self, plugin: object, name: str = "test-plugin") -> Iterator[PluginInfo]:
@@ -397,8 +531,7 @@ def _check_kind(kind: str) -> str:
     if kind not in KIND_HOOKS:
         hint = closest(kind, KINDS)
         raise ValueError(
-            f"unknown component kind {kind!r}; known: {', '.join(KINDS)}"
-            + (f"; did you mean {hint!r}?" if hint else "")
+            f"unknown component kind {kind!r}; known: {', '.join(KINDS)}" + (f"; did you mean {hint!r}?" if hint else "")
         )
     return kind
 
@@ -408,145 +541,42 @@ def _unknown_hook_message(hook: str) -> str:
     return f"implements unknown hook {hook!r}" + (f"; did you mean {hint!r}?" if hint else "")
 
 
-def _check_hook_names(obj: object) -> None:
-    """Reject plugins with a ``diffreg_*`` attribute that is not a known hook (a misspelling)."""
-    if not isinstance(obj, types.ModuleType):
-        return
+def _check_hook_functions(pm: pluggy.PluginManager, obj: object) -> None:
+    """Reject a ``diffreg_*`` function that pluggy would ignore: one not marked ``@diffreg.hookimpl``,
+    or (on a module) a misspelled hook name."""
     for attr in dir(obj):
-        if attr.startswith("diffreg_") and attr not in KIND_HOOKS.values():
-            if callable(getattr(obj, attr)):
-                raise _SkipPlugin(_unknown_hook_message(attr))
+        if not attr.startswith("diffreg_") or pm.parse_hookimpl_opts(obj, attr) is not None:
+            continue
+        try:
+            value = getattr(obj, attr)
+        except Exception:
+            continue
+        if callable(value) and not isinstance(value, type):
+            if attr in KIND_HOOKS.values():
+                raise _SkipPlugin(f"function {attr!r} is not marked @diffreg.hookimpl, so it would never be called")
+            raise _SkipPlugin(_unknown_hook_message(attr))
 
 
-def _make_register(
-    kind: str,
-    plugin: str,
-    distribution: str | None,
-    version: str | None,
-    staged: list[Component],
-    already: set[tuple[str, str]],
-) -> Callable[..., None]:
+def _make_register(kind, plugin, distribution, version, staged, taken) -> Callable[..., None]:
     def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise _SkipPlugin(
-                f"registered an invalid {kind} name {name!r} (accepted: lower-case letters, digits, '_', '-', '.')"
+                f"registered an invalid {kind.name} name {name!r} (accepted: lower-case letters, digits, '_', '-', '.')"
             )
         if not callable(factory):
-            raise _SkipPlugin(f"registered {kind} {name!r} with a factory that is not callable")
-        if any(c.kind == kind and c.name == name for c in staged) or (kind, name) in already:
-            raise _SkipPlugin(f"registered {kind} {name!r} twice")
-        staged.append(Component(kind, name, plugin, factory, distribution, version, metadata))
+            raise _SkipPlugin(f"registered {kind.name} {name!r} with a factory that is not callable")
+        if any(c.kind == kind.name and c.name == name for c in staged) or (kind.name, name) in taken:
+            raise _SkipPlugin(f"registered {kind.name} {name!r} twice")
+        declared = {key: getattr(factory, key) for key in kind.class_metadata if hasattr(factory, key)}
+        for key, value in metadata.items():
+            if key in declared and declared[key] != value:
+                raise _SkipPlugin(
+                    f"registered {kind.name} {name!r} with {key}={value!r}, but its class says {declared[key]!r}"
+                    " (leave it out: it is read from the class)"
+                )
+        staged.append(Component(kind.name, name, plugin, factory, distribution, version, {**declared, **metadata}))
 
     return register
-
-
-# -- option checking ------------------------------------------------------------------------------
-
-
-def _signature_target(factory: Callable[..., Any]) -> Callable[..., Any]:
-    return factory.__init__ if inspect.isclass(factory) else factory
-
-
-def _cached(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Memoize ``fn(factory)`` per factory (signatures and type hints cost tens of microseconds,
-    and every ``create`` needs them); unhashable factories are computed each time."""
-    cache: dict[Any, Any] = {}
-
-    def wrapper(factory):
-        try:
-            return cache[factory]
-        except KeyError:
-            result = cache[factory] = fn(factory)
-            return result
-        except TypeError:  # unhashable
-            return fn(factory)
-
-    return wrapper
-
-
-@_cached
-def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(_signature_target(factory))
-    except Exception:
-        return {}
-
-
-@_cached
-def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits a simple type hint (int, float, bool, str, Literal, unions, tuples)."""
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_conforms(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if hint is type(None):
-        return value is None
-    if hint is float:  # numpy's numbers too
-        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    if hint in (bool, str):
-        return isinstance(value, hint)
-    if origin in (tuple, list, typing.Sequence) or hint in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            return False
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return all(_conforms(v, args[0]) for v in value)
-        if origin is tuple and args:
-            return len(args) == len(value) and all(map(_conforms, value, args))
-        return not args or all(_conforms(v, args[0]) for v in value)
-    return True  # not a hint we check
-
-
-def _hint_text(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def accepted_options(component: Component) -> dict[str, inspect.Parameter]:
-    """The keyword options ``component``'s factory accepts, by name."""
-    signature = inspect.signature(component.factory)
-    return {name: p for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def check_options(component: Component, options: Mapping[str, Any], n_positional: int = 0) -> None:
-    """Check ``options`` against ``component``'s factory signature and simple type hints.
-
-    Raises :class:`~diffreg.errors.ComponentOptionError` for an unknown option (listing the
-    accepted ones) or a value whose type does not match the annotation.
-    """
-    signature = _signature(component.factory)
-    if signature is None:
-        return
-    params = list(signature.parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    fixed = set(positional[:n_positional])
-    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed]
-    label = f"{component.kind} {component.name!r}"
-    hints = _type_hints(component.factory)
-    for key, value in options.items():
-        if key not in accepted:
-            hint = closest(key, accepted)
-            raise ComponentOptionError(
-                f"{label} has no option {key!r}; accepted: {', '.join(accepted) or '(none)'}"
-                + (f"; did you mean {hint!r}?" if hint else "")
-            )
-        if key in hints and not _conforms(value, hints[key]):
-            raise ComponentOptionError(
-                f"{label} option {key!r} must be {_hint_text(hints[key])}, got {type(value).__name__}: {value!r}"
-            )
 
 
 # -- the process-wide registry -------------------------------------------------------------------
@@ -580,6 +610,11 @@ def names(kind: str) -> list[str]:
 def get(kind: str, name: str) -> Component:
     """Resolve a name in the process-wide registry. See :meth:`Registry.get`."""
     return default_registry().get(kind, name)
+
+
+def locate(kind: str, name: str, provider: str | None = None, version: str | None = None) -> Component:
+    """Resolve a name preferring a provider, in the process-wide registry. See :meth:`Registry.locate`."""
+    return default_registry().locate(kind, name, provider, version)
 
 
 def create(kind: str, name: str, /, *args: Any, **options: Any) -> Any:

@@ -154,7 +154,8 @@ def test_entry_point_plugin_component_records_distribution_and_version(myplug):
     assert component.version == "1.2.3"
     assert not component.builtin
     assert component.factory is sys.modules["myplug"].Component0
-    assert component.metadata == {"order": 1}
+    # order / nfe_per_step / stochastic come from the class (DDIM's attributes), with what register got
+    assert component.metadata == {"order": 1, "nfe_per_step": 1, "stochastic": False}
 
 
 def test_entry_point_plugin_is_listed_in_plugins(myplug):
@@ -705,7 +706,7 @@ def test_plugin_context_component_has_no_distribution():
     with reg.plugin(ClassPlugin(), "tempplug"):
         component = reg.get("sampler", "temp_sampler")
         assert (component.distribution, component.version) == (None, None)
-        assert component.metadata == {"order": 1}
+        assert component.metadata == {"order": 1, "nfe_per_step": 1, "stochastic": False}
 
 
 def test_process_wide_plugin_context_registers_and_removes():
