@@ -103,10 +103,13 @@ def main() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_user_errors
 def plugins(as_json: bool) -> None:
-    """Loaded plugins (distribution, version, what each registered), then the failed ones."""
+    """Loaded plugins (distribution, version, what each registered), then name collisions (a bare
+    name several plugins registered), then the failed plugins."""
     loaded = registry.plugins()
     failed = registry.failures()
+    collisions = registry.default_registry().collisions()
     if as_json:
         click.echo(
             json.dumps(
@@ -117,12 +120,17 @@ def plugins(as_json: bool) -> None:
                             "distribution": p.distribution,
                             "version": p.version,
                             "module": p.module,
+                            "aliases": list(p.aliases),
                             "components": [
                                 {"kind": c.kind, "name": c.name, "qualified_name": c.qualified_name}
                                 for c in p.components
                             ],
                         }
                         for p in loaded
+                    ],
+                    "collisions": [
+                        {"kind": kind, "name": name, "qualified_names": [c.qualified_name for c in cs]}
+                        for (kind, name), cs in collisions.items()
                     ],
                     "failed": [
                         {"name": f.name, "distribution": f.distribution, "version": f.version, "reason": f.reason}
@@ -134,12 +142,17 @@ def plugins(as_json: bool) -> None:
         )
         return
     for p in loaded:
-        click.echo(f"{p.name}  ({p.distribution or '?'} {p.version or ''})".rstrip())
+        also = f"  also named: {', '.join(p.aliases)}" if p.aliases else ""
+        click.echo(f"{p.name}  ({p.distribution or '?'} {p.version or ''}){also}".rstrip())
         by_kind: dict[str, list[str]] = {}
         for c in p.components:
             by_kind.setdefault(c.kind, []).append(c.name)
         for kind, names in by_kind.items():
             click.echo(f"  {kind:<17} {', '.join(names)}")
+    if collisions:
+        click.echo("\nname collisions (a bare name goes to the built-in, else is an error; use a qualified name):")
+        for (kind, name), cs in collisions.items():
+            click.echo(f"  {kind} {name!r}: {', '.join(c.qualified_name for c in cs)}")
     if failed:
         click.echo("\nfailed plugins:")
         for f in failed:
@@ -149,6 +162,7 @@ def plugins(as_json: bool) -> None:
 @main.command(name="list")
 @click.argument("kind", required=False, type=click.Choice(registry.KINDS))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_user_errors
 def list_components(kind: str | None, as_json: bool) -> None:
     """Registered components (of KIND, or all), by qualified name, with their source."""
     comps = registry.components(kind)

@@ -565,8 +565,9 @@ def _make_register(kind, plugin, distribution, version, staged, taken) -> Callab
             )
         if not callable(factory):
             raise _SkipPlugin(f"registered {kind.name} {name!r} with a factory that is not callable")
-        if any(c.kind == kind.name and c.name == name for c in staged) or (kind.name, name) in taken:
+        if (kind.name, name) in taken:
             raise _SkipPlugin(f"registered {kind.name} {name!r} twice")
+        taken.add((kind.name, name))
         declared = {key: getattr(factory, key) for key in kind.class_metadata if hasattr(factory, key)}
         for key, value in metadata.items():
             if key in declared and declared[key] != value:

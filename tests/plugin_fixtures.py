@@ -92,11 +92,17 @@ class PluginDistFactory:
         distribution: str | None = None,
         version: str = "1.0.0",
         entry_point: str | None = None,
+        more_entry_points: tuple[str, ...] = (),
+        group: str = "diffreg",
+        metadata: bytes | None = None,
+        entry_points_text: bytes | None = None,
     ) -> PluginDist:
         """Write package ``module`` with ``source`` as its ``__init__.py``, and its dist-info.
 
         ``distribution`` defaults to ``<module>-dist``; ``entry_point`` (the name in the
-        ``[diffreg]`` group) defaults to ``module``.
+        ``[diffreg]`` group) defaults to ``module``; ``more_entry_points`` are further names for the
+        same module. ``group`` other than ``diffreg`` makes an unrelated distribution. ``metadata``
+        and ``entry_points_text`` replace the generated files with these bytes (e.g. not UTF-8).
         """
         distribution = distribution or f"{module}-dist"
         entry_point = entry_point or module
@@ -106,8 +112,11 @@ class PluginDistFactory:
         (package / "__init__.py").write_text(_IMPORT_MARKER + textwrap.dedent(source))
         dist_info = site / f"{re.sub(r'[-.]+', '_', distribution)}-{version}.dist-info"
         dist_info.mkdir()
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
-        (dist_info / "entry_points.txt").write_text(f"[diffreg]\n{entry_point} = {module}\n")
+        (dist_info / "METADATA").write_bytes(
+            metadata or f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode()
+        )
+        lines = "".join(f"{name} = {module}\n" for name in (entry_point, *more_entry_points))
+        (dist_info / "entry_points.txt").write_bytes(entry_points_text or f"[{group}]\n{lines}".encode())
         self.modules.append(module)
         self._monkeypatch.syspath_prepend(str(site))  # also invalidates import caches
         importlib.invalidate_caches()

@@ -763,3 +763,301 @@ def test_add_plugin_refuses_a_name_already_loaded():
     with reg.plugin(ClassPlugin(), "tempplug"):
         with pytest.raises(ValueError, match="already loaded"):
             reg.add_plugin(_namespace_plugin(), "tempplug")
+
+
+# -- plugins never break the host (issue 12) -------------------------------------------------------
+
+NOT_UTF8 = b"Metadata-Version: 2.1\nName: %s\nVersion: 2.0\nAuthor: Jos\xe9 M\xfcller\n"
+
+
+@pytest.fixture
+def unreadable_neighbours(plugin_dist):  # noqa: F811
+    """Unrelated distributions whose METADATA / entry_points.txt are Latin-1, not UTF-8."""
+    plugin_dist("latin_meta", "", distribution="latin-meta", group="console_scripts", metadata=NOT_UTF8 % b"latin-meta")
+    plugin_dist("latin_eps", "", distribution="latin-eps", entry_points_text=b"[console_scripts]\ncaf\xe9 = x\n")
+
+
+def test_unrelated_distribution_with_non_utf8_metadata_breaks_nothing(unreadable_neighbours, myplug):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a warning: it is not a plugin
+        reg = fresh()
+        assert reg.get("sampler", "mysampler").distribution == "myplug-dist"
+        assert reg.failures() == []
+
+
+def test_cli_commands_work_beside_a_non_utf8_distribution(unreadable_neighbours, myplug, monkeypatch):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    for key in ("DIFFREG_LOAD_PLUGINS", "DIFFREG_DISABLE_PLUGINS", "DIFFREG_STRICT_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    registry.reset()
+    try:
+        for args in (["list"], ["plugins"], ["list", "sampler", "--json"], ["plugins", "--json"]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, result.output
+            assert "myplug" in result.output
+    finally:
+        registry.reset()
+
+
+@pytest.fixture
+def latin_plugin(plugin_dist):  # noqa: F811
+    """A diffreg plugin whose own METADATA is not UTF-8."""
+    return plugin_dist(
+        "latinplug", registering_source("latinsampler"), distribution="latin-plug", metadata=NOT_UTF8 % b"latin-plug"
+    )
+
+
+def test_plugin_with_non_utf8_metadata_loads_named_after_its_folder(latin_plugin):
+    component = fresh().get("sampler", "latinsampler")
+    assert (component.plugin, component.distribution, component.version) == ("latinplug", "latin_plug", "1.0.0")
+
+
+@pytest.mark.parametrize("name", ["latinplug", "latin-plug", "latin_plug"])
+def test_deny_list_excludes_a_plugin_with_non_utf8_metadata(latin_plugin, name):
+    reg = fresh(DIFFREG_DISABLE_PLUGINS=name)
+    assert "latinsampler" not in reg.names("sampler")
+    assert not latin_plugin.was_imported()
+
+
+def test_allow_list_excludes_a_plugin_with_non_utf8_metadata(latin_plugin, myplug):
+    reg = fresh(DIFFREG_LOAD_PLUGINS="myplug")
+    assert "latinsampler" not in reg.names("sampler")
+    assert not latin_plugin.was_imported()
+
+
+BASE_EXCEPTIONS = ["SystemExit(0)", "SystemExit(3)", "KeyboardInterrupt()", "GeneratorExit()"]
+
+
+@pytest.mark.parametrize("exc", BASE_EXCEPTIONS)
+@pytest.mark.parametrize("where", ["import", "hook"])
+def test_plugin_raising_a_base_exception_is_skipped_not_fatal(plugin_dist, exc, where):  # noqa: F811
+    raise_it = f"raise {exc}"
+    source = (
+        f"{raise_it}\n"
+        if where == "import"
+        else f"import diffreg\n@diffreg.hookimpl\ndef diffreg_register_samplers(register):\n    {raise_it}\n"
+    )
+    plugin_dist("exitplug", source, distribution="exit-dist")
+    plugin_dist("afterplug", registering_source("aftersampler"))
+    reg = fresh()
+    with pytest.warns(PluginWarning, match=type(eval(exc)).__name__):
+        names = reg.names("sampler")  # the host survives, and so do the other plugins
+    assert "aftersampler" in names
+    assert [f.name for f in reg.failures()] == ["exitplug"]
+
+
+def test_sys_exit_in_a_hook_does_not_end_a_command(plugin_dist, monkeypatch):  # noqa: F811
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    plugin_dist("exitplug", "import diffreg, sys\n@diffreg.hookimpl\ndef diffreg_register_samplers(register):\n    sys.exit(0)\n")
+    monkeypatch.delenv("DIFFREG_STRICT_PLUGINS", raising=False)
+    registry.reset()
+    try:
+        result = CliRunner().invoke(main, ["list", "sampler"])
+    finally:
+        registry.reset()
+    assert result.exit_code == 0
+    assert "diffreg:ddim" in result.output
+
+
+def test_a_real_ctrl_c_while_a_plugin_imports_still_stops_the_program(plugin_dist):  # noqa: F811
+    # SIGINT delivered by the OS (not raised by the plugin): KeyboardInterrupt must reach the caller
+    plugin_dist("slowplug", "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(10)\n")
+    reg = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        reg.names("sampler")
+    assert reg._built is False  # nothing half-built: the next use starts over
+
+
+REENTRANT = {
+    "import": "from diffreg import registry\nregistry.names('sampler')\n",
+    "hook": (
+        "import diffreg\nfrom diffreg import registry\n@diffreg.hookimpl\n"
+        "def diffreg_register_samplers(register):\n    registry.create('sampler', 'ddim')\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("where", sorted(REENTRANT))
+def test_plugin_using_the_registry_while_plugins_load_is_skipped_with_a_clear_reason(plugin_dist, monkeypatch, where):  # noqa: F811
+    plugin_dist("reentrant", REENTRANT[where], distribution="reentrant-dist")
+    plugin_dist("afterplug", registering_source("aftersampler"))
+    for key in ("DIFFREG_LOAD_PLUGINS", "DIFFREG_DISABLE_PLUGINS", "DIFFREG_STRICT_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    registry.reset()  # the plugin calls the process-wide registry while it is being built
+    try:
+        with pytest.warns(PluginWarning, match="used the diffreg registry while plugins were loading"):
+            loaded = registry.plugins()
+        failures = registry.failures()
+    finally:
+        registry.reset()
+    assert [p.name for p in loaded].count("diffreg") == 1
+    assert "afterplug" in [p.name for p in loaded]
+    assert [f.name for f in failures] == ["reentrant"]
+    assert "\n" not in failures[0].reason
+
+
+def test_debug_names_each_plugin_before_importing_it(plugin_dist, capfd):  # noqa: F811
+    plugin_dist("hangplug", "raise RuntimeError('stands in for a hang')\n", distribution="hang-dist", version="0.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        fresh(DIFFREG_DEBUG="1").names("sampler")
+    assert "diffreg: importing plugin 'hangplug' (hang-dist 0.1, hangplug)" in capfd.readouterr().err
+
+
+def test_no_debug_output_without_diffreg_debug(myplug, capfd):
+    fresh().names("sampler")
+    assert "importing plugin" not in capfd.readouterr().err
+
+
+def test_third_party_distribution_named_diffreg_is_refused_before_import(plugin_dist):  # noqa: F811
+    dist = plugin_dist("fakediffreg", registering_source("fake_sampler"), distribution="diffreg", entry_point="fakeplug")
+    reg = fresh()
+    with pytest.warns(PluginWarning, match="reserved for the built-ins"):
+        assert "fake_sampler" not in reg.names("sampler")
+    assert not dist.was_imported()
+    with pytest.raises(UnknownComponentError):
+        reg.get("sampler", "diffreg:fake_sampler")
+
+
+def test_skipped_plugin_warning_says_its_code_ran(broken):
+    with pytest.warns(PluginWarning, match="its code ran before it failed, and skipping it cannot undo"):
+        fresh().names("sampler")
+
+
+def test_refusal_before_import_does_not_claim_code_ran(plugin_dist):  # noqa: F811
+    plugin_dist("impostor", registering_source("impostor_sampler"), entry_point="diffreg")
+    with pytest.warns(PluginWarning) as record:
+        fresh().names("sampler")
+    assert all("code ran" not in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("command", [["list"], ["plugins"], ["plugins", "--json"]])
+def test_cli_strict_mode_prints_one_line_not_a_traceback(plugin_dist, monkeypatch, command):  # noqa: F811
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    plugin_dist("brokenplug", "raise RuntimeError('boom')\n", distribution="broken-dist")
+    monkeypatch.setenv("DIFFREG_STRICT_PLUGINS", "1")
+    monkeypatch.delenv("DIFFREG_DEBUG", raising=False)
+    registry.reset()
+    try:
+        result = CliRunner().invoke(main, command)
+    finally:
+        registry.reset()
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: diffreg skipped plugin 'brokenplug'")
+
+
+def test_hook_function_without_hookimpl_marker_is_reported(plugin_dist):  # noqa: F811
+    plugin_dist(
+        "unmarked",
+        "from diffreg.builtin.samplers import DDIM\n"
+        "def diffreg_register_samplers(register):\n    register('unmarked_sampler', DDIM)\n",
+    )
+    reg = fresh()
+    with pytest.warns(PluginWarning, match="'diffreg_register_samplers' is not marked @diffreg.hookimpl"):
+        assert "unmarked_sampler" not in reg.names("sampler")
+
+
+def test_unmarked_hook_method_on_an_object_is_reported():
+    class Unmarked:
+        def diffreg_register_samplers(self, register):
+            register("never", _TempSampler)
+
+    reg = Registry(entry_points=False, env={})
+    with pytest.warns(PluginWarning), pytest.raises(PluginError, match="not marked @diffreg.hookimpl"):
+        with reg.plugin(Unmarked(), "unmarked"):
+            pass
+
+
+def test_two_distributions_with_one_entry_point_name_are_not_merged(plugin_dist):  # noqa: F811
+    first = plugin_dist("samename_a", registering_source("from_a"), distribution="a-dist", entry_point="samename")
+    second = plugin_dist("samename_b", registering_source("from_b"), distribution="b-dist", entry_point="samename")
+    reg = fresh()
+    with pytest.warns(PluginWarning, match="'samename' is already taken by a-dist 1.0.0"):
+        names = reg.names("sampler")
+    assert "from_a" in names and "from_b" not in names
+    assert first.was_imported() and not second.was_imported()
+    (info,) = [p for p in reg.plugins() if p.name == "samename"]
+    assert info.distribution == "a-dist"
+    assert [c.name for c in info.components] == ["from_a"]
+
+
+def test_one_module_behind_two_entry_points_keeps_both_names(plugin_dist):  # noqa: F811
+    plugin_dist("twonames", registering_source("twosampler"), entry_point="first", more_entry_points=("second",))
+    reg = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = reg.get("sampler", "first:twosampler")
+    assert reg.get("sampler", "second:twosampler") is first
+    (info,) = [p for p in reg.plugins() if p.distribution == "twonames-dist"]
+    assert (info.name, info.aliases) == ("first", ("second",))
+    assert reg.failures() == []
+
+
+@pytest.mark.parametrize("bad", ["trailing\n", "trailing ", " leading", "two words", "tab\tname"])
+def test_component_names_with_whitespace_are_refused(plugin_dist, bad):  # noqa: F811
+    plugin_dist("wsplug", registering_source(bad))
+    reg = fresh()
+    with pytest.warns(PluginWarning, match="invalid sampler name"):
+        reg.names("sampler")
+    assert bad not in reg.names("sampler") and bad.strip() not in reg.names("sampler")
+
+
+@pytest.mark.parametrize("bad", ["trailing\n", "trailing ", "", "has:colon", 3])
+def test_plugin_names_with_whitespace_are_refused(bad):
+    reg = Registry(entry_points=False, env={})
+    with pytest.raises(ValueError, match="invalid plugin name"):
+        reg.add_plugin(ClassPlugin(), bad)
+
+
+def test_unknown_name_among_ten_thousand_does_not_list_them_all(plugin_dist):  # noqa: F811
+    plugin_dist(
+        "manyplug",
+        "import diffreg\nfrom diffreg.builtin.samplers import DDIM\n@diffreg.hookimpl\n"
+        "def diffreg_register_samplers(register):\n    for i in range(10_000):\n"
+        "        register(f'sampler{i:05d}', DDIM)\n",
+    )
+    reg = fresh()
+    with pytest.raises(UnknownComponentError) as info:
+        reg.get("sampler", "sampler00042x")
+    message = str(info.value)
+    assert len(message) < 400
+    assert f"{len(reg.names('sampler'))} known" in message
+    assert len(reg.names("sampler")) >= 10_002  # the plugin's and the two built-ins
+    assert "closest: sampler00042," in message
+    assert "`diffreg list sampler`" in message
+
+
+def test_unknown_name_suggestion_ignores_case(builtins_only):
+    with pytest.raises(UnknownComponentError, match=r"did you mean 'ddim'\?"):
+        builtins_only.get("sampler", "DDIM")
+
+
+@pytest.mark.parametrize("pattern", ["*", "my*", "*-dist"])
+def test_allow_list_accepts_shell_patterns(myplug, otherplug, pattern):
+    reg = fresh(DIFFREG_LOAD_PLUGINS=pattern)
+    assert "mysampler" in reg.names("sampler")
+    assert ("othersampler" in reg.names("sampler")) == (pattern != "my*")
+
+
+def test_deny_list_star_disables_every_third_party_plugin(myplug):
+    reg = fresh(DIFFREG_DISABLE_PLUGINS="*")
+    assert all(c.builtin for c in reg.components())
+    assert not myplug.was_imported()
+
+
+@pytest.mark.parametrize("var", ["DIFFREG_DISABLE_PLUGINS", "DIFFREG_LOAD_PLUGINS"])
+def test_name_in_env_lists_matching_no_installed_plugin_warns(myplug, var):
+    reg = fresh(**{var: "myplugg"})
+    with pytest.warns(PluginWarning, match=rf"{var} names 'myplugg', which matches no installed plugin.*did you mean 'myplug'"):
+        reg.names("sampler")
