@@ -114,8 +114,9 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
         def diffreg_register_samplers(register):
             register("plain_ddim", PlainDDIM, paper="Song et al. 2021")
     """, ("order", "nfe_per_step", "stochastic")),
-    Kind("loss", "diffreg_register_losses", "diffreg.loss:Loss", "0.1", """
-    Training losses: ``factory(**options)`` returns a :class:`diffreg.loss.Loss`, called by
+    Kind("loss", "diffreg_register_losses", "collections.abc:Callable", "0.1", """
+    Training losses: ``factory(**options)`` returns a :class:`diffreg.loss.Loss` (or any callable
+    with its ``__call__`` signature; only callability is checked at creation), called by
     ``Diffusion.training_losses`` to produce per-example loss terms.
 
     Example::

@@ -557,6 +557,14 @@ def _check_hook_functions(pm: pluggy.PluginManager, obj: object) -> None:
             raise _SkipPlugin(_unknown_hook_message(attr))
 
 
+def _class_metadata(kind: hookspecs.Kind, factory: Any) -> dict[str, Any]:
+    """The kind's metadata keys that ``factory``'s class defines (not those of the product base)."""
+    if not kind.class_metadata or not isinstance(factory, type):
+        return {}
+    own = [cls for cls in factory.__mro__ if cls not in kind.product_type().__mro__]
+    return {key: getattr(factory, key) for key in kind.class_metadata if any(key in vars(cls) for cls in own)}
+
+
 def _make_register(kind, plugin, distribution, version, staged, taken) -> Callable[..., None]:
     def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -568,7 +576,7 @@ def _make_register(kind, plugin, distribution, version, staged, taken) -> Callab
         if (kind.name, name) in taken:
             raise _SkipPlugin(f"registered {kind.name} {name!r} twice")
         taken.add((kind.name, name))
-        declared = {key: getattr(factory, key) for key in kind.class_metadata if hasattr(factory, key)}
+        declared = _class_metadata(kind, factory)
         for key, value in metadata.items():
             if key in declared and declared[key] != value:
                 raise _SkipPlugin(
