@@ -340,6 +340,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             options[key.strip()] = raw
+        except RecursionError:
+            raise ValueError(f"{key.strip()}=...: the value is nested too deeply (at most 32 levels)") from None
     return options
 
 

@@ -436,6 +436,13 @@ def test_a_non_utf8_training_config_is_named(cli, tmp_path):
     assert result.exit_code == 1 and "'c.toml' is not UTF-8 text (byte 0xff at offset 12)" in result.output
 
 
+def test_a_deeply_nested_setting_is_named(cli):
+    result = cli("train", "--set", "lr=" + "[" * 50_000 + "]" * 50_000, "--output", "m.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "lr=...: the value is nested too deeply" in result.output, result.output
+    result = cli(*SAMPLE, "--option", "eta=" + "[" * 50_000 + "]" * 50_000)
+    assert result.exit_code == 1 and "eta=...: the value is nested too deeply" in result.output, result.output
+
+
 def test_a_deeply_nested_training_config_is_named(cli, tmp_path):
     (tmp_path / "c.toml").write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
     result = cli("train", "--config", "c.toml", "--output", "m.safetensors", "--no-progress")
