@@ -23,7 +23,7 @@ from diffreg.errors import (
     SamplingError,
     UnknownComponentError,
 )
-from diffreg.sampler import Sampler
+from diffreg.sampling import Sampler
 from diffreg.schedule import NoiseSchedule
 
 __all__ = [

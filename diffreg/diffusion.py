@@ -22,9 +22,11 @@ from diffreg.loss import Loss, TimestepSampler
 from diffreg.parameterization import (
     ModelParameterization,
     Prediction,
+    eps_from_xstart,
     predict_eps_from_xstart,
     predict_xstart_from_eps,
 )
+from diffreg.process import DiscreteProcess
 from diffreg.schedule import DiffusionTables, axpby, space_timesteps
 from diffreg.validation import check_tensor
 
@@ -91,6 +93,7 @@ class Diffusion:
         self.timestep_map.setflags(write=False)
         self._identity_map = bool(np.array_equal(self.timestep_map, np.arange(self.num_timesteps)))
         self._respaced_cache: dict[tuple[int, ...], Diffusion] = {}
+        self.__dict__.pop("_process", None)  # made on first use (respace copies the instance)
         self._timestep_map_on: dict[str, torch.Tensor] = {}
 
     # -- construction -------------------------------------------------------------------------
@@ -198,6 +201,24 @@ class Diffusion:
         if cached is None:
             cached = self._timestep_map_on[key] = torch.tensor(np.array(self.timestep_map)).to(device)
         return cached
+
+    @property
+    def process(self) -> DiscreteProcess:
+        """This diffusion as noise levels (:class:`~diffreg.process.DiscreteProcess`): alpha =
+        sqrt(abar_t), sigma = sqrt(1 - abar_t), fractional timesteps by log-SNR interpolation; the
+        network gets ``timestep_map[t]`` (times 1000 / T_original with ``rescale_timesteps``)."""
+        process = self.__dict__.get("_process")
+        if process is None:
+            rescale = bool(getattr(self.config, "rescale_timesteps", False))
+            original = self.config.num_timesteps if self.config is not None else self.num_timesteps
+            process = DiscreteProcess(
+                self.tables.alphas_cumprod,
+                self.timestep_map,
+                time_scale=1000.0 / original if rescale else 1.0,
+                interpolation=self.__dict__.get("level_interpolation", "log_snr"),
+            )
+            self.__dict__["_process"] = process
+        return process
 
     def call_model(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None
@@ -314,7 +335,8 @@ class Diffusion:
         when it was clipped or changed, as guided-diffusion's DDIM does."""
         p = self.parameterization
         mean_part, var_part = p.split(output, x)
-        pred_xstart, eps = p.mean_type.predict(self.tables, mean_part, x, t)
+        alpha, sigma = self.tables.alpha_sigma(t, x)
+        pred_xstart, eps = p.mean_type.predict(mean_part, x, alpha, sigma)
         pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
         if denoised_fn is not None or clip_denoised or process_xstart is not None:
             if denoised_fn is not None:
@@ -326,10 +348,14 @@ class Diffusion:
                 fresh = pred_xstart is not mean_part and pred_xstart is not output
                 pred_xstart = pred_xstart.clamp_(-1, 1) if fresh and denoised_fn is None else pred_xstart.clamp(-1, 1)
             processed = pred_xstart
-            pred_eps = lambda: predict_eps_from_xstart(self.tables, x, t, processed)  # noqa: E731
-        # the variance only when a sampler asks (DDIM and the ODE solvers never do)
+            pred_eps = lambda: eps_from_xstart(x, processed, alpha, sigma)  # noqa: E731
+        # the variance only when asked (DDIM and the ODE solvers never do)
         return Prediction(
-            pred_xstart, pred_eps, variances=lambda: p.variance_type.variance(self.tables, var_part, x, t)
+            pred_xstart,
+            pred_eps,
+            variances=lambda: p.variance_type.variance(self.tables, var_part, x, t),
+            alpha=alpha,
+            sigma=sigma,
         )
 
     # -- training and likelihood ----------------------------------------------------------------
@@ -413,7 +439,8 @@ class Diffusion:
 
         Returns:
             dict with ``total_bpd`` ``[N]``, ``prior_bpd`` ``[N]``, and ``[N, T]`` tensors ``vb``,
-            ``xstart_mse`` and ``mse`` (eps MSE), as guided-diffusion's ``calc_bpd_loop``.
+            ``xstart_mse`` and ``mse`` (eps MSE), as guided-diffusion's ``calc_bpd_loop``: column
+            0 is t = T-1, the last column t = 0.
         """
         if noise is not None and noise.shape != x_start.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_start.shape)}")
@@ -428,17 +455,17 @@ class Diffusion:
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             pred_eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
             mse.append(mean_flat((pred_eps - eps) ** 2))
-        vb_t = torch.stack(vb, dim=1).flip(1)
+        vb_t = torch.stack(vb, dim=1)
         prior = self.prior_bpd(x_start)
         return {
             "total_bpd": vb_t.sum(dim=1) + prior,
             "prior_bpd": prior,
             "vb": vb_t,
-            "xstart_mse": torch.stack(xstart_mse, dim=1).flip(1),
-            "mse": torch.stack(mse, dim=1).flip(1),
+            "xstart_mse": torch.stack(xstart_mse, dim=1),
+            "mse": torch.stack(mse, dim=1),
         }
 
-    # -- sampling (see diffreg.sampler) ---------------------------------------------------------
+    # -- sampling (see diffreg.sampling) --------------------------------------------------------
 
     def p_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2).
@@ -449,81 +476,118 @@ class Diffusion:
         ``cond_fn(x, t, **model_kwargs)`` shifts the mean by variance * gradient (Dhariwal &
         Nichol 2021, Algorithm 1). Returns dict with ``sample`` and ``pred_xstart`` (``x``'s shape).
         """
-        from diffreg import sampler
+        from diffreg.sampling import single_step
 
-        return sampler.p_sample(self, model, x, t, **options)
+        return single_step.p_sample(self, model, x, t, **options)
 
     def ddim_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
         """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12).
 
-        Options: as :meth:`p_sample`, plus ``eta=0.0`` (stochasticity, eq. 16). ``cond_fn``
-        conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with ``sample``
-        and ``pred_xstart``.
+        Options: as :meth:`p_sample`, plus ``eta=0.0`` (stochasticity in [0, 1], eq. 16).
+        ``cond_fn`` conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with
+        ``sample`` and ``pred_xstart``.
         """
-        from diffreg import sampler
+        from diffreg.sampling import single_step
 
-        return sampler.ddim_sample(self, model, x, t, **options)
+        return single_step.ddim_sample(self, model, x, t, **options)
 
     def ddim_reverse_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
         """One deterministic DDIM inversion step x_t -> x_{t+1} (Song et al. 2021, eq. 13 run
         forward). Options: ``clip_denoised=True``, ``denoised_fn=None``, ``model_kwargs=None``,
         ``eta=0.0`` (only 0 is defined). Returns dict with ``sample`` and ``pred_xstart``.
         """
-        from diffreg import sampler
+        from diffreg.sampling import single_step
 
-        return sampler.ddim_reverse_sample(self, model, x, t, **options)
+        return single_step.ddim_reverse_sample(self, model, x, t, **options)
 
     def p_sample_loop(self, model, shape, noise=None, **options) -> torch.Tensor:
         """Ancestral sampling over every timestep of this process (guided-diffusion's
-        ``p_sample_loop``); ``noise`` is x_T. Options as :func:`diffreg.sampler.sample_loop`."""
-        from diffreg import sampler
+        ``p_sample_loop``); ``noise`` is x_T. Options as :func:`diffreg.sampling.sample_loop`."""
+        from diffreg.sampling import sample_loop
 
-        return sampler.sample_loop(self, model, shape, sampler="ddpm", noise=noise, **options)
+        return sample_loop(self, model, shape, sampler="ddpm", noise=noise, **options)
 
     def p_sample_loop_progressive(self, model, shape, noise=None, **options):
         """Like :meth:`p_sample_loop` but yields a dict (``sample``, ``pred_xstart``, ``t``, ``i``)
         after every step."""
-        from diffreg import sampler
+        from diffreg.sampling import sample_loop_progressive
 
-        return sampler.sample_loop_progressive(self, model, shape, sampler="ddpm", noise=noise, **options)
+        return sample_loop_progressive(self, model, shape, sampler="ddpm", noise=noise, **options)
 
     def ddim_sample_loop(self, model, shape, noise=None, eta=0.0, **options) -> torch.Tensor:
         """DDIM sampling over every timestep of this process (respace first for fewer steps)."""
-        from diffreg import sampler
+        from diffreg.sampling import sample_loop
 
-        return sampler.sample_loop(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
+        return sample_loop(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, eta=0.0, **options):
         """Like :meth:`ddim_sample_loop`, yielding a dict after every step."""
-        from diffreg import sampler
+        from diffreg.sampling import sample_loop_progressive
 
-        return sampler.sample_loop_progressive(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
+        return sample_loop_progressive(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
 
     def ddim_reverse_sample_loop(self, model, x, **options) -> torch.Tensor:
         """Deterministic DDIM inversion of data ``x`` to noise x_T over every timestep of this
         process (respace first for fewer steps)."""
-        from diffreg import sampler
+        from diffreg.sampling import single_step
 
-        return sampler.ddim_reverse_sample_loop(self, model, x, **options)
+        return single_step.ddim_reverse_sample_loop(self, model, x, **options)
+
+    def grid_times(self, steps: int | None = None, grid: Any = None, sampler: Any = None) -> np.ndarray:
+        """The process times a sampling call visits: every timestep for ``steps=None``, else
+        ``steps`` levels of ``grid`` (a registered name such as ``trailing`` or ``karras``, a dict
+        with ``name`` and options, a list of times, or a :class:`~diffreg.sampling.Grid`; default:
+        the sampler's own ``grid``, else ``trailing``). float64, strictly decreasing.
+
+        Raises:
+            UnknownComponentError: an unknown grid; ValueError / TypeError: a bad ``steps``.
+        """
+        from diffreg.sampling import resolve_grid
+
+        if steps is None and grid is None:
+            return self.process.integer_times()
+        if grid is None:
+            grid = getattr(sampler, "grid", None) or "trailing"
+        grid_obj = resolve_grid(grid)
+        if steps is None:
+            explicit = getattr(grid_obj, "times_", None)
+            explicit = explicit if explicit is not None else getattr(grid_obj, "sigmas", None)
+            steps = len(explicit) if explicit is not None else self.num_timesteps
+        return grid_obj(self.process, steps)
 
     def sample(
-        self, model, shape, sampler: Any = "ddim", steps: int | None = 50, spacing: str = "trailing", **options
+        self,
+        model,
+        shape,
+        sampler: Any = "ddim",
+        steps: int | None = 50,
+        spacing: str | None = None,
+        grid: Any = None,
+        **options,
     ) -> torch.Tensor:
         """Sample with any registered sampler (a name, or a built :class:`~diffreg.Sampler`) over
-        ``steps`` timesteps chosen by ``spacing`` (``leading``, ``trailing`` or ``linspace``;
-        ``steps=None`` uses every timestep).
+        ``steps`` noise levels of ``grid`` (see :meth:`grid_times`; ``spacing`` is the older
+        spelling of the three spacing grids ``leading``, ``trailing``, ``linspace``;
+        ``steps=None``: every timestep).
 
         ``options`` are the driver's (``noise``, ``generator``, ``model_kwargs``,
-        ``guidance_scale``, ``progress``, ...; see :func:`diffreg.sampler.sample_loop`) and the
+        ``guidance_scale``, ``progress``, ...; see :func:`diffreg.sampling.sample_loop`) and the
         sampler's own (e.g. ``eta``). Returns float32 samples of ``shape``.
 
         Raises:
-            ValueError: ``steps`` outside [1, T], an unknown spacing; UnknownComponentError for an
-            unknown sampler; ComponentOptionError for an option neither accepts.
+            ValueError: ``steps`` outside [1, T], an unknown spacing, both ``spacing`` and
+            ``grid``; UnknownComponentError for an unknown sampler or grid; ComponentOptionError
+            for an option neither accepts.
         """
-        from diffreg import sampler as sampler_module
+        from diffreg.sampling import resolve_sampler, sample_loop, split_options
 
-        driver_options, sampler_options = sampler_module.split_options(options)
-        sampler_obj = sampler_module.resolve_sampler(sampler, sampler_options)
-        target = self if steps is None else self.respace(sampler_obj.select_timesteps(self, steps, spacing))
-        return sampler_module.sample_loop(target, model, shape, sampler=sampler_obj, **driver_options)
+        if spacing is not None:
+            if grid is not None:
+                raise ValueError(f"give grid= or spacing= (its older spelling), not both: {grid!r} and {spacing!r}")
+            if spacing not in ("leading", "trailing", "linspace"):
+                raise ValueError(f"unknown spacing {spacing!r}; accepted: leading, trailing, linspace")
+            grid = spacing
+        driver_options, sampler_options = split_options(options)
+        sampler_obj = resolve_sampler(sampler, sampler_options)
+        times = self.grid_times(steps, grid, sampler_obj)
+        return sample_loop(self, model, shape, sampler=sampler_obj, times=times, **driver_options)

@@ -138,7 +138,8 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
     Kind("model", "diffreg_register_models", "torch.nn:Module", "0.1", """
     Architectures: ``factory(**options)`` returns a ``torch.nn.Module`` called as
     ``model(x, t, **model_kwargs)`` with ``x`` of shape ``[N, C, H, W]`` (or ``[N, D]``) and ``t``
-    int64 timesteps of shape ``[N]`` (indices of the original training process). Options are
+    of shape ``[N]``: int64 timesteps of the original training process, or float32 for a level
+    between two timesteps (``Process.model_input``). Options are
     stored in checkpoints, so they must be JSON values.
 
     Example::
@@ -146,6 +147,23 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
         @diffreg.hookimpl
         def diffreg_register_models(register):
             register("mlp", MLPDenoiser)
+    """),
+    Kind("grid", "diffreg_register_grids", "diffreg.sampling.grid:Grid", "0.2", """
+    Noise-level grids, which levels a sampler visits: ``factory(**options)`` (for example ``rho``)
+    returns a :class:`diffreg.sampling.Grid`; ``grid(process, steps)`` gives ``steps`` strictly
+    decreasing times of the :class:`diffreg.process.Process` (subclass it and implement ``times``).
+    Built-ins: ``leading``, ``trailing``, ``linspace``, ``karras``, ``exponential``
+    (= ``lambda_uniform``), ``explicit``.
+
+    Example::
+
+        class UniformTime(diffreg.sampling.Grid):
+            def times(self, process, steps):
+                return numpy.linspace(process.t_max, process.t_min, steps)
+
+        @diffreg.hookimpl
+        def diffreg_register_grids(register):
+            register("uniform_time", UniformTime)
     """),
 )
 

@@ -72,7 +72,7 @@ class MSELoss(Loss):
             frozen = torch.cat([mean_part.detach(), var_part], dim=1)
             vb = diffusion.vb_terms_bpd(lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False)["output"]
             terms["vb"] = vb * (diffusion.num_timesteps / 1000.0) if self.rescaled else vb
-        target = parameterization.mean_type.target(diffusion.tables, x_start, x_t, t, noise)
+        target = parameterization.mean_type.target(x_start, noise, *diffusion.tables.alpha_sigma(t, x_start))
         mse = mean_flat((target - mean_part) ** 2)
         if self.min_snr_gamma is not None:
             # in float64 from the table: in bf16, abar rounds to 1 at small t and SNR would be inf

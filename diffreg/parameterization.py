@@ -9,6 +9,7 @@ variance, either from the tables (fixed) or from extra output channels (learned)
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +27,18 @@ class Prediction:
 
     ``pred_xstart`` and ``pred_eps`` have ``x_t``'s shape ``[N, C, ...]`` and dtype; ``pred_eps``
     may be given as a zero-argument function, computed on first access (samplers that need only
-    x0 then skip it). ``log_variance`` (and ``variance``, when already computed) is the
-    reverse-process variance: ``[N, 1, ...]`` for fixed types (a Python float inside sampling
-    loops, where every example is at the same timestep), ``x_t``'s shape for learned ones. It may
-    instead be given as ``variances``, a zero-argument function returning ``(variance,
-    log_variance)``, computed on first access (deterministic samplers never pay for it).
+    x0 then skip it). ``pred_v`` (Salimans & Ho 2022: alpha eps - sigma x0) is a view computed
+    from both when ``alpha`` and ``sigma`` (the level's scales) are known. ``log_variance`` (and
+    ``variance``, when already computed) is the reverse-process variance of a grid step:
+    ``[N, 1, ...]`` for fixed types (a Python float inside sampling loops), ``x_t``'s shape for
+    learned ones. It may instead be given as ``variances``, a zero-argument function returning
+    ``(variance, log_variance)``, computed on first access (deterministic samplers never pay for it).
+
+    Raises:
+        TypeError: neither ``log_variance`` nor ``variances`` given.
     """
 
-    __slots__ = ("_log_variance", "_pred_eps", "_variance", "_variances", "pred_xstart")
+    __slots__ = ("_log_variance", "_pred_eps", "_variance", "_variances", "alpha", "pred_xstart", "sigma")
 
     def __init__(
         self,
@@ -43,6 +48,8 @@ class Prediction:
         variance: torch.Tensor | float | None = None,
         *,
         variances: Callable[[], tuple[Any, Any]] | None = None,
+        alpha: Any = None,
+        sigma: Any = None,
     ):
         if log_variance is None and variances is None:
             raise TypeError("Prediction needs log_variance or variances")
@@ -51,6 +58,8 @@ class Prediction:
         self._log_variance = log_variance
         self._variance = variance
         self._variances = variances
+        self.alpha = alpha
+        self.sigma = sigma
 
     @property
     def pred_eps(self) -> torch.Tensor:
@@ -58,6 +67,18 @@ class Prediction:
         if callable(self._pred_eps):
             self._pred_eps = self._pred_eps()
         return self._pred_eps
+
+    @property
+    def pred_v(self) -> torch.Tensor:
+        """v = alpha eps - sigma x0 (Salimans & Ho 2022, eq. 10).
+
+        Raises:
+            ValueError: the level's scales are unknown (a Prediction built without them).
+        """
+        if self.alpha is None or self.sigma is None:
+            raise ValueError("pred_v needs the level's alpha and sigma")
+        x0 = self.pred_xstart
+        return axpby(_c(self.alpha, x0), self.pred_eps, _c(-self.sigma, x0), x0)
 
     def _resolve_variances(self) -> None:
         if self._variances is not None:
@@ -85,63 +106,86 @@ class Prediction:
             "log_variance": self._log_variance,
             "variance": self._variance,
             "variances": self._variances,
+            "alpha": self.alpha,
+            "sigma": self.sigma,
         }
         fields.update(changes)
         return Prediction(**fields)
 
 
+Scale = float | torch.Tensor
+
+
+def _ratio(a: Scale, b: Scale) -> Scale:
+    """``a / b`` for Python floats or tensors, ``+-inf`` (not ZeroDivisionError) where b = 0."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a / b
+    if b == 0.0:
+        return math.copysign(math.inf, a) if a != 0.0 else math.nan
+    return a / b
+
+
+def _c(value: Scale, like: torch.Tensor) -> Scale:
+    """A coefficient in ``like``'s dtype: Python floats as they are, float64 tensors cast."""
+    return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
+
+
 class MeanType(abc.ABC):
-    """What the network's mean channels predict (kind ``parameterization``)."""
+    """What the network's mean channels predict (kind ``parameterization``).
+
+    Every method works at any noise level of any process, given by its signal and noise scales
+    ``alpha`` and ``sigma`` (x_t = alpha x0 + sigma eps): Python floats when every example is at
+    one level (sampling), or float64 tensors ``[N, 1, ...]`` broadcastable to ``x_t`` (training,
+    guided-diffusion's per-example ``t``). Coefficients are formed in float64 and then cast to
+    ``x_t``'s dtype, so results equal guided-diffusion's float64 tables cast per timestep.
+    """
 
     name: str = ""
 
     @abc.abstractmethod
     def predict(
-        self, tables: DiffusionTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int
+        self, output: torch.Tensor, x_t: torch.Tensor, alpha: Scale, sigma: Scale
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(pred_xstart, pred_eps)`` from the mean channels ``output`` (shape of ``x_t``).
-
-        ``t`` is int64 ``[N]``, or a Python int when every example is at that timestep (then the
-        table values are Python floats; see :meth:`~diffreg.schedule.DiffusionTables.gather`).
-        """
+        """Return ``(pred_xstart, pred_eps)`` (``x_t``'s shape and dtype) from the mean channels
+        ``output`` (``x_t``'s shape)."""
 
     @abc.abstractmethod
-    def target(
-        self,
-        tables: DiffusionTables,
-        x_start: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> torch.Tensor:
-        """The regression target of the mean channels (shape of ``x_start``)."""
+    def target(self, x_start: torch.Tensor, noise: torch.Tensor, alpha: Scale, sigma: Scale) -> torch.Tensor:
+        """The regression target of the mean channels for x_t = alpha x_start + sigma noise
+        (``x_start``'s shape)."""
 
     def x0_mse_factor(self, snr: torch.Tensor) -> torch.Tensor:
         """Ratio of the x0 squared error to this target's squared error, at signal-to-noise
-        ratio ``snr = abar / (1 - abar)``; used to express per-t weights on the x0 scale."""
+        ratio ``snr = alpha^2 / sigma^2``; used to express per-t weights on the x0 scale."""
         raise NotImplementedError(f"{type(self).__name__} does not define x0_mse_factor")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def predict_xstart_from_eps(tables, x_t, t, eps):
-    """x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps (Ho et al. 2020, eq. 4 solved for x0).
+def xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: Scale, sigma: Scale) -> torch.Tensor:
+    """x0 = x_t / alpha - (sigma / alpha) eps (Ho et al. 2020, eq. 4 solved for x0; guided-diffusion's
+    ``_predict_xstart_from_eps`` with sqrt(1/abar) = 1/alpha, sqrt(1/abar - 1) = sigma/alpha)."""
+    return axpby(_c(_ratio(1.0, alpha), x_t), x_t, _c(-_ratio(sigma, alpha), x_t), eps)
 
-    ``t``: int64 ``[N]`` or a Python int (see :meth:`DiffusionTables.gather`).
+
+def eps_from_xstart(x_t: torch.Tensor, pred_xstart: torch.Tensor, alpha: Scale, sigma: Scale) -> torch.Tensor:
+    """eps = (x_t - alpha x0) / sigma (Ho et al. 2020, eq. 4 solved for eps).
+
+    Algebraically guided-diffusion's ``(sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)``, written so it
+    stays finite at alpha = 0 (zero terminal SNR), where that form is inf / inf.
     """
-    g = tables.gather
-    return axpby(g("sqrt_recip_alphas_cumprod", t, x_t), x_t, -g("sqrt_recipm1_alphas_cumprod", t, x_t), eps)
+    return axpby(_c(_ratio(1.0, sigma), x_t), x_t, _c(-_ratio(alpha, sigma), x_t), pred_xstart)
+
+
+def predict_xstart_from_eps(tables, x_t, t, eps):
+    """:func:`xstart_from_eps` at timesteps ``t`` of ``tables`` (int64 ``[N]`` or a Python int)."""
+    return xstart_from_eps(x_t, eps, *tables.alpha_sigma(t, x_t))
 
 
 def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
-    """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (Ho et al. 2020, eq. 4 solved for eps).
-
-    Algebraically guided-diffusion's ``(sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)``, written so it
-    stays finite at abar_t = 0 (zero terminal SNR), where that form is inf / inf.
-    """
-    inv_s = 1.0 / tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
-    return axpby(inv_s, x_t, -tables.gather("sqrt_alphas_cumprod", t, x_t) * inv_s, pred_xstart)
+    """:func:`eps_from_xstart` at timesteps ``t`` of ``tables`` (int64 ``[N]`` or a Python int)."""
+    return eps_from_xstart(x_t, pred_xstart, *tables.alpha_sigma(t, x_t))
 
 
 class EpsPrediction(MeanType):
@@ -149,10 +193,10 @@ class EpsPrediction(MeanType):
 
     name = "eps"
 
-    def predict(self, tables, output, x_t, t):
-        return predict_xstart_from_eps(tables, x_t, t, output), output
+    def predict(self, output, x_t, alpha, sigma):
+        return xstart_from_eps(x_t, output, alpha, sigma), output
 
-    def target(self, tables, x_start, x_t, t, noise):
+    def target(self, x_start, noise, alpha, sigma):
         return noise
 
     def x0_mse_factor(self, snr):
@@ -164,10 +208,10 @@ class XStartPrediction(MeanType):
 
     name = "x0"
 
-    def predict(self, tables, output, x_t, t):
-        return output, predict_eps_from_xstart(tables, x_t, t, output)
+    def predict(self, output, x_t, alpha, sigma):
+        return output, eps_from_xstart(x_t, output, alpha, sigma)
 
-    def target(self, tables, x_start, x_t, t, noise):
+    def target(self, x_start, noise, alpha, sigma):
         return x_start
 
     def x0_mse_factor(self, snr):
@@ -175,23 +219,21 @@ class XStartPrediction(MeanType):
 
 
 class VPrediction(MeanType):
-    """The network predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, eq. 10).
+    """The network predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, eq. 10, for a
+    variance-preserving process: alpha^2 + sigma^2 = 1).
 
-    Then x0 = sqrt(abar) x_t - sqrt(1 - abar) v and eps = sqrt(abar) v + sqrt(1 - abar) x_t, which
-    stay finite at abar = 0 (zero terminal SNR).
+    Then x0 = alpha x_t - sigma v and eps = alpha v + sigma x_t, which stay finite at alpha = 0
+    (zero terminal SNR).
     """
 
     name = "v"
 
-    def predict(self, tables, output, x_t, t):
-        a = tables.gather("sqrt_alphas_cumprod", t, x_t)
-        s = tables.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
+    def predict(self, output, x_t, alpha, sigma):
+        a, s = _c(alpha, x_t), _c(sigma, x_t)
         return axpby(a, x_t, -s, output), axpby(a, output, s, x_t)
 
-    def target(self, tables, x_start, x_t, t, noise):
-        a = tables.gather("sqrt_alphas_cumprod", t, x_start)
-        s = tables.gather("sqrt_one_minus_alphas_cumprod", t, x_start)
-        return a * noise - s * x_start
+    def target(self, x_start, noise, alpha, sigma):
+        return _c(alpha, x_start) * noise - _c(sigma, x_start) * x_start
 
     def x0_mse_factor(self, snr):
         return 1.0 / (snr + 1.0)

@@ -1,7 +1,7 @@
 """Noise schedules (the ``betas`` of the forward process) and timestep respacing.
 
 A schedule owns one thing: a float64 ``betas`` array of shape ``[T]``. Every other coefficient
-table is derived from it in :class:`diffreg.tables.DiffusionTables`, so it can never drift.
+table is derived from it in :class:`DiffusionTables`, so it can never drift.
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") 
         ratio = num_timesteps // steps
         ts = np.arange(0, steps) * ratio
     elif spacing == "trailing":
-        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+        # T - k T / steps for k < steps: diffusers' np.arange(T, 0, -T / steps) without its float
+        # end point, which adds a spurious extra value for some counts (61, 103, ... at T = 1000)
+        ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)).astype(np.int64) - 1
     elif spacing == "linspace":
         ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     else:
@@ -301,6 +303,17 @@ class DiffusionTables:
             table = torch.tensor(np.array(getattr(self, name)), dtype=dtype).to(device)
             self._device_cache[key] = table
         return table  # type: ignore[return-value]
+
+    def alpha_sigma(self, t: torch.Tensor | int, x: torch.Tensor):
+        """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) at timesteps ``t``: Python floats for
+        an int ``t``; float64 tensors ``[N, 1, ...]`` (broadcastable to ``x``) for int64 ``[N]``."""
+        if isinstance(t, int):
+            return float(self.sqrt_alphas_cumprod[t]), float(self.sqrt_one_minus_alphas_cumprod[t])
+        shape = t.shape + (1,) * (x.ndim - t.ndim)
+        return (
+            self.on("sqrt_alphas_cumprod", t.device)[t].reshape(shape),
+            self.on("sqrt_one_minus_alphas_cumprod", t.device)[t].reshape(shape),
+        )
 
     @overload
     def gather(self, name: str, t: int, x: torch.Tensor) -> float: ...

@@ -39,14 +39,8 @@ import torch
 from diffreg import registry
 from diffreg.diffusion import Diffusion
 from diffreg.loss import Loss
-from diffreg.parameterization import (
-    EpsPrediction,
-    MeanType,
-    ModelParameterization,
-    VPrediction,
-    XStartPrediction,
-)
-from diffreg.sampler import Sampler
+from diffreg.parameterization import MeanType, ModelParameterization
+from diffreg.sampling import Sampler
 from diffreg.schedule import NoiseSchedule, spaced_timesteps
 
 __all__ = [
@@ -61,7 +55,6 @@ __all__ = [
     "sliced_wasserstein",
 ]
 
-_CLOSED_FORM = {EpsPrediction: "eps", XStartPrediction: "x0", VPrediction: "v"}
 
 
 def _as_float64(value: Any, name: str) -> torch.Tensor:
@@ -316,12 +309,14 @@ class ExactDenoiser:
             its kept original timesteps, ``diffusion.timestep_map``, are valid.)
         mean_type: what the model outputs: ``"eps"``, ``"x0"`` or ``"v"`` (closed forms:
             eps_hat, x0_hat, v_hat = sqrt(a) eps_hat - sqrt(1 - a) x0_hat, Salimans & Ho 2022, eq. 10),
-            or any other registered parameterization name or :class:`~diffreg.parameterization.MeanType`,
-            whose ``target(tables, x0_hat, x_t, t, eps_hat)`` is then the output (the optimal
-            prediction for any target linear in x0 and eps).
+            or any other registered parameterization name or :class:`~diffreg.parameterization.MeanType`:
+            the output is its ``target(x0_hat, eps_hat, alpha, sigma)`` (the optimal prediction of
+            any target linear in x0 and eps).
 
     Call: ``x`` ``[N, D]`` or ``[N, C, H, W]`` (flattened to D = C*H*W), any float dtype and
-    device; ``t`` int64 ``[N]`` original timesteps; keyword arguments (``y``, ...) are ignored.
+    device; ``t`` ``[N]`` original timesteps: int64, or float for a level between timesteps (then
+    alpha and sigma follow the process's interpolation rule, :class:`~diffreg.process.DiscreteProcess`);
+    keyword arguments (``y``, ...) are ignored.
     Computes in float64 and returns ``x``'s shape and dtype. Finite at abar = 0.
 
     Raises:
@@ -335,12 +330,10 @@ class ExactDenoiser:
         self.diffusion = diffusion
         if isinstance(mean_type, str):
             self.mean_type_name = mean_type
-            self.mean_type: MeanType | None = (
-                None if mean_type in ("eps", "x0", "v") else registry.create("parameterization", mean_type)
-            )
+            self.mean_type: MeanType = registry.create("parameterization", mean_type)
         elif isinstance(mean_type, MeanType):
-            self.mean_type_name = _CLOSED_FORM.get(type(mean_type), type(mean_type).__name__)
-            self.mean_type = None if type(mean_type) in _CLOSED_FORM else mean_type
+            self.mean_type_name = getattr(mean_type, "name", "") or type(mean_type).__name__
+            self.mean_type = mean_type
         else:
             raise TypeError(f"mean_type must be a name or a MeanType, got {mean_type!r}")
         keep = np.asarray(diffusion.timestep_map, dtype=np.int64)
@@ -389,22 +382,22 @@ class ExactDenoiser:
         ``x`` or ``t``."""
         if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must be an int64 tensor of shape [{x.shape[0]}], got {t!r}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"t must hold integer timestep indices, got dtype {t.dtype}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold timesteps, got dtype {t.dtype}")
         flat = _flat(x, self.mixture.dim, "x").to(torch.float64)
-        idx = self.index(t.to(x.device))
-        _, sqrt_a, sqrt_1ma = self._on(x.device)
-        c, s = sqrt_a[idx][:, None], sqrt_1ma[idx][:, None]
-        x0, eps = self.mixture._posterior(flat, c, s)
-        if self.mean_type is not None:
-            x64 = flat.reshape(x.shape)
-            out = self.mean_type.target(self.diffusion.tables, x0.reshape(x.shape), x64, idx, eps.reshape(x.shape))
-        elif self.mean_type_name == "eps":
-            out = eps
-        elif self.mean_type_name == "x0":
-            out = x0
+        if t.is_floating_point():  # a fractional level: the process's own interpolation rule
+            process = self.diffusion.process
+            model_t = t.detach().to("cpu", torch.float64).numpy() / process.time_scale
+            times = np.interp(model_t, self.diffusion.timestep_map, np.arange(self.diffusion.num_timesteps))
+            a, b = process.alpha_sigma(times)
+            c = torch.from_numpy(a)[:, None].to(x.device)
+            s = torch.from_numpy(b)[:, None].to(x.device)
         else:
-            out = c * eps - s * x0
+            idx = self.index(t.to(x.device))
+            _, sqrt_a, sqrt_1ma = self._on(x.device)
+            c, s = sqrt_a[idx][:, None], sqrt_1ma[idx][:, None]
+        x0, eps = self.mixture._posterior(flat, c, s)
+        out = self.mean_type.target(x0, eps, c, s)  # the optimal prediction of any linear target
         return out.reshape(x.shape).to(x.dtype)
 
 
@@ -710,7 +703,7 @@ def check_parameterization(
             here = f"{where} ({dtype}, shape {list(shape)})"
             x0, eps = x0_64.to(dtype), eps_64.to(dtype)
             x_t = diffusion.q_sample(x0, t, noise=eps)
-            target = mean_type.target(tables, x0, x_t, t, eps)
+            target = mean_type.target(x0, eps, *tables.alpha_sigma(t, x0))
             if not isinstance(target, torch.Tensor) or target.shape != x0.shape or target.dtype != dtype:
                 _fail(
                     f"{here}: target must be a {dtype} tensor of shape {list(shape)}, got "
@@ -733,8 +726,8 @@ def check_parameterization(
                         f"{key} off by {err:.3g} (tolerance {tol:g}); predict() must invert target()"
                     )
             k = int(t[n // 2])
-            by_tensor = mean_type.predict(tables, target[:1], x_t[:1], t[n // 2 : n // 2 + 1])
-            by_int = mean_type.predict(tables, target[:1], x_t[:1], k)
+            by_tensor = mean_type.predict(target[:1], x_t[:1], *tables.alpha_sigma(t[n // 2 : n // 2 + 1], x_t[:1]))
+            by_int = mean_type.predict(target[:1], x_t[:1], *tables.alpha_sigma(k, x_t[:1]))
             for what, u, v in zip(("pred_xstart", "pred_eps"), by_tensor, by_int, strict=True):
                 if v.dtype != dtype or not torch.allclose(u, v, rtol=1e-5, atol=tol):
                     _fail(f"{here}: predict() with t as a Python int ({k}) differs from t as a tensor in {what}")
@@ -931,7 +924,7 @@ def check_sampler(
     if len(steps_list) < 2:
         raise ValueError(f"convergence_steps needs at least 2 different step counts, got {convergence_steps}")
     # the sampler's own grids (a sampler with a sigma grid chooses its timesteps)
-    grids = [sorted(instance.select_timesteps(bases["eps"], s, "trailing")) for s in steps_list]
+    grids = [sorted(bases["eps"].grid_times(s, None, instance).tolist()) for s in steps_list]
     shared = sorted(set.intersection(*(set(g) for g in grids)) - {0, T - 1})
     if not shared and all(g == spaced_timesteps(T, s, "trailing") for g, s in zip(grids, steps_list, strict=True)):
         raise ValueError(

@@ -392,7 +392,7 @@ def test_calc_bpd_loop_total_is_sum_of_terms_plus_prior():
     assert_close(out["total_bpd"], out["vb"].double().sum(1) + out["prior_bpd"].double(), rtol=1e-6)
 
 
-def test_calc_bpd_loop_vb_column_t_is_the_bound_term_at_t():
+def test_calc_bpd_loop_vb_columns_run_from_t_T_minus_1_to_0_as_guided_diffusion():
     d = make(schedule="cosine", num_timesteps=20, parameterization="x0")
     x0 = eight_bit_images(2, 2, seed=11).float()
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(12))
@@ -415,8 +415,10 @@ def test_calc_bpd_loop_vb_column_t_is_the_bound_term_at_t():
             q_mean, q_var = ref_posterior(d, x0, x_t, t)
             p_mean, _ = ref_posterior(d, pred_x0, x_t, t)
             expected[:, k] = (mean_over_dims(ref_gauss_kl(q_mean, q_var, p_mean, q_var)) / LN2).numpy()
-    assert_close(out["vb"][:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-6)
-    assert_close(out["vb"][:, 0], expected[:, 0], rtol=1e-3)
+    # guided-diffusion's order: column 0 is t = T-1, the last column t = 0
+    expected = expected[:, ::-1]
+    assert_close(out["vb"][:, :-1], expected[:, :-1], rtol=1e-5, atol=1e-6)
+    assert_close(out["vb"][:, -1], expected[:, -1], rtol=1e-3)
 
 
 def test_calc_bpd_loop_prior_bpd_is_kl_of_q_x_T_to_standard_normal():

@@ -72,6 +72,7 @@ BUILTIN_NAMES = {
     "loss": {"mse", "rescaled_mse", "kl", "rescaled_kl"},
     "timestep_sampler": {"uniform", "loss_second_moment"},
     "model": {"unet", "mlp"},
+    "grid": {"leading", "trailing", "linspace", "karras", "exponential", "lambda_uniform", "explicit"},
 }
 
 

@@ -19,7 +19,8 @@ from diffreg import registry
 from diffreg.builtin.samplers import DDIM
 from diffreg.parameterization import EpsPrediction, MeanType
 from diffreg.pytest_plugin import PluginRegistrar, builtin_registry
-from diffreg.sampler import Sampler, ddim_coefficients, exp
+from diffreg.sampling import Sampler
+from diffreg.sampling.context import exp
 from diffreg.schedule import NoiseSchedule
 from diffreg.testing import (
     GaussianMixture,
@@ -42,20 +43,18 @@ def make(T=1000, schedule="linear", parameterization="eps", **schedule_options):
 
 
 class TextbookDDIM(Sampler):
-    """Deterministic DDIM written out from Song et al. 2021, eq. 12, on ctx.denoise: the base of
-    the deliberately wrong DDIMs below."""
+    """Deterministic DDIM written out from Song et al. 2021, eq. 12, on ctx.denoise and the
+    grid's levels (x = alpha x0 + sigma eps): the base of the deliberately wrong DDIMs below."""
 
     order = 1
     nfe_per_step = 1
     x_scale = 1.0
 
     def prepare(self, ctx):
-        acp = ctx.diffusion.tables.alphas_cumprod[ctx.timesteps]
-        acp_prev = ctx.diffusion.tables.alphas_cumprod_prev[ctx.timesteps]
-        c_xstart, c_eps, _ = ddim_coefficients(acp, acp_prev, 0.0)
-        # x_{t-1} = c_xstart x0 + c_eps (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-        k_x = c_eps / np.sqrt(1 - acp)
-        return list(zip((c_xstart - k_x * np.sqrt(acp)).tolist(), (self.x_scale * k_x).tolist(), strict=True))
+        lv = ctx.levels
+        a, s, a2, s2 = lv.alpha[:-1], lv.sigma[:-1], lv.alpha[1:], lv.sigma[1:]
+        # x' = a2 x0 + s2 (x - a x0) / s
+        return list(zip((a2 - s2 * a / s).tolist(), (self.x_scale * s2 / s).tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
         k_xstart, k_x = state[i]
@@ -82,12 +81,12 @@ class Heun(Sampler):
     stochastic = False
 
     def step(self, ctx, state, i, x):
-        acp = ctx.diffusion.tables.alphas_cumprod
-        a = acp[ctx.timesteps[i]]
+        lv = ctx.levels
+        a = lv.alpha[i] ** 2
         pred = ctx.denoise(x, i)
         if ctx.is_last(i):
             return pred.pred_xstart, pred.pred_xstart
-        a_next = acp[ctx.timesteps[i + 1]]
+        a_next = lv.alpha[i + 1] ** 2
         sigma, sigma_next = math.sqrt((1 - a) / a), math.sqrt((1 - a_next) / a_next)
         x_tilde = x / math.sqrt(a)
         guess = (x_tilde + (sigma_next - sigma) * pred.pred_eps) * math.sqrt(a_next)
@@ -100,21 +99,25 @@ class HeunClaimingOneEvaluation(Heun):
 
 
 class LoudDDPM(Sampler):
-    """Ancestral sampling with the noise scaled by 2."""
+    """Ancestral sampling with the noise scaled by 2 (posterior mean of Ho et al. 2020, eq. 7,
+    written out on the grid's abar)."""
 
     order = 1
     nfe_per_step = 1
     stochastic = True
 
     def prepare(self, ctx):
-        tables, idx = ctx.diffusion.tables, ctx.timesteps
-        return list(zip(tables.posterior_mean_coef1[idx], tables.posterior_mean_coef2[idx], strict=True))
+        abar, abar_prev = ctx.levels.alpha[:-1] ** 2, ctx.levels.alpha[1:] ** 2
+        beta = 1 - abar / abar_prev
+        coef1 = beta * np.sqrt(abar_prev) / (1 - abar)
+        coef2 = (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)
+        return list(zip(coef1.tolist(), coef2.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
         pred = ctx.denoise(x, i)
         coef_xstart, coef_x = state[i]
         mean = coef_xstart * pred.pred_xstart + coef_x * x
-        if ctx.timesteps[i] == 0:
+        if ctx.is_last(i):
             return mean, pred.pred_xstart
         return mean + 2.0 * exp(0.5 * pred.log_variance) * ctx.noise(i, x), pred.pred_xstart
 
@@ -124,7 +127,7 @@ class RawOutputDDIM(TextbookDDIM):
 
     def step(self, ctx, state, i, x):
         eps = ctx.model_output(x, i)
-        a = ctx.diffusion.tables.alphas_cumprod[ctx.timesteps[i]]
+        a = ctx.levels.alpha[i] ** 2
         pred_xstart = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         k_xstart, k_x = state[i]
         return k_xstart * pred_xstart + k_x * x, pred_xstart
@@ -139,19 +142,19 @@ class NoOrder(Sampler):
 class TwiceEps(MeanType):
     """The network predicts 2 eps: unusual but consistent (predict inverts target)."""
 
-    def predict(self, tables, output, x_t, t):
+    def predict(self, output, x_t, alpha, sigma):
         eps = output / 2
-        return EpsPrediction().predict(tables, eps, x_t, t)
+        return EpsPrediction().predict(eps, x_t, alpha, sigma)
 
-    def target(self, tables, x_start, x_t, t, noise):
+    def target(self, x_start, noise, alpha, sigma):
         return 2 * noise
 
 
 class BrokenEps(TwiceEps):
     """target says 2 eps, predict reads eps: the round trip fails."""
 
-    def predict(self, tables, output, x_t, t):
-        return EpsPrediction().predict(tables, output, x_t, t)
+    def predict(self, output, x_t, alpha, sigma):
+        return EpsPrediction().predict(output, x_t, alpha, sigma)
 
 
 class MeanReducedLoss:

@@ -7,5 +7,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "diffreg.builtin.parameterizations",
     "diffreg.builtin.losses",
     "diffreg.builtin.samplers",
+    "diffreg.builtin.grids",
     "diffreg.builtin.models",
 )

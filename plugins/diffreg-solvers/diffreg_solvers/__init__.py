@@ -6,15 +6,15 @@ After ``pip install diffreg-solvers``::
     diffusion.sample(model, shape, sampler="unipc", steps=10, sigmas="karras")
 
 Samplers: ``euler``, ``heun``, ``euler_ancestral``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``unipc``; each
-takes ``sigmas=None | "karras" | "exponential" | "lambda_uniform"`` (see :mod:`diffreg_solvers.grids`).
+takes ``sigmas=None | "karras" | "exponential" | "lambda_uniform"``, the older spelling of
+``Diffusion.sample(grid=...)`` (diffreg's ``grid`` kind).
 """
 
 from __future__ import annotations
 
 import diffreg
 
-from .grids import GRIDS, grid_timesteps
-from .samplers import DPMSolverPP2M, DPMSolverPP2MSDE, Euler, EulerAncestral, GridSampler, Heun, UniPC
+from .samplers import SIGMA_GRIDS, DPMSolverPP2M, DPMSolverPP2MSDE, Euler, EulerAncestral, GridSampler, Heun, UniPC
 
 __version__ = "0.1.0"
 
@@ -37,7 +37,7 @@ def diffreg_register_samplers(register):
 
 
 __all__ = [
-    "GRIDS",
+    "SIGMA_GRIDS",
     "SAMPLERS",
     "DPMSolverPP2M",
     "DPMSolverPP2MSDE",
@@ -48,5 +48,4 @@ __all__ = [
     "UniPC",
     "__version__",
     "diffreg_register_samplers",
-    "grid_timesteps",
 ]

@@ -1,8 +1,8 @@
 """Per-step noise levels of one sampling call, in float64, computed once in ``prepare``.
 
-Step ``i`` moves from timestep ``ctx.timesteps[i]`` (alpha, sigma) to the next one (alpha_next,
-sigma_next); after the last step sigma_next = 0 and alpha_next = 1 (the clean sample). With
-alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), and
+Step ``i`` moves from grid level ``i`` (alpha, sigma) to the next one (alpha_next, sigma_next)
+of ``ctx.levels``; after the last step sigma_next = 0 and alpha_next = 1 (the clean sample). With
+x = alpha x0 + sigma eps, lambda = log(alpha / sigma), and
 h = lambda_next - lambda the step size in log-SNR/2 time:
 
 - ``expmh`` = exp(-h) = alpha sigma_next / (sigma alpha_next): always finite and in [0, 1), also
@@ -35,13 +35,10 @@ class Levels:
 
 
 def levels(ctx) -> Levels:
-    """The :class:`Levels` of ``ctx`` (a :class:`diffreg.sampler.SamplingContext`), visiting order."""
-    tables = ctx.diffusion.tables
-    idx = np.asarray(ctx.timesteps, dtype=np.int64)
-    abar = np.asarray(tables.alphas_cumprod, dtype=np.float64)[idx]
-    abar_next = np.asarray(tables.alphas_cumprod_prev, dtype=np.float64)[idx]
-    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-    alpha_next, sigma_next = np.sqrt(abar_next), np.sqrt(1.0 - abar_next)
+    """The :class:`Levels` of ``ctx`` (a :class:`diffreg.sampling.SamplingContext`), visiting order."""
+    lv = ctx.levels
+    alpha, sigma = lv.alpha[:-1], lv.sigma[:-1]
+    alpha_next, sigma_next = lv.alpha[1:], lv.sigma[1:]
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = np.log(alpha) - np.log(sigma)
         lam_next = np.log(alpha_next) - np.log(sigma_next)

@@ -18,29 +18,33 @@ import math
 
 import numpy as np
 
-from diffreg.sampler import Sampler
+from diffreg.sampling import Sampler
 from diffreg.schedule import axpby
 
-from .grids import check_grid, grid_timesteps
 from .levels import levels
 
 
+#: the older spelling ``sigmas=`` of a sampler's grid (now diffreg's ``grid`` kind)
+SIGMA_GRIDS = ("karras", "exponential", "lambda_uniform")
+
+
 class GridSampler(Sampler):
-    """Base class: the ``sigmas`` option (a noise-level grid, see :mod:`diffreg_solvers.grids`).
+    """Base class: the ``sigmas`` option, the older spelling of ``Diffusion.sample(grid=...)``.
 
     Args:
-        sigmas: ``None`` (use the ``spacing`` given to ``Diffusion.sample``), ``"karras"``,
-            ``"exponential"`` or ``"lambda_uniform"`` (then ``spacing`` is ignored, and nearby
-            grid points that fall on the same integer timestep collapse into one).
+        sigmas: ``None`` (the caller's grid, default ``trailing``), ``"karras"``,
+            ``"exponential"`` or ``"lambda_uniform"`` (diffreg's grids of those names: any
+            number of steps, levels between integer timesteps where they fall there).
+
+    Raises:
+        ValueError: another ``sigmas`` value (naming the accepted ones).
     """
 
     def __init__(self, sigmas: str | None = None):
-        self.sigmas = check_grid(sigmas)
-
-    def select_timesteps(self, diffusion, steps, spacing):
-        if self.sigmas is None:
-            return super().select_timesteps(diffusion, steps, spacing)
-        return grid_timesteps(diffusion.tables.alphas_cumprod, steps, self.sigmas)
+        if not (sigmas is None or (isinstance(sigmas, str) and sigmas in SIGMA_GRIDS)):
+            raise ValueError(f"unknown sigmas grid {sigmas!r}; accepted: None (the caller's grid), {', '.join(SIGMA_GRIDS)}")
+        self.sigmas = sigmas
+        self.grid = sigmas
 
 
 def first_order(lv, i: int) -> tuple[float, float]:

@@ -18,12 +18,11 @@ import diffreg_solvers
 import numpy as np
 import pytest
 import torch
-from diffreg_solvers import grid_timesteps
 
 import diffreg
 from diffreg import registry
 from diffreg.errors import ComponentOptionError
-from diffreg.sampler import sample_loop, sample_loop_progressive
+from diffreg.sampling import sample_loop, sample_loop_progressive
 from diffreg.schedule import spaced_timesteps
 
 MU, S = 0.5, 0.3
@@ -40,12 +39,17 @@ class GaussianDenoiser:
 
     def __init__(self, diffusion, mean_type: str = "eps"):
         self.abar = torch.tensor(diffusion.tables.alphas_cumprod, dtype=torch.float64)
+        self.process = diffusion.process
         self.mean_type = mean_type
-        self.calls: list[int] = []
+        self.calls: list[float] = []
 
     def __call__(self, x, t, **kwargs):
-        self.calls.append(int(t[0]))
-        a = self.abar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        self.calls.append(t[0].item())
+        if t.is_floating_point():  # a level between timesteps: the process's interpolation
+            abar = torch.from_numpy(self.process.alpha_sigma(t.double().numpy())[0] ** 2)
+        else:
+            abar = self.abar[t]
+        a = abar.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         x0 = MU + a.sqrt() * S**2 / (a * S**2 + 1 - a) * (x - a.sqrt() * MU)
         if self.mean_type == "x0":
             return x0
@@ -271,14 +275,15 @@ def test_eta_zero_sde_is_dpmpp_2m():
 def test_interleaved_loops_do_not_interfere(name):
     d = diffusion()
     sampler = registry.create("sampler", name)
-    target = d.respace(sampler.select_timesteps(d, 10, "trailing"))
+    times = d.grid_times(10, "trailing")
     n1, n2 = x_T(8), x_T(8, seed=1)
 
     def loop(noise, seed):
         return sample_loop_progressive(
-            target,
+            d,
             GaussianDenoiser(d),
             noise.shape,
+            times=times,
             sampler=sampler,
             noise=noise,
             dtype=torch.float64,
@@ -291,9 +296,10 @@ def test_interleaved_loops_do_not_interfere(name):
         final = {1: a["sample"], 2: b["sample"]}
     for key, noise in ((1, n1), (2, n2)):
         alone = sample_loop(
-            target,
+            d,
             GaussianDenoiser(d),
             noise.shape,
+            times=times,
             sampler=sampler,
             noise=noise,
             dtype=torch.float64,
@@ -360,53 +366,23 @@ def test_matches_diffusers(name):
 # -- sigma grids ----------------------------------------------------------------------------------
 
 
-def test_grids_are_ascending_unique_and_span_the_process():
-    abar = diffusion().tables.alphas_cumprod
-    for grid in diffreg_solvers.GRIDS:
-        for steps in (1, 2, 5, 20, 200):
-            ts = grid_timesteps(abar, steps, grid)
-            assert ts == sorted(set(ts)) and ts[-1] == 999 and len(ts) <= steps
-            if steps > 1:
-                assert ts[0] == 0
-    assert grid_timesteps(abar, 20, "exponential") == grid_timesteps(abar, 20, "lambda_uniform")
-
-
-def test_karras_puts_more_steps_at_small_sigma():
-    abar = diffusion().tables.alphas_cumprod
-    sigma = np.sqrt((1 - abar) / abar)
-    karras = sigma[grid_timesteps(abar, 20, "karras")]
-    trailing = sigma[spaced_timesteps(1000, 20, "trailing")]
-    assert np.sum(karras < 0.5) >= 2 * np.sum(trailing < 0.5)  # 5 vs 2
-    assert np.sum(karras < 0.1) >= 3 and np.sum(trailing < 0.1) == 0
-    assert np.all(np.diff(karras) > 0) and karras[0] == sigma[0] and karras[-1] == sigma[-1]
-
-
-def test_duplicates_collapse_for_a_short_process():
-    d = diffusion(num_timesteps=20)
-    ts = grid_timesteps(d.tables.alphas_cumprod, 20, "karras")
-    assert ts == sorted(set(ts)) and len(ts) < 20 and ts[0] == 0 and ts[-1] == 19
-    model = GaussianDenoiser(d)
-    d.sample(model, (2, 1), sampler="dpmpp_2m", steps=20, sigmas="karras")
-    assert model.calls == ts[::-1]
-
-
-def test_zero_terminal_snr_grid_starts_at_the_last_timestep():
-    abar = diffusion("v", True).tables.alphas_cumprod
-    for grid in diffreg_solvers.GRIDS:
-        ts = grid_timesteps(abar, 10, grid)
-        assert ts[-1] == 999 and ts[0] == 0 and len(ts) == 10
-
-
-def test_sampling_visits_the_grid():
+def test_sigmas_option_is_the_core_grid_of_that_name():
     d = diffusion()
+    for grid in ("karras", "exponential", "lambda_uniform"):
+        sampler = registry.create("sampler", "dpmpp_2m", sigmas=grid)
+        assert np.array_equal(d.grid_times(12, None, sampler), d.grid_times(12, grid))
+
+
+def test_sampling_visits_the_grid_with_exactly_the_steps_asked():
+    d = diffusion(num_timesteps=20)  # a short process: 20 karras levels, most between timesteps
+    times = d.grid_times(20, "karras")
+    assert len(times) == 20 and times[0] == 19
     for name in SAMPLERS:
-        model = GaussianDenoiser(d)
-        d.sample(model, (2, 1), sampler=name, steps=12, sigmas="karras", generator=torch.Generator())
-        ts = grid_timesteps(d.tables.alphas_cumprod, 12, "karras")[::-1]
-        assert sorted(set(model.calls), reverse=True) == ts
-        assert model.calls[0] == 999
-    default = registry.create("sampler", "unipc").select_timesteps(d, 12, "leading")
-    assert default == spaced_timesteps(1000, 12, "leading")
+        stats = {}
+        d.sample(GaussianDenoiser(d), (2, 1), sampler=name, steps=20, sigmas="karras", stats=stats,
+                 generator=torch.Generator())
+        assert stats["steps"] == 20
+        assert stats["timesteps"][0] == 19 and np.allclose(stats["timesteps"], times)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -445,8 +421,8 @@ def test_unipc_orders(order):
 
 @pytest.mark.parametrize("grid", ["karras", "lambda_uniform"])
 def test_solvers_pass_conformance_on_their_own_sigma_grids(grid):
-    # check_sampler uses the sampler's own timesteps (select_timesteps), so a sigma grid is
-    # checked as it is actually sampled: final samples converge to the exact ODE solution
+    # check_sampler uses the sampler's own grid, so a sigma grid is checked as it is actually
+    # sampled: final samples converge to the exact ODE solution
     import diffreg.testing
 
     report = diffreg.testing.check_sampler("dpmpp_2m", sigmas=grid)

@@ -1,0 +1,142 @@
+"""Built-in grids (kind ``grid``): ``leading``, ``trailing``, ``linspace`` (integer timesteps of a
+discrete process, diffusers' three ``timestep_spacing`` rules), ``karras`` (Karras et al. 2022,
+eq. 5), ``exponential`` (uniform in log-SNR; Lu et al. 2022's "logSNR" steps, also registered as
+``lambda_uniform``) and ``explicit`` (given times or VE sigmas)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffreg import hookimpl
+from diffreg.process import Process
+from diffreg.sampling.grid import Grid
+from diffreg.schedule import spaced_timesteps
+from diffreg.validation import check_finite_number
+
+
+class Spacing(Grid):
+    """Evenly spaced timesteps (diffusers' ``timestep_spacing``; see
+    :func:`~diffreg.schedule.spaced_timesteps`): on a discrete process, integer timesteps of its
+    tables; on a continuous one, ``steps`` times evenly spaced from ``t_max`` down to (not
+    including) ``t_min`` for ``trailing``/``leading``, and from ``t_max`` to ``t_min`` for
+    ``linspace``."""
+
+    def __init__(self, spacing: str):
+        self.spacing = spacing
+
+    def max_steps(self, process):
+        return int(process.t_max) + 1 if process.discrete else None
+
+    def times(self, process, steps):
+        if process.discrete:
+            T = int(process.t_max) + 1
+            return np.asarray(spaced_timesteps(T, steps, self.spacing)[::-1], dtype=np.float64)
+        if self.spacing == "linspace":
+            return np.linspace(process.t_max, process.t_min, steps)
+        return np.linspace(process.t_max, process.t_min, steps + 1)[:-1]
+
+
+class _LogSnrGrid(Grid):
+    """A grid laid in log-SNR between the process's least and most noisy finite levels; at zero
+    terminal SNR (pure noise at ``t_max``) the first level is ``t_max`` itself, so sampling starts
+    from pure noise."""
+
+    def log_snrs(self, lam_min: float, lam_max: float, steps: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def times(self, process, steps):
+        lam_min, lam_max = process.log_snr_range()
+        if steps == 1:
+            return np.array([process.t_max])
+        t = process.t_from_log_snr(self.log_snrs(lam_min, lam_max, steps))
+        t[0] = process.t_max
+        return t
+
+
+class Karras(_LogSnrGrid):
+    """Karras et al. 2022 ("Elucidating the Design Space", eq. 5): VE sigmas
+    sigma_k = (sigma_max^(1/rho) + k / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+
+    Args:
+        rho: the warp, a finite number > 0 (default 7).
+    """
+
+    def __init__(self, rho: float = 7.0):
+        self.rho = check_finite_number(rho, "rho", minimum=1e-3)
+
+    def log_snrs(self, lam_min, lam_max, steps):
+        # VE sigma = exp(-lambda)
+        hi, lo = math.exp(-lam_min / self.rho), math.exp(-lam_max / self.rho)
+        ramp = np.linspace(0.0, 1.0, steps)
+        return -self.rho * np.log(hi + ramp * (lo - hi))
+
+
+class Exponential(_LogSnrGrid):
+    """Uniform in log-SNR (= uniform in log VE sigma): k-diffusion's ``get_sigmas_exponential``,
+    DPM-Solver's ``logSNR`` time steps (Lu et al. 2022)."""
+
+    def log_snrs(self, lam_min, lam_max, steps):
+        return np.linspace(lam_min, lam_max, steps)
+
+
+class Explicit(Grid):
+    """Given levels: ``times`` of the process (e.g. timesteps, strictly decreasing), or ``sigmas``
+    (VE sigmas, strictly decreasing, mapped to times by log-SNR); the step count must match.
+
+    Raises:
+        ValueError: neither or both given, not strictly decreasing, or a length other than ``steps``.
+    """
+
+    def __init__(self, times: Sequence[float] | None = None, sigmas: Sequence[float] | None = None):
+        if (times is None) == (sigmas is None):
+            raise ValueError("the explicit grid takes exactly one of times= and sigmas=")
+        values = times if times is not None else sigmas
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
+            raise TypeError(f"explicit grid levels must be a list of numbers, got {values!r}")
+        arr = np.asarray([check_finite_number(v, "grid level") if v != math.inf else v for v in values], float)
+        if arr.size == 0 or (arr.size > 1 and not np.all(np.diff(arr) < 0)):
+            raise ValueError(f"explicit grid levels must be non-empty and strictly decreasing, got {arr.tolist()}")
+        self.times_ = None if times is None else arr
+        self.sigmas = None if sigmas is None else arr
+
+    def times(self, process, steps):
+        arr = self.times_ if self.times_ is not None else process.t_from_log_snr(-np.log(self.sigmas))
+        if len(arr) != steps:
+            raise ValueError(f"the explicit grid has {len(arr)} levels; steps={steps} asked (give steps={len(arr)})")
+        return arr
+
+    def __repr__(self) -> str:
+        given = self.times_ if self.times_ is not None else self.sigmas
+        return f"Explicit({'times' if self.times_ is not None else 'sigmas'}={given.tolist()})"
+
+
+def leading() -> Spacing:
+    """``0, r, 2r, ...`` with r = T // steps (DDIM paper; diffusers' default)."""
+    return Spacing("leading")
+
+
+def trailing() -> Spacing:
+    """``round(T - k T / steps) - 1``: starts at T - 1 (Lin et al. 2024, Table 2)."""
+    return Spacing("trailing")
+
+
+def linspace() -> Spacing:
+    """``round(linspace(0, T - 1, steps))``."""
+    return Spacing("linspace")
+
+
+@hookimpl
+def diffreg_register_grids(register):
+    register("leading", leading, paper="Song et al. 2021 (DDIM); diffusers timestep_spacing='leading'")
+    register("trailing", trailing, paper="Lin et al. 2024, Table 2")
+    register("linspace", linspace, paper="diffusers timestep_spacing='linspace'")
+    register("karras", Karras, paper="Karras et al. 2022, eq. 5")
+    register("exponential", Exponential, paper="Lu et al. 2022 (DPM-Solver), logSNR steps")
+    register("lambda_uniform", Exponential, paper="alias of exponential")
+    register("explicit", Explicit)
+
+
+__all__ = ["Explicit", "Exponential", "Karras", "Process", "Spacing"]

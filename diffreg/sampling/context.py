@@ -1,0 +1,421 @@
+"""What one sampling call knows: the grid's noise levels and the denoiser at any level.
+
+:meth:`SamplingContext.denoise` is the one door between a sampler and the network: it calls the
+model at a :class:`~diffreg.process.NoiseLevel` (a grid level by index, or any level of the
+process), applies classifier-free guidance, ``denoised_fn``, dynamic thresholding, clipping and
+classifier guidance, and returns the parameterization's :class:`~diffreg.parameterization.Prediction`
+(pred_xstart, pred_eps, pred_v). Per-step work stays on the device: the finiteness record is a
+0-d device tensor per model call, read once after the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from diffreg.errors import SamplingError
+from diffreg.parameterization import Prediction, eps_from_xstart, xstart_from_eps
+from diffreg.process import NoiseLevel, Process
+from diffreg.sampling.noise import Generator, draw_noise
+
+if TYPE_CHECKING:
+    from diffreg.diffusion import Diffusion
+    from diffreg.schedule import DiffusionTables
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The levels of one sampling call, in visiting order: ``num_steps + 1`` entries, step ``i``
+    going from entry ``i`` to entry ``i + 1``; the last is the data level (sigma = 0).
+
+    Attributes (float64 numpy arrays): ``t`` (process times), ``alpha``, ``sigma``, ``log_snr``
+    (lambda = log(alpha / sigma), ``+inf`` at the data level, ``-inf`` at pure noise).
+    """
+
+    t: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def log_snr(self) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(self.alpha) - np.log(self.sigma)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.t) - 1
+
+    def __getitem__(self, i: int) -> NoiseLevel:
+        return NoiseLevel(float(self.t[i]), float(self.alpha[i]), float(self.sigma[i]))
+
+    @classmethod
+    def on_grid(cls, process: Process, times: Sequence[float]) -> Levels:
+        """The levels at ``times`` of ``process`` followed by its data level."""
+        times = np.asarray(times, dtype=np.float64)
+        alpha, sigma = process.alpha_sigma(times)
+        clean = process.clean
+        return cls(
+            np.append(times, clean.t), np.append(alpha, clean.alpha), np.append(sigma, clean.sigma)
+        )
+
+
+def dynamic_threshold(percentile: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", section 2.3): per sample,
+    s = max(1, quantile(|x0|, percentile)); x0 <- clip(x0, -s, s) / s.
+
+    Raises:
+        ValueError: ``percentile`` outside (0, 1].
+    """
+    if not 0 < percentile <= 1:
+        raise ValueError(f"dynamic_threshold percentile must be in (0, 1], got {percentile!r}")
+
+    def apply(pred_xstart: torch.Tensor) -> torch.Tensor:
+        flat = pred_xstart.reshape(pred_xstart.shape[0], -1).abs().float()
+        s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
+        s = s.reshape((-1,) + (1,) * (pred_xstart.ndim - 1))
+        return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
+
+    return apply
+
+
+def model_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (``None`` for other callables)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a module's first parameter (the CPU for other callables)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+class SamplingContext:
+    """What one sampling call knows; what a :class:`~diffreg.Sampler` uses.
+
+    Attributes:
+        diffusion: the :class:`~diffreg.Diffusion` being sampled; ``process``: its
+            :class:`~diffreg.process.Process`.
+        levels: the grid's :class:`Levels` (``num_steps + 1`` entries, the last the data).
+        num_steps: model-evaluating steps of the grid.
+        shape, device, dtype: of the sampler's state (dtype float32 unless asked otherwise).
+        nfe: model evaluations so far (a classifier-free guided pass counts once).
+
+    Methods for samplers: :meth:`denoise` (the prediction at a grid level ``i`` or any
+    :class:`~diffreg.process.NoiseLevel`), :meth:`level_at` (a level placed by log-SNR or VE sigma),
+    :meth:`noise` (standard normal noise of step i), :meth:`condition_mean` (classifier guidance
+    on a mean), :meth:`is_last`.
+    """
+
+    def __init__(
+        self,
+        diffusion: Diffusion,
+        model: Any,
+        shape: Sequence[int],
+        *,
+        times: Sequence[float],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        model_kwargs: Mapping[str, Any] | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dynamic_threshold_percentile: float | None = None,
+        cond_fn: Callable[..., torch.Tensor] | None = None,
+        guidance_scale: float | None = None,
+        uncond_model_kwargs: Mapping[str, Any] | None = None,
+        generator: Generator = None,
+        step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        check_finite: bool = True,
+    ):
+        self.diffusion = diffusion
+        self.process: Process = diffusion.process
+        self.model = model
+        self.shape = tuple(shape)
+        self.levels = Levels.on_grid(self.process, times)
+        self.num_steps = self.levels.num_steps
+        self.device = device
+        self.dtype = dtype
+        self.model_kwargs = dict(model_kwargs or {})
+        self.clip_denoised = clip_denoised
+        self.denoised_fn = denoised_fn
+        self.process_xstart = (
+            dynamic_threshold(dynamic_threshold_percentile) if dynamic_threshold_percentile is not None else None
+        )
+        self.cond_fn = cond_fn
+        self.generator = generator
+        self.step_noise = step_noise
+        self.model_dtype = model_dtype(model)
+        self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
+        self.uncond_model_kwargs = None
+        self.nfe = 0
+        n = self.shape[0]
+        batch = n
+        if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
+            self.uncond_model_kwargs = dict(
+                uncond_model_kwargs if uncond_model_kwargs is not None else null_class_kwargs(model, self.model_kwargs)
+            )
+            self._cfg_kwargs = cat_kwargs(self.model_kwargs, self.uncond_model_kwargs)
+            batch = 2 * n
+        # the network's time input at every grid level, made once per call
+        self._model_t = [self.process.model_input(float(t), batch, device) for t in self.levels.t[:-1]]
+        self._batch = batch
+        self._step_tables: DiffusionTables | None = None
+        self.check_finite = check_finite
+        self._out_sums: list[torch.Tensor] = []
+        self._out_steps: list[int] = []
+        self._final_sum: torch.Tensor | None = None
+        self._step = 0  # the step being taken (for the finiteness report)
+
+    # -- for samplers ---------------------------------------------------------------------------
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The grid's process times in visiting order (integers for integer levels)."""
+        return [int(t) if float(t).is_integer() else float(t) for t in self.levels.t[:-1]]
+
+    def is_last(self, i: int) -> bool:
+        """Whether step ``i`` is the final one (it goes to the data)."""
+        return i == self.num_steps - 1
+
+    def level_at(self, *, log_snr: float | None = None, ve_sigma: float | None = None) -> NoiseLevel:
+        """The process's level with this log-SNR or VE sigma (see :meth:`Process.level_at`)."""
+        return self.process.level_at(log_snr=log_snr, ve_sigma=ve_sigma)
+
+    def model_input_time(self, at: int | NoiseLevel) -> torch.Tensor:
+        """The network's time input ``[N]`` (doubled batch under classifier-free guidance)."""
+        if isinstance(at, int):
+            return self._model_t[at]
+        return self.process.model_input(at.t, self._batch, self.device)
+
+    def model_output(self, x: torch.Tensor, at: int | NoiseLevel) -> torch.Tensor:
+        """Raw network output at grid level ``at`` (an index) or any level, with classifier-free
+        guidance applied to the mean channels (Ho & Salimans 2022, eq. 6: uncond + w (cond -
+        uncond); learned variance channels come from the conditional pass). One forward pass over
+        the doubled batch. Recorded for the non-finite check (one reduction, on the device).
+
+        Raises:
+            TypeError: the model returned something other than a tensor; ValueError: an output
+            of the wrong shape for the parameterization.
+        """
+        self.nfe += 1
+        t_in = self.model_input_time(at)
+        x_in = x if self.model_dtype is None else x.to(self.model_dtype)
+        if self.guidance_scale is None:
+            out = check_output(self.model(x_in, t_in, **self.model_kwargs))
+        else:
+            both = check_output(self.model(torch.cat([x_in, x_in]), t_in, **self._cfg_kwargs))
+            cond, uncond = both.to(x.dtype).chunk(2)
+            split = self.diffusion.parameterization.split
+            cond_mean, cond_var = split(cond, x)
+            uncond_mean, _ = split(uncond, x)
+            guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
+            out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if self.check_finite:
+            self._out_sums.append(finiteness(out))
+            self._out_steps.append(self._step)
+        return out
+
+    def denoise(self, x: torch.Tensor, at: int | NoiseLevel, *, condition_score: bool = True) -> Prediction:
+        """The :class:`~diffreg.parameterization.Prediction` at grid level ``at`` (index ``i`` in
+        ``0 .. num_steps - 1``) or at any :class:`~diffreg.process.NoiseLevel` of the process:
+        guidance, ``denoised_fn``, dynamic thresholding and clipping applied, pred_eps re-derived
+        from the processed pred_xstart (as guided-diffusion's ``ddim_sample``). With a
+        ``cond_fn`` the score is conditioned (Dhariwal & Nichol 2021, Algorithm 2) unless
+        ``condition_score=False``. At the data level (sigma = 0) the prediction is x itself and
+        the model is not called. The reverse-process variance (``log_variance``) is defined at
+        grid levels only.
+        """
+        if isinstance(at, int):
+            self._step = at
+            level = self.levels[at]
+        else:
+            level = at
+        if level.sigma == 0.0:
+            x0 = x / level.alpha if level.alpha != 1.0 else x
+            return Prediction(x0, torch.zeros_like(x), variances=_no_variance, alpha=level.alpha, sigma=0.0)
+        out = self.model_output(x, at)
+        p = self.diffusion.parameterization
+        mean_part, var_part = p.split(out, x)
+        alpha, sigma = level.alpha, level.sigma
+        pred_xstart, eps = p.mean_type.predict(mean_part, x, alpha, sigma)
+        pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
+        if self.denoised_fn is not None or self.clip_denoised or self.process_xstart is not None:
+            if self.denoised_fn is not None:
+                pred_xstart = self.denoised_fn(pred_xstart)
+            if self.process_xstart is not None:
+                pred_xstart = self.process_xstart(pred_xstart)
+            if self.clip_denoised:
+                pred_xstart = pred_xstart.clamp(-1, 1)
+            processed = pred_xstart
+            pred_eps = lambda: eps_from_xstart(x, processed, alpha, sigma)  # noqa: E731
+        if isinstance(at, int):
+            j = self.num_steps - 1 - at
+
+            def variances():
+                return p.variance_type.variance(self.step_tables, var_part, x, j)
+        else:
+            variances = _no_variance
+        pred = Prediction(pred_xstart, pred_eps, variances=variances, alpha=alpha, sigma=sigma)
+        if self.cond_fn is not None and condition_score:
+            eps = pred.pred_eps - sigma * self.cond_gradient(x, at)
+            pred = pred.replace(pred_xstart=xstart_from_eps(x, eps, alpha, sigma), pred_eps=eps)
+        return pred
+
+    @property
+    def step_tables(self) -> DiffusionTables:
+        """guided-diffusion's coefficient tables of the grid as a process of its own (what
+        ``respace`` builds: betas_j = 1 - abar_j / abar_{j-1} over the grid's levels, ascending),
+        from which the variance types read the reverse-process variance of each step.
+
+        Raises:
+            SamplingError: the grid is not a variance-preserving discrete process (the reverse
+            variance of guided-diffusion is not defined there).
+        """
+        if self._step_tables is None:
+            from diffreg.schedule import DiffusionTables
+
+            abar = (self.levels.alpha[:-1] ** 2)[::-1]
+            try:
+                self._step_tables = DiffusionTables(1.0 - abar / np.append(1.0, abar[:-1]))
+            except ValueError as exc:
+                raise SamplingError(
+                    f"the reverse-process variance is defined for strictly decreasing levels of a "
+                    f"variance-preserving process; this grid gives abar = {abar.tolist()[:8]}... ({exc})"
+                ) from None
+        return self._step_tables
+
+    def cond_gradient(self, x: torch.Tensor, at: int | NoiseLevel) -> torch.Tensor:
+        """``cond_fn(x, t_model, **model_kwargs)``: the classifier's grad log p(y | x_t).
+
+        Raises:
+            ValueError: a gradient of another shape than ``x``.
+        """
+        assert self.cond_fn is not None
+        t_in = self.model_input_time(at)[: x.shape[0]]
+        grad = self.cond_fn(x, t_in, **self.model_kwargs)
+        if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
+            got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+            raise ValueError(f"cond_fn must return the gradient with x's shape {tuple(x.shape)}, got {got}")
+        return grad.to(x.dtype)
+
+    def condition_mean(self, mean: torch.Tensor, pred: Prediction, x: torch.Tensor, i: int) -> torch.Tensor:
+        """mean + variance * grad log p(y | x_t) (Dhariwal & Nichol 2021, Algorithm 1); ``mean``
+        unchanged without a ``cond_fn``."""
+        if self.cond_fn is None:
+            return mean
+        variance = exp(pred.log_variance) if pred.variance is None else pred.variance
+        return mean + variance * self.cond_gradient(x, i)
+
+    def noise(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise for step ``i``: ``step_noise[i]`` if given, else drawn from the
+        generator(s)."""
+        if self.step_noise is not None:
+            return self.step_noise[i].to(device=like.device, dtype=like.dtype)
+        return draw_noise(like.shape, self.generator, like.device, like.dtype)
+
+    # -- for the driver ---------------------------------------------------------------------------
+
+    def model_time(self, i: int) -> int | float:
+        """The network's time input of grid level ``i`` as a Python number (for callbacks)."""
+        t = self._model_t[i][0]
+        return int(t) if not t.is_floating_point() else float(t)
+
+    def record_state(self, x: torch.Tensor) -> None:
+        """Record whether the final state is finite (one reduction, on the device)."""
+        if self.check_finite:
+            self._final_sum = finiteness(x)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`~diffreg.errors.SamplingError` naming the first step whose model output
+        was not finite (one host read, after the loop)."""
+        if not self.check_finite:
+            return
+        sums = self._out_sums + ([] if self._final_sum is None else [self._final_sum])
+        if not sums:
+            return
+        bad = ~torch.isfinite(torch.stack(sums))
+        if not bool(bad.any()):
+            return
+        k = int(torch.nonzero(bad)[0, 0])
+        i = self._out_steps[k] if k < len(self._out_steps) else self.num_steps - 1
+        t = self.model_time(i)
+        where = f"timestep {t} of the original process" if isinstance(t, int) else f"model time input {t:g}"
+        raise SamplingError(
+            f"sampling became non-finite (NaN or inf) at step {i} of {self.num_steps} ({where}): the "
+            "model's output there (or values so large, beyond ~1e38 / "
+            "their count, that their sum overflows), or the state the previous step fed it; check "
+            "the model's weights and dtype, and the schedule (abar = 0 needs v or x0 prediction)"
+        )
+
+
+def _no_variance():
+    raise SamplingError(
+        "the reverse-process variance is defined at the grid's levels only (ask ctx.denoise(x, i) "
+        "with the step index i)"
+    )
+
+
+def finiteness(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d device tensor that is finite when every value of ``x`` is: its sum (one reduction;
+    it also overflows to inf for finite values beyond ~1e38 / numel, which no sane output reaches)."""
+    return x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
+
+
+def exp(value: torch.Tensor | float) -> torch.Tensor | float:
+    """``exp`` of a tensor or of a Python float (fixed variances are floats inside loops)."""
+    return torch.exp(value) if isinstance(value, torch.Tensor) else math.exp(value)
+
+
+def null_class_kwargs(model: Any, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Unconditional kwargs for classifier-free guidance: ``y`` replaced by the model's null class.
+
+    Raises:
+        ValueError: no ``y`` in ``model_kwargs``, or a model without ``null_class``.
+    """
+    null = getattr(model, "null_class", None)
+    if "y" not in model_kwargs or null is None:
+        raise ValueError(
+            "classifier-free guidance needs an unconditional input: pass uncond_model_kwargs=, "
+            "or a class-conditional model with a `null_class` attribute and model_kwargs={'y': ...}"
+        )
+    return {**model_kwargs, "y": torch.full_like(model_kwargs["y"], int(null))}
+
+
+def cat_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
+    """Conditional and unconditional keyword arguments as one doubled batch.
+
+    Raises:
+        ValueError: a non-tensor argument that differs between the two.
+    """
+    out = {}
+    for key in set(cond) | set(uncond):
+        a: Any = cond.get(key)
+        b: Any = uncond.get(key)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            out[key] = torch.cat([a, b])
+        elif a is b or a == b:
+            out[key] = a
+        else:
+            raise ValueError(
+                f"model_kwargs[{key!r}] differs between the conditional and unconditional inputs and is not a tensor"
+            )
+    return out
+
+
+def check_output(out: Any) -> torch.Tensor:
+    """``out`` if it is a tensor. Raises TypeError naming what the model returned otherwise."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+    return out
