@@ -92,7 +92,7 @@ def _diffusers_loop(name, options, shape, steps, out, x_T):
 LIKE_FOR_LIKE = ("ddim", "ddpm")
 
 
-def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: int = 50) -> list[dict]:
+def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: int = 50, only=None) -> list[dict]:
     """Per-step cost of every registered sampler beside its diffusers scheduler. Each of
     ``rounds`` rounds measures every row (``repeats`` interleaved runs, medians); a row reports the
     median over rounds and the range of its per-round ratios, since one round on a shared machine
@@ -103,8 +103,9 @@ def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: in
     diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
     gen = torch.Generator().manual_seed(0)
     cases = []  # (label, nfe per step, our run, diffusers peer or None)
-    plain = [(c, True) for c in registry.components("sampler")]
-    like_for_like = [(c, False) for c in registry.components("sampler") if c.name in LIKE_FOR_LIKE]
+    components = [c for c in registry.components("sampler") if only is None or c.name in only]
+    plain = [(c, True) for c in components]
+    like_for_like = [(c, False) for c in components if c.name in LIKE_FOR_LIKE]
     for component, check_finite in plain + like_for_like:
 
         def ours(name=component.qualified_name, check_finite=check_finite):
@@ -120,9 +121,6 @@ def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: in
 
         label = component.qualified_name + ("" if check_finite else " (check_finite=False)")
         cases.append((label, int(component.metadata.get("nfe_per_step", 1)), ours, DIFFUSERS_PEERS.get(component.name)))
-    # what no eager driver can beat: DDIM's tensor work alone, in a bare loop
-    floor = _ddim_floor(shape, steps, out, x_T)
-    cases.append(("eager floor: DDIM's 4 kernels + 1 sum, no driver", 1, floor, ("DDIMScheduler", {}, 1)))
     per_round: list[list[tuple[float, float | None]]] = [[] for _ in cases]
     for _ in range(rounds):
         for k, (_, _, ours, peer) in enumerate(cases):
@@ -146,26 +144,6 @@ def table_sampler_step(repeats: int, rounds: int = 3, batch: int = 64, steps: in
             )
         rows.append(row)
     return rows
-
-
-def _ddim_floor(shape, steps, out, x_T):
-    """The clipped DDIM step's kernels on x / sqrt(abar) (add, clamp, lerp, scale) and the sum
-    the finiteness record takes, into preallocated tensors, with constant coefficients."""
-    buffers = [torch.empty(shape) for _ in range(2)]
-
-    def run():
-        x_tilde, x0 = buffers
-        torch.mul(x_T, 1.0, out=x_tilde)
-        sums = []
-        for _ in range(steps):
-            torch.add(x_tilde, out, alpha=-0.5, out=x0)
-            sums.append(x0.sum())
-            x0.clamp_(-1.0, 1.0)
-            torch.lerp(x0, x_tilde, 0.9, out=x_tilde)
-            torch.mul(x_tilde, 0.99, out=x0)
-        torch.stack(sums)
-
-    return run
 
 
 def _peer_timesteps(peer, steps):
@@ -323,6 +301,9 @@ def main(argv=None) -> dict:
     except ImportError:
         sys.exit("the benchmarks compare against diffusers: pip install diffusers")
     if 1 in tables:
+        # the loop's own cost at batch 1 (Python overhead) and at 64x3x32x32 (tensor work)
+        results["sampler_step_batch1"] = table_sampler_step(repeats, rounds, batch=1, only=LIKE_FOR_LIKE)
+        print_table_1(results["sampler_step_batch1"], batch=1)
         results["sampler_step"] = table_sampler_step(repeats, rounds)
         print_table_1(results["sampler_step"])
     if 2 in tables:

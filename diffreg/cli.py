@@ -27,7 +27,7 @@ from diffreg.errors import (
     UnknownComponentError,
 )
 from diffreg.fileio import atomic_paths
-from diffreg.sampler import resolve_sampler
+from diffreg.sampling import resolve_sampler
 from diffreg.validation import check_guidance_scale, resolve_device
 
 MAX_SAMPLES = 10_000_000
@@ -345,6 +345,38 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -> Any:
+    """The grid of ``diffreg sample``: ``--grid`` (a name, or JSON options / a JSON list of
+    times), ``--spacing`` (its older spelling), or the sampler's own (``--option sigmas=...``).
+
+    Raises:
+        ValueError: more than one of them chooses the grid (naming both), or unparsable JSON.
+    """
+    grid: Any = None
+    if grid_spec is not None:
+        text = grid_spec.strip()
+        if text.startswith(("{", "[")):
+            try:
+                grid = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--grid {grid_spec!r}: not valid JSON ({exc.msg})") from None
+        else:
+            grid = text
+        if spacing is not None:
+            raise ValueError(f"--grid {grid_spec!r} and --spacing {spacing!r} (its older spelling) both given; give one")
+    elif spacing is not None:
+        grid = spacing
+    own = getattr(sampler_obj, "grid", None)
+    if grid is not None and own is not None:
+        given = f"--grid {grid_spec!r}" if grid_spec is not None else f"--spacing {spacing!r}"
+        raise ValueError(f"{given} and the sampler option sigmas={own!r} both choose the grid; give one")
+    if grid is not None:
+        from diffreg.sampling import resolve_grid
+
+        resolve_grid(grid)  # an unknown name or option fails before the model is loaded
+    return grid if grid is not None else own
+
+
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -352,7 +384,18 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 )
 @click.option("--steps", default=50, show_default=True, type=int, help="Sampling steps (1..T).")
 @click.option(
-    "--spacing", default="trailing", show_default=True, type=click.Choice(["leading", "trailing", "linspace"])
+    "--grid",
+    "grid_spec",
+    default=None,
+    help="Noise levels to visit: a registered grid (trailing, leading, linspace, karras, exponential; "
+    "`diffreg list grid`), JSON options like '{\"name\": \"karras\", \"rho\": 5}', or a JSON list of "
+    "timesteps. Default: the sampler's own, else trailing.",
+)
+@click.option(
+    "--spacing",
+    default=None,
+    type=click.Choice(["leading", "trailing", "linspace"]),
+    help="Older spelling of --grid for the three spacing grids.",
 )
 @click.option(
     "--eta",
@@ -425,6 +468,7 @@ def sample(
     checkpoint,
     sampler,
     steps,
+    grid_spec,
     spacing,
     eta,
     num_samples,
@@ -443,7 +487,7 @@ def sample(
 ) -> None:
     """Draw samples from CHECKPOINT (default: the bundled digits model); write a PNG grid and an .npz."""
     from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
-    from diffreg.sampler import per_sample_generators
+    from diffreg.sampling import per_sample_generators
 
     path = checkpoint or bundled_checkpoint_path()
     resolve_device(device)
@@ -456,6 +500,7 @@ def sample(
     if eta is not None:
         sampler_options["eta"] = eta
     sampler_obj = resolve_sampler(sampler, sampler_options)  # unknown names and options fail now
+    grid = _grid_choice(grid_spec, spacing, sampler_obj)
     model, diffusion, cfg = load_checkpoint(path, device=device, dtype=DTYPES[dtype_name])
     shape = cfg.sample_shape
     if shape is None:
@@ -487,7 +532,7 @@ def sample(
             (n, *shape),
             sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
             steps=steps,
-            spacing=spacing,
+            grid=grid,
             # sample k depends on (seed, k) only; generators live on the device, so drawing the
             # noise of a step never copies from the host
             generator=per_sample_generators(seed, n, start=lo, device=device),
@@ -506,7 +551,7 @@ def sample(
             finish_distributed()
             return
     elapsed = time.perf_counter() - start
-    grid = f"sigmas={sampler_options['sigmas']}" if sampler_options.get("sigmas") else f"{spacing} spacing"
+    grid_name = grid if isinstance(grid, str) else json.dumps(grid) if grid is not None else "trailing"
     label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
     if x.ndim == 4:
         images = to_uint8_images(x)
@@ -533,7 +578,7 @@ def sample(
     written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, {grid}, guidance {guidance_scale:g}, {_clip_text(clipping)}) "
+        f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {guidance_scale:g}, {_clip_text(clipping)}) "
         f"in {elapsed:.1f} s -> {written}"
     )
     finish_distributed()

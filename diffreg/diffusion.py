@@ -2,7 +2,7 @@
 
 Method and argument names follow OpenAI's guided-diffusion ``gaussian_diffusion.py`` so code
 written against it reads the same; for the same inputs the numbers agree to float32 precision.
-Sampling methods delegate to the registered samplers through :mod:`diffreg.sampler`.
+Sampling methods delegate to the registered samplers through :mod:`diffreg.sampling`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
 import diffreg
-from diffreg.sampler import per_sample_generators
+from diffreg.sampling import per_sample_generators
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffreg
-from diffreg.sampler import per_sample_generators
+from diffreg.sampling import per_sample_generators
 
 
 @pytest.fixture(scope="module")

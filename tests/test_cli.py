@@ -257,7 +257,20 @@ def test_bundled_model_samples_with_a_plugin_solver(run, tmp_path):
         "--no-progress",
     )
     assert result.exit_code == 0, result.output
-    assert "with dpmpp_2m" in result.output and "sigmas=karras" in result.output
+    assert "with dpmpp_2m (10 steps, 10 NFE, grid karras" in result.output  # no collapse: 10 asked, 10 run
+
+
+def test_grid_flag_chooses_the_levels_and_conflicts_are_refused(run):
+    result = run("sample", "--steps", 7, "--num-samples", 2, "--npz", "", "--grid", '{"name": "karras", "rho": 5}',
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "(7 steps, 7 NFE, grid " in result.output and "karras" in result.output
+    result = run("sample", "--grid", "karras", "--spacing", "leading", "--no-progress")
+    assert result.exit_code != 0 and "--spacing 'leading' (its older spelling) both given" in result.output
+    result = run("sample", "--sampler", "dpmpp_2m", "--spacing", "leading", "--option", "sigmas=karras")
+    assert result.exit_code != 0 and "sigmas='karras' both choose the grid" in result.output
+    result = run("sample", "--grid", "karas")
+    assert result.exit_code != 0 and "did you mean 'karras'" in result.output
 
 
 def test_a_failure_writing_the_npz_leaves_the_previous_grid_and_npz_untouched(run, tiny_checkpoint, tmp_path):

@@ -40,7 +40,7 @@ def test_sampling_loop_makes_no_host_device_sync(sampler, options, variance):
         **options,
     )
     torch.cuda.synchronize()
-    progressive = diffreg.sampler.sample_loop_progressive(
+    progressive = diffreg.sampling.sample_loop_progressive(
         diffusion.respace("ddim10"),
         model,
         (4, 1, 8, 8),

@@ -10,7 +10,7 @@ import torch
 
 import diffreg
 from diffreg.errors import ComponentOptionError, SamplingError, UnknownComponentError
-from diffreg.sampler import per_sample_generators
+from diffreg.sampling import per_sample_generators
 from diffreg.testing import ExactDenoiser, GaussianMixture
 
 
@@ -314,13 +314,13 @@ def test_sample_loop_equals_the_progressive_loop_and_keeps_every_intermediate(sa
     x_T_before = x_T.clone()
     kept, copies = [], []
     gen = torch.Generator().manual_seed(5)
-    for step in diffreg.sampler.sample_loop_progressive(
+    for step in diffreg.sampling.sample_loop_progressive(
         d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options
     ):
         kept.append(step["sample"])
         copies.append(step["sample"].clone())
     gen = torch.Generator().manual_seed(5)
-    final = diffreg.sampler.sample_loop(d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options)
+    final = diffreg.sampling.sample_loop(d, toy_model, x_T.shape, sampler=sampler, noise=x_T, generator=gen, **options)
     torch.testing.assert_close(final, kept[-1], rtol=1e-5, atol=1e-6)
     assert torch.equal(x_T, x_T_before)  # the caller's noise is never written
     for a, b in zip(kept, copies, strict=True):  # yielded states are never overwritten later
@@ -463,9 +463,9 @@ def test_two_noise_draws_in_one_step_are_independent_in_sample_loop():
         gen = torch.Generator().manual_seed(1)
         opts = dict(sampler=TwoDraws(), noise=torch.zeros(2, 1, 4, 4), generator=gen)
         if progressive:
-            runs.append(list(diffreg.sampler.sample_loop_progressive(d, toy_model, (2, 1, 4, 4), **opts))[-1]["sample"])
+            runs.append(list(diffreg.sampling.sample_loop_progressive(d, toy_model, (2, 1, 4, 4), **opts))[-1]["sample"])
         else:
-            runs.append(diffreg.sampler.sample_loop(d, toy_model, (2, 1, 4, 4), **opts))
+            runs.append(diffreg.sampling.sample_loop(d, toy_model, (2, 1, 4, 4), **opts))
     assert torch.equal(runs[0], runs[1]) and runs[0].abs().sum() > 0
 
 
@@ -518,7 +518,7 @@ def test_absurdly_large_model_output_is_reported_as_such_not_clipped_away():
 
 
 def test_a_run_cannot_be_iterated_after_run():
-    run = diffreg.sampler.sample_loop_progressive(make(), toy_model, (1, 1, 2, 2), noise=torch.zeros(1, 1, 2, 2))
+    run = diffreg.sampling.sample_loop_progressive(make(), toy_model, (1, 1, 2, 2), noise=torch.zeros(1, 1, 2, 2))
     run.run()
     with pytest.raises(RuntimeError, match="already run"):
         next(run)

@@ -95,7 +95,11 @@ class DDPM(Sampler):
             last = ctx.is_last(i)
             mean = ddpm_update(x, pred.pred_xstart, float(coef_x0[i]), float(coef_x[i]), 0.0, None)
             mean = ctx.condition_mean(mean, pred, x, i)
-            x = mean if last else mean + exp(0.5 * pred.log_variance) * ctx.noise(i, x)
+            if not last:
+                std = exp(0.5 * pred.log_variance)  # a float for fixed variances: one fused add
+                noise = ctx.noise(i, x)
+                mean = mean.add_(noise, alpha=std) if isinstance(std, float) else mean + std * noise
+            x = mean
             yield x, pred.pred_xstart
 
 

@@ -257,7 +257,9 @@ class SamplingContext:
             if self.process_xstart is not None:
                 pred_xstart = self.process_xstart(pred_xstart)
             if self.clip_denoised:
-                pred_xstart = pred_xstart.clamp(-1, 1)
+                # in place on a tensor of our own (never on the model's output or a denoised_fn's)
+                fresh = pred_xstart is not mean_part and pred_xstart is not out and self.denoised_fn is None
+                pred_xstart = pred_xstart.clamp_(-1, 1) if fresh and self.process_xstart is None else pred_xstart.clamp(-1, 1)
             processed = pred_xstart
             pred_eps = lambda: eps_from_xstart(x, processed, alpha, sigma)  # noqa: E731
         if isinstance(at, int):
