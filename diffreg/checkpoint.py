@@ -27,6 +27,7 @@ from diffreg.config import CheckpointConfig, parse_json
 from diffreg.diffusion import Diffusion
 from diffreg.errors import CheckpointError, ConfigError
 from diffreg.fileio import atomic_path
+from diffreg.models.unet import UNet
 from diffreg.validation import check_float_dtype, resolve_device
 
 #: Checkpoint format written by this diffreg: 2 added the ``sampling`` defaults to the config.
@@ -318,6 +319,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"{str(path)!r} could not be read (truncated or corrupt?): {type(exc).__name__}: {exc}"
         ) from exc
+    renames = UNet.legacy_key_renames(keys) if cfg.model.name == "unet" else {}  # diffreg 0.1's names
+    shapes = {renames.get(k, k): v for k, v in shapes.items()}
+    dtypes = {renames.get(k, k): v for k, v in dtypes.items()}
     skeleton = _build_on_meta(cfg, path)  # the header is checked against shapes before any allocation
     if skeleton is not None:
         _check_tensors(skeleton, shapes, dtypes, cfg, path)

@@ -149,6 +149,11 @@ def _check_num_timesteps(instance, attribute, value):
         raise ConfigError(f"num_timesteps must be an int in 2..{MAX_TIMESTEPS:,}, got {value!r}")
 
 
+def _check_bool(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
+
+
 def _check_format_version(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"format_version must be an int >= 1, got {value!r}")
@@ -266,7 +271,10 @@ class DiffusionConfig(_DictMixin):
 
     Fields: ``schedule`` (default ``linear``), ``num_timesteps`` (T, default 1000),
     ``parameterization`` (mean type, default ``eps``), ``variance`` (default ``fixed_small``),
-    ``loss`` (default ``mse``), ``timestep_sampler`` (default ``uniform``), ``format_version``.
+    ``loss`` (default ``mse``), ``timestep_sampler`` (default ``uniform``), ``rescale_timesteps``
+    (default ``False``: the model is called with int64 timestep indices; ``True``: with the float
+    ``t * 1000 / num_timesteps``, improved-diffusion's ``rescale_timesteps`` flag, so a model
+    trained with it sees timesteps in [0, 1000) whatever T), ``format_version``.
     Each component field accepts a name or ``{"name": ..., **options}``.
 
     Example::
@@ -295,6 +303,7 @@ class DiffusionConfig(_DictMixin):
     variance: ComponentSpec = _spec("variance", "fixed_small")
     loss: ComponentSpec = _spec("loss", "mse")
     timestep_sampler: ComponentSpec = _spec("timestep_sampler", "uniform")
+    rescale_timesteps: bool = attrs.field(default=False, validator=_check_bool)
     format_version: int = attrs.field(default=FORMAT_VERSION, validator=_check_format_version)
 
     @classmethod

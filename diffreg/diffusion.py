@@ -189,10 +189,14 @@ class Diffusion:
     # -- the model ------------------------------------------------------------------------------
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Original-process indices for timesteps ``t`` of this process (int64, same shape)."""
-        if self._identity_map:
-            return t
-        return self.tables_map(t.device)[t]
+        """The model's time input for timesteps ``t`` of this process (same shape): the original-
+        process indices (int64); with ``config.rescale_timesteps``, those indices as float32 times
+        ``1000 / T`` (T of the original process), as improved-/guided-diffusion's
+        ``_scale_timesteps`` and ``_WrappedModel``."""
+        original = t if self._identity_map else self.tables_map(t.device)[t]
+        if self.config is not None and self.config.rescale_timesteps:
+            return original.float() * (1000.0 / self.config.num_timesteps)
+        return original
 
     def tables_map(self, device) -> torch.Tensor:
         """``timestep_map`` as an int64 tensor on ``device`` (made once per device)."""
@@ -223,7 +227,8 @@ class Diffusion:
     def call_model(
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
-        """``model(x, original_t, **model_kwargs)``, the one place the network is called."""
+        """``model(x, model_timesteps(t), **model_kwargs)``, the one place the network is called
+        (``t``: int64 ``[N]`` timesteps of this process; see :meth:`model_timesteps`)."""
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
 
     # -- forward process ------------------------------------------------------------------------

@@ -24,6 +24,8 @@ UNET_BOUNDS: dict[str, tuple[int, int]] = {
     "image_size": (1, 4096),
     "num_res_blocks": (1, 32),
     "num_heads": (1, 256),
+    "num_heads_upsample": (1, 256),
+    "num_head_channels": (1, 4096),
     "num_classes": (1, 100_000),
     "channel_mult": (1, 32),  # each entry
     "levels": (1, 8),  # len(channel_mult)
