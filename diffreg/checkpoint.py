@@ -221,6 +221,11 @@ def _mismatch_report(
         )
     for k in misshaped[:8]:
         lines.append(f"shape of {k}: file {tensors[k]}, model {expected[k]}")
+    from diffreg.convert.layout import foreign_keys_hint
+
+    hint = foreign_keys_hint(tensors, cfg.model.name)
+    if hint:
+        lines.append(hint)
     options = ", ".join(f"{k}={v!r}" for k, v in cfg.model.options.items())
     lines.append(
         f"the model was built as {cfg.model.name!r} with {options or 'default options'} and variance "
@@ -286,8 +291,10 @@ def load_checkpoint(
     can neither exhaust memory nor hang the loader.
 
     Args:
-        path: a ``.safetensors`` file from :func:`save_checkpoint`; ``None`` loads the bundled
-            digits model.
+        path: a ``.safetensors`` file from :func:`save_checkpoint`, or a diffusers pipeline or
+            UNet2DModel folder (see :mod:`diffreg.convert.diffusers`; needs ``diffreg[diffusers]``);
+            ``None`` loads the bundled digits model. OpenAI weights and other foreign files are
+            refused with the command that imports them.
         device: where to put the model (default CPU). dtype: floating dtype of the weights
             (default float32; fp16/bf16 work with every sampler, whose state stays fp32).
 
@@ -307,6 +314,11 @@ def load_checkpoint(
     target_device = resolve_device(device if device is not None else "cpu")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
+    from diffreg.convert.layout import load_foreign  # diffusers folders load; other foreign files are named
+
+    foreign = load_foreign(path, device, dtype)
+    if foreign is not None:
+        return foreign
     path = bundled_checkpoint_path() if path is None else Path(path)
     cfg = read_config(path)
     _check_classes(cfg, path)

@@ -44,6 +44,7 @@ _USER_ERRORS = (
     FloatingPointError,
     ValueError,
     TypeError,
+    ImportError,  # an optional dependency (diffusers) that is missing: the message says how to install it
 )
 
 
@@ -378,7 +379,7 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
 
 
 @main.command()
-@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--sampler", default="ddim", show_default=True, help="Any registered sampler (see `diffreg list sampler`)."
 )
@@ -485,7 +486,8 @@ def sample(
     options,
     progress,
 ) -> None:
-    """Draw samples from CHECKPOINT (default: the bundled digits model); write a PNG grid and an .npz."""
+    """Draw samples from CHECKPOINT (default: the bundled digits model; a diffusers pipeline or
+    UNet folder works too); write a PNG grid and an .npz."""
     from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
     from diffreg.sampling import per_sample_generators
 
@@ -684,6 +686,52 @@ def train(
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
+
+
+# -- convert ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def convert() -> None:
+    """Import weights from other libraries, or export them (see docs/pretrained.md)."""
+
+
+@convert.command("openai")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--flags",
+    required=True,
+    help="The model's flags from its README (MODEL_FLAGS and DIFFUSION_FLAGS), in one quoted string.",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["guided-diffusion", "improved-diffusion"]),
+    default=None,
+    help="The library the model comes from (inferred when the flags decide; their defaults differ).",
+)
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="diffreg checkpoint to write.")
+@_user_errors
+def convert_openai_command(weights: Path, flags: str, source: str | None, output: Path) -> None:
+    """Convert an improved-/guided-diffusion UNet state dict (WEIGHTS: .pt read with
+    weights_only=True, or .safetensors) into a self-describing diffreg checkpoint."""
+    from diffreg.convert.openai import convert_openai
+
+    path, notes = convert_openai(weights, flags, output, source=source)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {path}")
+
+
+@convert.command("diffusers")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@_user_errors
+def convert_diffusers_command(checkpoint: Path, output: Path) -> None:
+    """Write CHECKPOINT (a diffreg checkpoint of a diffusers UNet2DModel) as a diffusers
+    DDPMPipeline folder that DDPMPipeline.from_pretrained loads."""
+    from diffreg.convert.diffusers import export_diffusers
+
+    click.echo(f"wrote {export_diffusers(checkpoint, output)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

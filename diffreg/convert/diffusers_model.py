@@ -1,0 +1,74 @@
+"""diffusers' ``UNet2DModel`` as a diffreg model (registered as ``diffusers_unet2d``).
+
+The network is diffusers' own class, built from its ``config.json``, so its outputs are exactly
+diffusers'; this module only adapts the call to diffreg's ``model(x, t, y=None)``. diffusers is
+imported when such a model is built, never before: it stays an optional dependency
+(``pip install diffreg[diffusers]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+INSTALL_HINT = "install it with: pip install 'diffreg[diffusers]'"
+
+
+def require_diffusers(what: str) -> Any:
+    """Import and return the ``diffusers`` module, or raise ImportError saying what needs it and
+    how to install it."""
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise ImportError(f"{what} needs the optional package 'diffusers' ({exc}); {INSTALL_HINT}") from None
+    return diffusers
+
+
+class DiffusersUNet2D(nn.Module):
+    """diffusers' ``UNet2DModel`` (Ho et al. 2020's UNet as diffusers implements it), called as
+    ``model(x, t, y=None)``.
+
+    Args:
+        config: the UNet's ``config.json`` (``_class_name`` and other ``_``-keys are ignored).
+        diffusers_version: the diffusers version that wrote the config (recorded, informational).
+
+    Input: ``x`` float ``[N, in_channels, H, W]``; ``t`` ``[N]`` timesteps (diffusers' scheduler
+    passes the training-process index, as diffreg does); ``y`` int64 ``[N]`` class labels when the
+    config has ``num_class_embeds`` (there is no null class). Output: ``[N, out_channels, H, W]``.
+    The diffusers module is ``self.unet``; state-dict keys are diffusers' with a ``unet.`` prefix.
+
+    Raises:
+        ImportError: diffusers is not installed (with the command that installs it).
+        ValueError: ``config`` is not a UNet2DModel configuration.
+    """
+
+    def __init__(self, config: Mapping[str, Any], diffusers_version: str | None = None):
+        super().__init__()
+        if not isinstance(config, Mapping):
+            raise ValueError(f"diffusers_unet2d: config must be the UNet's config.json as a table, got {config!r}")
+        name = config.get("_class_name", "UNet2DModel")
+        if name != "UNet2DModel":
+            raise ValueError(f"diffusers_unet2d holds a UNet2DModel, not a {name}")
+        diffusers = require_diffusers("a diffusers UNet2DModel")
+        self.config = {k: v for k, v in config.items() if not k.startswith("_")}
+        self.diffusers_version = diffusers_version
+        self.unet = diffusers.UNet2DModel.from_config(self.config)
+        size = self.unet.config.sample_size
+        self.in_channels = self.unet.config.in_channels
+        self.image_size = size if isinstance(size, int) else tuple(size)
+        self.num_classes = self.unet.config.num_class_embeds
+
+    @property
+    def null_class(self) -> None:
+        """diffusers' class embedding has no "no label" row: ``None``."""
+        return None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes is not None and y is None:
+            raise ValueError("this diffusers UNet2DModel is class-conditional: pass labels y")
+        if self.num_classes is None and y is not None:
+            raise ValueError("this diffusers UNet2DModel is unconditional but got labels y")
+        return self.unet(x, t, class_labels=y, return_dict=False)[0]

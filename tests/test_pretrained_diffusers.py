@@ -1,0 +1,252 @@
+"""diffusers folders load and sample as diffusers' own schedulers do (diffusers: test-only reference).
+
+The reference numbers come from diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` loops and
+``DDPMPipeline`` on the same noise. Exactness is checked in float64, where the two libraries agree
+to ~1e-13 (float32 runs differ by each library's own rounding, ~1e-5, also checked loosely).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import diffreg  # noqa: E402
+from diffreg import registry  # noqa: E402
+from diffreg.convert.diffusers import export_diffusers  # noqa: E402
+from diffreg.errors import CheckpointError, ConfigError  # noqa: E402
+
+SHAPE = (2, 3, 8, 8)
+
+
+def _unet(**extra):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=extra.pop("out_channels", 3),
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        **extra,
+    )
+
+
+def _save(path, unet, **scheduler):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler)).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("pipe") / "ddpm", _unet(), num_train_timesteps=1000)
+
+
+def _noise(seed=1, shape=SHAPE):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _load64(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, diffusion, cfg = diffreg.load_checkpoint(path, dtype=torch.float64)
+    return model, diffusion, cfg
+
+
+def _scheduler64(cls, path, **overrides):
+    s = cls.from_pretrained(str(path / "scheduler"), **overrides)
+    s.alphas_cumprod = s.alphas_cumprod.double()  # float64 reference: same formulas, no float32 rounding
+    if hasattr(s, "final_alpha_cumprod"):
+        s.final_alpha_cumprod = s.final_alpha_cumprod.double()
+    s.one = torch.tensor(1.0, dtype=torch.float64)
+    return s
+
+
+def _diffusers_ddim(unet, sched, steps, noise, labels=None):
+    sched.set_timesteps(steps)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(x, t, class_labels=labels).sample[:, : x.shape[1]]  # DDIM uses the mean channels
+            # use_clipped_model_output: eps re-derived from the clipped x0, as guided-diffusion and diffreg
+            x = sched.step(out, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_equals_diffusers_ddim_scheduler(pipe, steps, spacing):
+    model, diffusion, cfg = _load64(pipe)
+    sched = _scheduler64(diffusers.DDIMScheduler, pipe, timestep_spacing=spacing)
+    expected = _diffusers_ddim(model.unet, sched, steps, _noise())
+    got = diffusion.sample(model, SHAPE, sampler="ddim", steps=steps, spacing=spacing, noise=_noise(), dtype=torch.float64)
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_ddim_float32_agrees_to_rounding(pipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, diffusion, _ = diffreg.load_checkpoint(pipe)
+    sched = diffusers.DDIMScheduler.from_pretrained(str(pipe / "scheduler"))
+    noise = _noise().float()
+    expected = _diffusers_ddim(model.unet, sched, 20, noise)
+    got = diffusion.sample(model, SHAPE, sampler="ddim", steps=20, spacing="leading", noise=noise)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def _ddpm_pair(path, steps, spacing="leading", labels=None):
+    """diffusers' DDPMScheduler loop (noise from a seeded generator) and diffreg's ddpm on the same noise."""
+    model, diffusion, _ = _load64(path)
+    sched = _scheduler64(diffusers.DDPMScheduler, path, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    start = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model.unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
+    g = torch.Generator().manual_seed(3)
+    torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    # diffusers draws one noise per step with t > 0 (the last step adds none)
+    step_noise = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(steps - 1)]
+    step_noise.append(torch.zeros(SHAPE, dtype=torch.float64))
+    kwargs = {"model_kwargs": {"y": labels}} if labels is not None else {}
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddpm", steps=steps, spacing=spacing, noise=start, step_noise=step_noise,
+        dtype=torch.float64, **kwargs,
+    )
+    return got, x
+
+
+def test_ddpm_equals_diffusers_ddpm_scheduler(pipe):
+    got, expected = _ddpm_pair(pipe, 25)
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_unscaled_linear_betas_at_t_200_full_ddpm_loop(tmp_path):
+    # diffusers' "linear" does not scale betas by 1000 / T (guided-diffusion's does)
+    path = _save(tmp_path / "p", _unet(), num_train_timesteps=200)
+    _, diffusion, _ = _load64(path)
+    ref = diffusers.DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    # the alpha-bars diffusers' steps use (float32), exactly; the betas to float32 rounding of those
+    np.testing.assert_allclose(diffusion.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(diffusion.betas, np.linspace(1e-4, 0.02, 200), rtol=1e-3)  # not 5x these
+    got, expected = _ddpm_pair(path, 200)
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_learned_range_v_prediction_cosine_class_conditional(tmp_path):
+    path = _save(
+        tmp_path / "p",
+        _unet(out_channels=6, num_class_embeds=10),
+        num_train_timesteps=100,
+        beta_schedule="squaredcos_cap_v2",
+        variance_type="learned_range",
+        prediction_type="v_prediction",
+    )
+    model, diffusion, cfg = _load64(path)
+    assert (cfg.diffusion.parameterization.name, cfg.diffusion.variance.name) == ("v", "learned_range")
+    assert cfg.model.name == "diffusers_unet2d" and cfg.model.options["config"]["num_class_embeds"] == 10
+    assert cfg.num_classes == 10
+    labels = torch.tensor([3, 7])
+    # leading: the last step is t = 0 (with trailing, diffusers' last step is at t > 0 and adds noise
+    # of variance exp(frac log beta + (1 - frac) log 1e-20); guided-diffusion and diffreg add none)
+    got, expected = _ddpm_pair(path, 20, spacing="leading", labels=labels)
+    assert (got - expected).abs().max() <= 1e-10
+    sched = _scheduler64(diffusers.DDIMScheduler, path, timestep_spacing="trailing")
+    expected = _diffusers_ddim(model.unet, sched, 10, _noise(), labels)
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=10, noise=_noise(), dtype=torch.float64, model_kwargs={"y": labels}
+    )
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_every_registered_sampler_runs_on_a_diffusers_folder(pipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, diffusion, _ = diffreg.load_checkpoint(pipe)
+    for name in registry.names("sampler"):
+        x = diffusion.sample(model, SHAPE, sampler=name, steps=4, noise=_noise().float())
+        assert x.shape == SHAPE and torch.isfinite(x).all(), name
+
+
+def test_export_round_trip_ddpm_pipeline_gives_diffregs_samples(pipe, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, diffusion, cfg = diffreg.load_checkpoint(pipe)
+    ckpt = diffreg.save_checkpoint(tmp_path / "m.safetensors", model, cfg)
+    out = export_diffusers(ckpt, tmp_path / "exported")
+    loaded = diffusers.DDPMPipeline.from_pretrained(str(out))
+    steps = 10
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        images = loaded(batch_size=2, generator=g, num_inference_steps=steps, output_type="np").images
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(SHAPE, generator=g)
+    step_noise = [torch.randn(SHAPE, generator=g) for _ in range(steps - 1)] + [torch.zeros(SHAPE)]
+    x = diffusion.sample(model, SHAPE, sampler="ddpm", steps=steps, spacing="leading", noise=start, step_noise=step_noise)
+    ours = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - images).max() <= 1e-4  # float32 on both sides
+
+
+def test_export_refuses_an_adm_unet(tmp_path):
+    with pytest.raises(ConfigError, match="diffusers has no class for"):
+        export_diffusers(diffreg.checkpoint.bundled_checkpoint_path(), tmp_path / "out")
+
+
+def test_the_model_records_diffusers_and_its_config(pipe):
+    _, _, cfg = _load64(pipe)
+    config = json.loads((pipe / "unet" / "config.json").read_text())
+    assert cfg.model.options["config"]["block_out_channels"] == list(config["block_out_channels"])
+    assert cfg.model.options["diffusers_version"] == config["_diffusers_version"]
+    assert cfg.data["source"]["library"] == "diffusers"
+
+
+def test_learned_variance_is_refused_with_the_reason(tmp_path):
+    path = _save(tmp_path / "p", _unet(out_channels=6), num_train_timesteps=50, variance_type="learned")
+    with pytest.raises(ConfigError, match="log"):
+        _load64(path)
+
+
+def test_diffusers_weights_file_alone_names_its_folder(pipe):
+    with pytest.raises(CheckpointError, match="diffusers UNet2DModel weights.*diffreg sample"):
+        diffreg.load_checkpoint(pipe / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_a_plain_folder_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not a diffusers pipeline"):
+        diffreg.load_checkpoint(tmp_path)
+
+
+def test_missing_diffusers_says_how_to_install(pipe, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match=r"pip install 'diffreg\[diffusers\]'"):
+        diffreg.load_checkpoint(pipe)
+
+
+def test_cli_samples_a_diffusers_folder(pipe, tmp_path):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "sample", str(pipe), "--steps", "3", "--num-samples", "2", "--no-progress",
+            "--output", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 3)
