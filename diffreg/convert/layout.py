@@ -76,7 +76,7 @@ def foreign_layout_message(path: str | os.PathLike[str], layout: str) -> str:
         )
     if layout == PYTORCH_FILE:
         return (
-            f"{p!r} is a {layout}, not a diffreg checkpoint (diffreg never unpickles files); if it is an OpenAI "
+            f"{p!r} is a {layout}, not a readable safetensors file (diffreg never unpickles files); if it is an OpenAI "
             "improved-/guided-diffusion UNet state dict, import it with: " + CONVERT_OPENAI.format(path=p)
         )
     return f"{p!r} is a {layout}"
@@ -99,7 +99,8 @@ def load_foreign(path, device=None, dtype=None):
     if Path(path).is_dir():
         listing = sorted(q.name for q in Path(path).iterdir())[:8]
         raise CheckpointError(
-            f"{str(path)!r} is a folder, not a diffusers pipeline (model_index.json) or model (config.json) folder "
+            f"{str(path)!r} is a folder (not a regular file), and not a diffusers pipeline (model_index.json) or "
+            "model (config.json) folder "
             f"(it holds: {', '.join(listing) or 'nothing'}); diffreg checkpoints are single .safetensors files"
         )
     return None

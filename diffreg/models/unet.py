@@ -218,7 +218,7 @@ class UNet(nn.Module):
             convolution / upsampling convolution.
 
     Every size option is bounded (:data:`diffreg.models.options.UNET_BOUNDS`); ``channel_mult``
-    must be a list of ints, or of positive numbers (fractions such as 0.5) where
+    must be a list of ints, or include fractions (such as guided-diffusion's 0.5) with
     ``int(model_channels * m) >= 1``; ``attention_resolutions`` a list of ints.
 
     Input: ``x`` float ``[N, in_channels, H, W]``, ``t`` ``[N]`` original-process timesteps (int64,
@@ -280,7 +280,9 @@ class UNet(nn.Module):
         ):
             if not isinstance(value, bool):
                 raise ValueError(f"UNet option {name} must be true or false, got {value!r}")
-        if isinstance(channel_mult, (list, tuple)) and any(isinstance(m, float) for m in channel_mult):
+        if isinstance(channel_mult, (list, tuple)) and any(
+            isinstance(m, float) and 0 < m < UNET_BOUNDS["channel_mult"][1] and not m.is_integer() for m in channel_mult
+        ):
             channel_mult = _check_fractional_mult(channel_mult, model_channels)  # e.g. ADM 512's 0.5
         else:
             channel_mult = check_int_list(
