@@ -165,6 +165,23 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
         def diffreg_register_grids(register):
             register("uniform_time", UniformTime)
     """),
+    Kind("guidance", "diffreg_register_guidances", "diffreg.sampling.guidance:Guidance", "0.2", """
+    Guidance methods (classifier-free guidance and its variants): ``factory(**options)`` (for example
+    ``phi``) returns a :class:`diffreg.sampling.guidance.Guidance`, whose ``combine(cond, uncond, x,
+    level, call)`` turns the conditional and unconditional predictions at a noise level into the
+    guided ``(pred_xstart, pred_eps)``; scale w: 0 unconditional, 1 conditional. Built-ins: ``cfg``,
+    ``cfg_rescale``, ``interval``, ``apg``, ``cfg_zero_star``, ``cfgpp``, ``autoguidance``.
+
+    Example::
+
+        class Unconditional(diffreg.sampling.guidance.Guidance):
+            def combine(self, cond, uncond, x, level, call):
+                return uncond.pred_xstart, uncond.pred_eps
+
+        @diffreg.hookimpl
+        def diffreg_register_guidances(register):
+            register("unconditional", Unconditional)
+    """),
 )
 
 #: kind name -> :class:`Kind`.

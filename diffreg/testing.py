@@ -44,6 +44,8 @@ from diffreg.sampling import Sampler
 from diffreg.schedule import NoiseSchedule, spaced_timesteps
 
 __all__ = [
+    "ClassConditionalMixture",
+    "ConditionalExactDenoiser",
     "ExactDenoiser",
     "GaussianMixture",
     "SamplerReport",
@@ -399,6 +401,113 @@ class ExactDenoiser:
         x0, eps = self.mixture._posterior(flat, c, s)
         out = self.mean_type.target(x0, eps, c, s)  # the optimal prediction of any linear target
         return out.reshape(x.shape).to(x.dtype)
+
+
+# -- a class-conditional mixture (exact conditional and unconditional denoisers) -------------------
+
+
+class ClassConditionalMixture(GaussianMixture):
+    """A :class:`GaussianMixture` whose components are grouped into classes: p(x0 | y) is the
+    mixture of class y's components (their weights renormalized), p(y) the sum of their weights,
+    and p(x0) = sum_y p(y) p(x0 | y) the full mixture. Both the conditional denoiser E[x0 | x_t, y]
+    and the unconditional E[x0 | x_t] are exact (:meth:`denoiser`), which makes it the data of the
+    guidance tests and benchmark.
+
+    Args:
+        weights, means, stds: as :class:`GaussianMixture`.
+        classes: ``[K]`` the class (0..C-1) of each component; every class has a component.
+
+    Raises:
+        ValueError: as :class:`GaussianMixture`; ``classes`` of the wrong length, or a class
+            without components.
+    """
+
+    def __init__(self, weights: Any, means: Any, stds: Any, classes: Sequence[int]):
+        super().__init__(weights, means, stds)
+        cls = torch.as_tensor(list(classes), dtype=torch.long)
+        if cls.shape != (self.num_components,) or (cls < 0).any():
+            raise ValueError(f"classes must give a class >= 0 for each of the {self.num_components} components, got {list(classes)}")
+        self.num_classes = int(cls.max()) + 1
+        missing = sorted(set(range(self.num_classes)) - set(cls.tolist()))
+        if missing:
+            raise ValueError(f"classes {missing} have no component (classes must be 0..C-1): {list(classes)}")
+        self.classes = cls
+        #: [C, K] boolean membership
+        self.membership = cls[None, :] == torch.arange(self.num_classes)[:, None]
+        #: p(y), float64 [C]
+        self.class_prior = (self.membership.double() * self.weights[None]).sum(1)
+
+    @classmethod
+    def example(cls, dim: int = 2) -> ClassConditionalMixture:  # type: ignore[override]
+        """Three classes in 2-D (6 components, 2 per class, overlapping across classes): the data
+        of the guidance benchmark. Raises ValueError for ``dim != 2``."""
+        if dim != 2:
+            raise ValueError(f"ClassConditionalMixture.example is 2-D, got dim={dim}")
+        means = [[-0.6, -0.2], [-0.2, 0.5], [0.3, -0.5], [0.65, 0.05], [0.1, 0.2], [-0.45, 0.65]]
+        return cls([0.2, 0.15, 0.2, 0.15, 0.15, 0.15], means, [0.18, 0.15, 0.2, 0.15, 0.22, 0.12], [0, 0, 1, 1, 2, 2])
+
+    def class_mixture(self, y: int) -> GaussianMixture:
+        """p(x0 | y) as a :class:`GaussianMixture`. Raises ValueError for an unknown class."""
+        if not 0 <= int(y) < self.num_classes:
+            raise ValueError(f"class y must be in 0..{self.num_classes - 1}, got {y!r}")
+        keep = self.membership[int(y)]
+        return GaussianMixture(self.weights[keep], self.means[keep], self.stds[keep])
+
+    def log_posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(y | x) of clean data, float64 ``[N, C]`` (Bayes' rule over the components:
+        the class's components' responsibilities summed in log space).
+
+        Raises:
+            ValueError: ``x`` without D values per example.
+        """
+        flat = _flat(x, self.dim, "x").to(torch.float64)
+        log_w, mu, s = self._params(flat.device)
+        var = s**2
+        log_n = -0.5 * self.dim * torch.log(2 * math.pi * var) - 0.5 * ((flat[:, None] - mu[None]) ** 2).sum(-1) / var
+        joint = log_w + log_n  # [N, K]
+        member = self.membership.to(flat.device)
+        per_class = torch.where(member[None], joint[:, None, :], torch.tensor(-math.inf, dtype=torch.float64, device=flat.device))
+        per_class = torch.logsumexp(per_class, dim=2)  # [N, C]
+        return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
+
+    def denoiser(self, diffusion: Diffusion, mean_type: str | MeanType = "eps") -> ConditionalExactDenoiser:  # type: ignore[override]
+        """An exact class-conditional model for ``diffusion``: see :class:`ConditionalExactDenoiser`."""
+        return ConditionalExactDenoiser(self, diffusion, mean_type)
+
+
+class ConditionalExactDenoiser(ExactDenoiser):
+    """The optimal model ``model(x, t, y=...)`` for a :class:`ClassConditionalMixture`: with
+    ``y[n]`` in ``0..C-1`` the exact E[. | x_t, y] (the class's components only), with
+    ``y[n] == null_class`` (= C) the exact unconditional E[. | x_t] (every component); without
+    ``y`` unconditional. Otherwise as :class:`ExactDenoiser`.
+
+    Raises:
+        ValueError: (on call) a label outside 0..C, besides :class:`ExactDenoiser`'s errors.
+    """
+
+    def __init__(self, mixture: ClassConditionalMixture, diffusion: Diffusion, mean_type: str | MeanType = "eps"):
+        super().__init__(mixture, diffusion, mean_type)
+        self.null_class = mixture.num_classes
+        self.num_classes = mixture.num_classes
+        self._parts: dict[int, ExactDenoiser] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        mixture = self.mixture
+        assert isinstance(mixture, ClassConditionalMixture)
+        if y is None:
+            return super().__call__(x, t)
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+            raise ValueError(f"y must be a [{x.shape[0]}] tensor of labels, got {y!r}")
+        if bool(((y < 0) | (y > self.null_class)).any()):
+            raise ValueError(f"labels must be in 0..{self.null_class} ({self.null_class}: unconditional), got {y.tolist()}")
+        out = torch.empty_like(x)
+        for label in torch.unique(y).tolist():  # a few classes: one exact mixture per label
+            rows = y == label
+            if label not in self._parts:
+                sub = mixture if label == self.null_class else mixture.class_mixture(label)
+                self._parts[label] = ExactDenoiser(sub, self.diffusion, self.mean_type)
+            out[rows] = self._parts[label](x[rows], t[rows])
+        return out
 
 
 # -- the exact probability-flow ODE ---------------------------------------------------------------

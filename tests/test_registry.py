@@ -73,6 +73,7 @@ BUILTIN_NAMES = {
     "timestep_sampler": {"uniform", "loss_second_moment"},
     "model": {"unet", "mlp"},
     "grid": {"leading", "trailing", "linspace", "karras", "exponential", "lambda_uniform", "explicit"},
+    "guidance": {"cfg", "cfg_rescale", "interval", "apg", "cfg_zero_star", "cfgpp", "autoguidance"},
 }
 
 

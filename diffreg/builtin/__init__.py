@@ -9,4 +9,5 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "diffreg.builtin.samplers",
     "diffreg.builtin.grids",
     "diffreg.builtin.models",
+    "diffreg.builtin.guidance",
 )

@@ -81,11 +81,14 @@ def check_eta(eta) -> float:
 class DDPM(Sampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2): x' = mu(x, x0) + sigma_t z with the
     posterior mean of eq. 7 and the parameterization's variance (learned variance honoured); on a
-    respaced grid, guided-diffusion's respaced ``p_sample_loop``. The last step adds no noise."""
+    respaced grid, guided-diffusion's respaced ``p_sample_loop``. The last step adds no noise.
+    Under CFG++ the posterior mean is taken from x^ = alpha x0 + sigma eps_uncond
+    (:meth:`~diffreg.sampling.SamplingContext.renoise`): alpha' x0 + sqrt(sigma'^2 - var) eps_uncond."""
 
     order = 1
     nfe_per_step = 1
     stochastic = True
+    supports_unconditional_renoise = True
 
     def steps(self, ctx, x):
         lv = ctx.levels
@@ -93,7 +96,7 @@ class DDPM(Sampler):
         for i in range(ctx.num_steps):
             pred = ctx.denoise(x, i, condition_score=False)
             last = ctx.is_last(i)
-            mean = ddpm_update(x, pred.pred_xstart, float(coef_x0[i]), float(coef_x[i]), 0.0, None)
+            mean = ddpm_update(ctx.renoise(x, pred), pred.pred_xstart, float(coef_x0[i]), float(coef_x[i]), 0.0, None)
             mean = ctx.condition_mean(mean, pred, x, i)
             if not last:
                 std = exp(0.5 * pred.log_variance)  # a float for fixed variances: one fused add
@@ -108,6 +111,10 @@ class DDIM(Sampler):
     :func:`ddim_coefficients`): eps is re-derived from the processed (clipped) x0, as
     guided-diffusion's ``ddim_sample`` does.
 
+    Under a guidance that renoises with the unconditional eps (CFG++, Chung et al. 2024,
+    Algorithm 1) the step is written in (x0, eps) form, x' = alpha' x0_guided +
+    sqrt(sigma'^2 - c^2) eps_uncond + c z, instead of the k-form that eliminates eps.
+
     Args:
         eta: in [0, 1]; 0 for the deterministic sampler (then no random numbers are drawn), 1 for
             the DDPM posterior variance.
@@ -116,6 +123,7 @@ class DDIM(Sampler):
     order = 1
     nfe_per_step = 1
     stochastic = False
+    supports_unconditional_renoise = True
 
     def __init__(self, eta: float = 0.0):
         self.eta = check_eta(eta)
@@ -124,9 +132,16 @@ class DDIM(Sampler):
     def steps(self, ctx, x):
         lv = ctx.levels
         k_x0, k_x, c = ddim_coefficients(lv.alpha[:-1], lv.sigma[:-1], lv.alpha[1:], lv.sigma[1:], self.eta)
+        if ctx.renoise_unconditional:  # CFG++: x' = alpha' x0 + c_eps eps_uncond (+ c z)
+            c_eps = _nonnegative(lv.sigma[1:] ** 2 - c**2) ** 0.5
         for i in range(ctx.num_steps):
-            x0 = ctx.denoise(x, i).pred_xstart
-            x = axpby(float(k_x0[i]), x0, float(k_x[i]), x)
+            if ctx.renoise_unconditional:
+                pred = ctx.denoise(x, i)
+                x0 = pred.pred_xstart
+                x = axpby(float(lv.alpha[i + 1]), x0, float(c_eps[i]), pred.renoise_eps)
+            else:
+                x0 = ctx.denoise(x, i).pred_xstart
+                x = axpby(float(k_x0[i]), x0, float(k_x[i]), x)
             if c[i] > 0.0:  # a float fixed by eta and the levels, not a tensor value
                 x = x.add_(ctx.noise(i, x), alpha=float(c[i]))
             yield x, x0

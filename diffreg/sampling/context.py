@@ -2,8 +2,9 @@
 
 :meth:`SamplingContext.denoise` is the one door between a sampler and the network: it calls the
 model at a :class:`~diffreg.process.NoiseLevel` (a grid level by index, or any level of the
-process), applies classifier-free guidance, ``denoised_fn``, dynamic thresholding, clipping and
-classifier guidance, and returns the parameterization's :class:`~diffreg.parameterization.Prediction`
+process), applies the call's guidance (a :class:`~diffreg.sampling.guidance.Guidance`: classifier-free
+guidance and its variants), ``denoised_fn``, dynamic thresholding, clipping and classifier guidance,
+and returns the parameterization's :class:`~diffreg.parameterization.Prediction`
 (pred_xstart, pred_eps, pred_v). Per-step work stays on the device: the finiteness record is a
 0-d device tensor per model call, read once after the loop.
 """
@@ -21,7 +22,9 @@ import torch
 from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, eps_from_xstart, xstart_from_eps
 from diffreg.process import NoiseLevel, Process
+from diffreg.sampling.guidance import Guidance, GuidanceCall, GuidedPrediction
 from diffreg.sampling.noise import Generator, draw_noise
+from diffreg.schedule import axpby
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
@@ -109,12 +112,15 @@ class SamplingContext:
         levels: the grid's :class:`Levels` (``num_steps + 1`` entries, the last the data).
         num_steps: model-evaluating steps of the grid.
         shape, device, dtype: of the sampler's state (dtype float32 unless asked otherwise).
-        nfe: model evaluations so far (a classifier-free guided pass counts once).
+        nfe: model evaluations so far (a guided pass counts once, whatever its batch).
+        guidance: the call's :class:`~diffreg.sampling.guidance.Guidance` (``None``: unguided),
+            ``guidance_call`` its per-call state; ``renoise_unconditional``: a Python bool, whether
+            samplers renoise with the unconditional eps (CFG++; see :meth:`renoise`).
 
     Methods for samplers: :meth:`denoise` (the prediction at a grid level ``i`` or any
     :class:`~diffreg.process.NoiseLevel`), :meth:`level_at` (a level placed by log-SNR or VE sigma),
     :meth:`noise` (standard normal noise of step i), :meth:`condition_mean` (classifier guidance
-    on a mean), :meth:`is_last`.
+    on a mean), :meth:`renoise` (the state to renoise from, CFG++), :meth:`is_last`.
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class SamplingContext:
         cond_fn: Callable[..., torch.Tensor] | None = None,
         guidance_scale: float | None = None,
         uncond_model_kwargs: Mapping[str, Any] | None = None,
+        guidance: Guidance | None = None,
         generator: Generator = None,
         step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         check_finite: bool = True,
@@ -155,26 +162,43 @@ class SamplingContext:
         self.generator = generator
         self.step_noise = step_noise
         self.model_dtype = model_dtype(model)
-        self.guidance_scale = None if guidance_scale is None or guidance_scale == 1.0 else float(guidance_scale)
-        self.uncond_model_kwargs = None
         self.nfe = 0
         n = self.shape[0]
-        batch = n
-        if self.guidance_scale is not None:  # conditional and unconditional inputs in one batch
+        # the guidance of the call: None when unguided (w = 1 of a method that is the conditional
+        # model there: one plain pass, today's fast path)
+        if guidance is None and guidance_scale is not None:
+            from diffreg.builtin.guidance import CFG
+
+            guidance = CFG()
+        scale = None if guidance is None else guidance.check_scale(1.0 if guidance_scale is None else guidance_scale)
+        if guidance is not None and scale == 1.0 and guidance.identity_at_one:
+            guidance = None
+        self.guidance = guidance
+        self.guidance_scale = scale if guidance is not None else None
+        self.guidance_call = GuidanceCall(scale, self.levels) if guidance is not None else None
+        self.renoise_unconditional = bool(guidance is not None and guidance.renoise_unconditional)
+        self.uncond_model_kwargs = None
+        if guidance is not None and not guidance.separate_unconditional:
+            # conditional and unconditional inputs in one doubled batch
             self.uncond_model_kwargs = dict(
                 uncond_model_kwargs if uncond_model_kwargs is not None else null_class_kwargs(model, self.model_kwargs)
             )
             self._cfg_kwargs = cat_kwargs(self.model_kwargs, self.uncond_model_kwargs)
-            batch = 2 * n
-        # the network's time input at every grid level, made once per call
-        self._model_t = [self.process.model_input(float(t), batch, device) for t in self.levels.t[:-1]]
-        self._batch = batch
+        # the network's time input at every grid level, made once per call (and for the doubled batch)
+        self._model_t = [self.process.model_input(float(t), n, device) for t in self.levels.t[:-1]]
+        self._model_t2 = (
+            [self.process.model_input(float(t), 2 * n, device) for t in self.levels.t[:-1]]
+            if self.uncond_model_kwargs is not None
+            else None
+        )
         self._step_tables: DiffusionTables | None = None
         self.check_finite = check_finite
         self._out_sums: list[torch.Tensor] = []
         self._out_steps: list[int] = []
         self._final_sum: torch.Tensor | None = None
         self._step = 0  # the step being taken (for the finiteness report)
+        if self.guidance is not None:
+            self.guidance.start(self, self.guidance_call)
 
     # -- for samplers ---------------------------------------------------------------------------
 
@@ -191,41 +215,69 @@ class SamplingContext:
         """The process's level with this log-SNR or VE sigma (see :meth:`Process.level_at`)."""
         return self.process.level_at(log_snr=log_snr, ve_sigma=ve_sigma)
 
-    def model_input_time(self, at: int | NoiseLevel) -> torch.Tensor:
-        """The network's time input ``[N]`` (doubled batch under classifier-free guidance)."""
+    def model_input_time(self, at: int | NoiseLevel, batch: int | None = None) -> torch.Tensor:
+        """The network's time input ``[batch]`` (default: the call's batch N; 2N for the doubled
+        batch of classifier-free guidance) at grid level ``at`` (an index) or any level."""
+        n = self.shape[0]
+        batch = n if batch is None else batch
         if isinstance(at, int):
-            return self._model_t[at]
-        return self.process.model_input(at.t, self._batch, self.device)
+            if batch == n:
+                return self._model_t[at]
+            if batch == 2 * n and self._model_t2 is not None:
+                return self._model_t2[at]
+            at = self.levels[at]
+        return self.process.model_input(at.t, batch, self.device)
 
-    def model_output(self, x: torch.Tensor, at: int | NoiseLevel) -> torch.Tensor:
-        """Raw network output at grid level ``at`` (an index) or any level, with classifier-free
-        guidance applied to the mean channels (Ho & Salimans 2022, eq. 6: uncond + w (cond -
-        uncond); learned variance channels come from the conditional pass). One forward pass over
-        the doubled batch. Recorded for the non-finite check (one reduction, on the device).
+    def call_model(self, model: Any, x: torch.Tensor, at: int | NoiseLevel, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """``model(x, t, **kwargs)`` at level ``at`` (``x`` of any batch, cast to the model's
+        dtype; the output cast back to ``x``'s), recorded for the non-finite check (one reduction,
+        on the device). Counts no NFE (see :meth:`denoise`).
 
         Raises:
-            TypeError: the model returned something other than a tensor; ValueError: an output
-            of the wrong shape for the parameterization.
+            TypeError: the model returned something other than a tensor.
         """
-        self.nfe += 1
-        t_in = self.model_input_time(at)
-        x_in = x if self.model_dtype is None else x.to(self.model_dtype)
-        if self.guidance_scale is None:
-            out = check_output(self.model(x_in, t_in, **self.model_kwargs))
-        else:
-            both = check_output(self.model(torch.cat([x_in, x_in]), t_in, **self._cfg_kwargs))
-            cond, uncond = both.to(x.dtype).chunk(2)
-            split = self.diffusion.parameterization.split
-            cond_mean, cond_var = split(cond, x)
-            uncond_mean, _ = split(uncond, x)
-            guided = torch.lerp(uncond_mean, cond_mean, self.guidance_scale)
-            out = guided if cond_var is None else torch.cat([guided, cond_var], dim=1)
+        t_in = self.model_input_time(at, x.shape[0])
+        dtype = self.model_dtype if model is self.model else model_dtype(model)
+        x_in = x if dtype is None else x.to(dtype)
+        out = check_output(model(x_in, t_in, **kwargs))
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if self.check_finite:
             self._out_sums.append(finiteness(out))
             self._out_steps.append(self._step)
         return out
+
+    def model_output(self, x: torch.Tensor, at: int | NoiseLevel) -> torch.Tensor:
+        """Raw network output of the conditional (unguided) pass at grid level ``at`` (an index)
+        or any level: ``model(x, t, **model_kwargs)``; see :meth:`call_model`. Guidance is applied
+        by :meth:`denoise`, on predictions."""
+        self.nfe += 1
+        return self.call_model(self.model, x, at, self.model_kwargs)
+
+    def _guided(self, x: torch.Tensor, at: int | NoiseLevel, level: NoiseLevel):
+        """(pred_xstart, pred_eps, var_part, renoise_eps) of the guidance at ``level``: the
+        conditional and unconditional predictions (one doubled-batch pass, or the guidance's own
+        unconditional) combined by :meth:`Guidance.combine`."""
+        g, call = self.guidance, self.guidance_call
+        assert g is not None and call is not None
+        p = self.diffusion.parameterization
+        alpha, sigma = level.alpha, level.sigma
+        self.nfe += 1
+        if g.separate_unconditional:
+            mean_c, var_part = p.split(self.call_model(self.model, x, at, self.model_kwargs), x)
+            cond = Prediction(*p.mean_type.predict(mean_c, x, alpha, sigma), 0.0, alpha=alpha, sigma=sigma)
+            uncond = g.unconditional(self, x, at, level, call)
+        else:
+            x2 = torch.cat([x, x])
+            mean2, var2 = p.split(self.call_model(self.model, x2, at, self._cfg_kwargs), x2)
+            predicted = p.mean_type.predict(mean2, x2, alpha, sigma)
+            x0_c, x0_u = predicted[0].chunk(2)
+            eps_c, eps_u = predicted[1].chunk(2)
+            var_part = None if var2 is None else var2.chunk(2)[0]
+            cond = Prediction(x0_c, eps_c, 0.0, alpha=alpha, sigma=sigma)
+            uncond = Prediction(x0_u, eps_u, 0.0, alpha=alpha, sigma=sigma)
+        pred_xstart, pred_eps = g.combine(cond, uncond, x, level, call)
+        return pred_xstart, pred_eps, var_part, (uncond.pred_eps if g.renoise_unconditional else None)
 
     def denoise(self, x: torch.Tensor, at: int | NoiseLevel, *, condition_score: bool = True) -> Prediction:
         """The :class:`~diffreg.parameterization.Prediction` at grid level ``at`` (index ``i`` in
@@ -244,21 +296,28 @@ class SamplingContext:
             level = at
         if level.sigma == 0.0:
             x0 = x / level.alpha if level.alpha != 1.0 else x
-            return Prediction(x0, torch.zeros_like(x), variances=_no_variance, alpha=level.alpha, sigma=0.0)
-        out = self.model_output(x, at)
+            pred = Prediction(x0, torch.zeros_like(x), variances=_no_variance, alpha=level.alpha, sigma=0.0)
+            return GuidedPrediction.of(pred, pred.pred_eps) if self.renoise_unconditional else pred
         p = self.diffusion.parameterization
-        mean_part, var_part = p.split(out, x)
         alpha, sigma = level.alpha, level.sigma
-        pred_xstart, eps = p.mean_type.predict(mean_part, x, alpha, sigma)
-        pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
+        renoise_eps = None
+        guided = self.guidance is not None and self.guidance.active(level, self.guidance_call)
+        if not guided:  # the fast path: one plain pass
+            out = self.model_output(x, at)
+            mean_part, var_part = p.split(out, x)
+            pred_xstart, eps = p.mean_type.predict(mean_part, x, alpha, sigma)
+            pred_eps: torch.Tensor | Callable[[], torch.Tensor] = eps
+        else:
+            out = mean_part = None
+            pred_xstart, pred_eps, var_part, renoise_eps = self._guided(x, at, level)
         if self.denoised_fn is not None or self.clip_denoised or self.process_xstart is not None:
             if self.denoised_fn is not None:
                 pred_xstart = self.denoised_fn(pred_xstart)
             if self.process_xstart is not None:
                 pred_xstart = self.process_xstart(pred_xstart)
             if self.clip_denoised:
-                # in place on a tensor of our own (never on the model's output or a denoised_fn's)
-                fresh = pred_xstart is not mean_part and pred_xstart is not out and self.denoised_fn is None
+                # in place on a tensor of our own (never on the model's output, a denoised_fn's or a guidance's)
+                fresh = out is not None and pred_xstart is not mean_part and pred_xstart is not out and self.denoised_fn is None
                 pred_xstart = pred_xstart.clamp_(-1, 1) if fresh and self.process_xstart is None else pred_xstart.clamp(-1, 1)
             processed = pred_xstart
             pred_eps = lambda: eps_from_xstart(x, processed, alpha, sigma)  # noqa: E731
@@ -273,7 +332,23 @@ class SamplingContext:
         if self.cond_fn is not None and condition_score:
             eps = pred.pred_eps - sigma * self.cond_gradient(x, at)
             pred = pred.replace(pred_xstart=xstart_from_eps(x, eps, alpha, sigma), pred_eps=eps)
+        if self.renoise_unconditional:
+            pred = GuidedPrediction.of(pred, renoise_eps if renoise_eps is not None else pred.pred_eps)
         return pred
+
+    def renoise(self, x: torch.Tensor, pred: Prediction) -> torch.Tensor:
+        """The state a sampler renoises from: ``x`` itself, unless the call's guidance renoises with
+        the unconditional eps (CFG++, Chung et al. 2024): then x^ = alpha x0 + sigma eps_u at
+        ``pred``'s level, with which a first-order update k_x0 x0 + k_x x^ is exactly
+        alpha' x0 + c eps_u (DDIM, Euler, DPM-Solver++(1), the posterior mean of DDPM). Python-level
+        choice fixed for the call; no tensor is read on the host.
+        """
+        if not self.renoise_unconditional:
+            return x
+        eps_u = getattr(pred, "renoise_eps", None)
+        if eps_u is None or pred.sigma == 0.0:
+            return x
+        return axpby(pred.alpha, pred.pred_xstart, pred.sigma, eps_u)
 
     @property
     def step_tables(self) -> DiffusionTables:
@@ -305,7 +380,7 @@ class SamplingContext:
             ValueError: a gradient of another shape than ``x``.
         """
         assert self.cond_fn is not None
-        t_in = self.model_input_time(at)[: x.shape[0]]
+        t_in = self.model_input_time(at, x.shape[0])
         grad = self.cond_fn(x, t_in, **self.model_kwargs)
         if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
             got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from diffreg import registry
 from diffreg.sampling.context import SamplingContext, model_device
 from diffreg.sampling.contract import Sampler
+from diffreg.sampling.guidance import Guidance, resolve_guidance
 from diffreg.sampling.noise import Generator, check_generator, draw_noise
 from diffreg.validation import check_float_dtype, check_guidance_scale, check_tensor, resolve_device
 
@@ -33,6 +34,17 @@ def resolve_sampler(sampler: str | Sampler, options: Mapping[str, Any]) -> Sampl
             raise TypeError(f"unexpected options {sorted(options)} for an already-built sampler")
         return sampler
     return registry.create("sampler", sampler, **options)
+
+
+def renoising_samplers() -> list[str]:
+    """Registered samplers that honour CFG++'s renoising with the unconditional eps (class
+    attribute ``supports_unconditional_renoise = True``)."""
+    names = []
+    for component in registry.components("sampler"):
+        factory = component.factory
+        if getattr(factory, "supports_unconditional_renoise", False):
+            names.append(component.name)
+    return sorted(set(names))
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -74,6 +86,8 @@ def sample_loop_progressive(
     cond_fn: Callable[..., torch.Tensor] | None = None,
     guidance_scale: float | None = None,
     uncond_model_kwargs: Mapping[str, Any] | None = None,
+    guidance: str | Mapping[str, Any] | Guidance | None = None,
+    guidance_options: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -99,9 +113,13 @@ def sample_loop_progressive(
         step_noise: explicit noise for every stochastic step, ``[num_steps, *shape]``.
         clip_denoised: clip pred_xstart to [-1, 1]. dynamic_threshold: a percentile in (0, 1].
         cond_fn: classifier guidance ``cond_fn(x, t, **model_kwargs) -> grad log p(y|x_t)``.
-        guidance_scale: classifier-free guidance w (1 or ``None``: off; 0: unconditional). The
-            unconditional input is ``uncond_model_kwargs``, or ``model_kwargs`` with ``y`` set to
-            ``model.null_class``.
+        guidance_scale: the guidance scale w (0: unconditional, 1: conditional, above 1: guided;
+            ``None``: unguided). The unconditional input is ``uncond_model_kwargs``, or
+            ``model_kwargs`` with ``y`` set to ``model.null_class``.
+        guidance: the guidance method (kind ``guidance``; default ``cfg``, Ho & Salimans 2022): a
+            registered name (``"cfg_rescale"``), ``{"name": ..., **options}`` or a
+            :class:`~diffreg.sampling.guidance.Guidance`; ``guidance_options`` are its options
+            (``{"phi": 0.7}``). A method given by name needs ``guidance_scale``. See docs/guidance.md.
         progress: show a tqdm bar. callback: ``callback(i, t, x, pred_xstart)`` after each step.
         check_finite: raise :class:`~diffreg.errors.SamplingError` at the end, naming the first
             step whose state became non-finite.
@@ -110,7 +128,9 @@ def sample_loop_progressive(
 
     Raises:
         ValueError / TypeError: bad shape, ``noise`` of the wrong shape, mismatched generators,
-        bad times; UnknownComponentError / ComponentOptionError: unknown sampler or option.
+        bad times, a guidance method without ``guidance_scale`` or with a scale it does not accept,
+        CFG++ with a sampler that does not renoise with the unconditional eps;
+        UnknownComponentError / ComponentOptionError: unknown sampler, guidance or option.
     """
     shape = _check_shape(shape)
     sampler_obj = resolve_sampler(sampler, sampler_options)
@@ -124,8 +144,21 @@ def sample_loop_progressive(
     )
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
-    if guidance_scale is not None:
+    guidance_obj = resolve_guidance(guidance, guidance_options)
+    if guidance_obj is None and guidance_scale is not None:
         check_guidance_scale(guidance_scale)
+    if guidance_obj is not None:
+        if guidance_scale is None:
+            raise ValueError(
+                f"guidance {guidance_obj!r} needs guidance_scale= (0: unconditional, 1: conditional, above 1: guided)"
+            )
+        guidance_obj.check_scale(guidance_scale)
+        if guidance_obj.renoise_unconditional and not getattr(sampler_obj, "supports_unconditional_renoise", False):
+            raise ValueError(
+                f"guidance {guidance_obj!r} renoises with the unconditional eps (CFG++), which sampler "
+                f"{type(sampler_obj).__name__} does not support (it has no supports_unconditional_renoise = True); "
+                f"samplers that do: {', '.join(renoising_samplers()) or 'none'}"
+            )
     check_generator(generator, shape[0])
     if step_noise is not None:
         for k, z in enumerate(step_noise):
@@ -151,6 +184,7 @@ def sample_loop_progressive(
         cond_fn=cond_fn,
         guidance_scale=guidance_scale,
         uncond_model_kwargs=uncond_model_kwargs,
+        guidance=guidance_obj,
         generator=generator,
         step_noise=step_noise,
         check_finite=check_finite,

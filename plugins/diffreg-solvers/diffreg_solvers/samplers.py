@@ -64,15 +64,17 @@ class Euler(GridSampler):
     order = 1
     nfe_per_step = 1
     stochastic = False
+    supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
 
     def prepare(self, ctx):
         lv = levels(ctx)
         return [first_order(lv, i) for i in range(lv.num_steps)]
 
     def step(self, ctx, state, i, x):
-        d = ctx.denoise(x, i).pred_xstart
+        p = ctx.denoise(x, i)
+        d = p.pred_xstart
         c_x, c_d = state[i]
-        return axpby(c_x, x, c_d, d), d
+        return axpby(c_x, ctx.renoise(x, p), c_d, d), d
 
 
 class Heun(GridSampler):
@@ -101,6 +103,7 @@ class Heun(GridSampler):
     order = 2
     nfe_per_step = 2
     stochastic = False
+    supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
 
     def __init__(self, max_ratio: float = 5.0, sigmas: str | None = None):
         super().__init__(sigmas)
@@ -124,11 +127,13 @@ class Heun(GridSampler):
 
     def step(self, ctx, state, i, x):
         euler, corr = state[i]
-        d = ctx.denoise(x, i).pred_xstart
+        p = ctx.denoise(x, i)
+        d, x = p.pred_xstart, ctx.renoise(x, p)  # x^ = alpha D + sigma eps_uncond under CFG++
         x_e = axpby(euler[0], x, euler[1], d)
         if corr is None:  # fixed by the schedule in prepare, not by a tensor value
             return x_e, d
-        d_e = ctx.denoise(x_e, i + 1).pred_xstart
+        p_e = ctx.denoise(x_e, i + 1)
+        d_e, x_e = p_e.pred_xstart, ctx.renoise(x_e, p_e)
         c_x, c_d, c_xe, c_de = corr
         return axpby(c_x, x, c_d, d).add_(axpby(c_xe, x_e, c_de, d_e)), d
 
@@ -151,6 +156,7 @@ class EulerAncestral(GridSampler):
     order = 1
     nfe_per_step = 1
     stochastic = True
+    supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
 
     def __init__(self, eta: float = 1.0, sigmas: str | None = None):
         super().__init__(sigmas)
@@ -170,9 +176,10 @@ class EulerAncestral(GridSampler):
         return list(zip(c_x.tolist(), c_d.tolist(), c_z.tolist(), strict=True))
 
     def step(self, ctx, state, i, x):
-        d = ctx.denoise(x, i).pred_xstart
+        p = ctx.denoise(x, i)
+        d = p.pred_xstart
         c_x, c_d, c_z = state[i]
-        x_next = axpby(c_x, x, c_d, d)
+        x_next = axpby(c_x, ctx.renoise(x, p), c_d, d)
         if c_z > 0.0:
             x_next = x_next.add_(ctx.noise(i, x), alpha=c_z)
         return x_next, d
@@ -192,6 +199,7 @@ class DPMSolverPP2M(GridSampler):
     order = 2
     nfe_per_step = 1
     stochastic = False
+    supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
 
     def prepare(self, ctx):
         lv = levels(ctx)
@@ -206,9 +214,10 @@ class DPMSolverPP2M(GridSampler):
         return {"coeffs": coeffs, "prev": None}
 
     def step(self, ctx, state, i, x):
-        d = ctx.denoise(x, i).pred_xstart
+        p = ctx.denoise(x, i)
+        d = p.pred_xstart
         c_x, c_d, c_prev = state["coeffs"][i]
-        x_next = axpby(c_x, x, c_d, d)
+        x_next = axpby(c_x, ctx.renoise(x, p), c_d, d)
         if c_prev != 0.0:
             x_next = x_next.add_(state["prev"], alpha=c_prev)
         state["prev"] = d
@@ -236,6 +245,7 @@ class DPMSolverPP2MSDE(GridSampler):
     order = 2
     nfe_per_step = 1
     stochastic = True
+    supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
 
     def __init__(self, eta: float = 1.0, solver_type: str = "midpoint", sigmas: str | None = None):
         super().__init__(sigmas)
@@ -267,9 +277,10 @@ class DPMSolverPP2MSDE(GridSampler):
         return {"coeffs": coeffs, "prev": None}
 
     def step(self, ctx, state, i, x):
-        d = ctx.denoise(x, i).pred_xstart
+        p = ctx.denoise(x, i)
+        d = p.pred_xstart
         c_x, c_d, c_prev, c_z = state["coeffs"][i]
-        x_next = axpby(c_x, x, c_d, d)
+        x_next = axpby(c_x, ctx.renoise(x, p), c_d, d)
         if c_prev != 0.0:
             x_next = x_next.add_(state["prev"], alpha=c_prev)
         if c_z > 0.0:
