@@ -48,7 +48,6 @@ from diffreg.errors import (
     UnknownComponentError,
     closest,
 )
-from diffreg.hookspecs import KIND_HOOKS
 from diffreg.options import accepted_options, check_options
 
 __all__ = ["Component", "PluginFailure", "PluginInfo", "Registry", "accepted_options", "check_options"]
@@ -215,7 +214,7 @@ class Registry:
         self._owners: dict[str, str] = {}  # normalized plugin name or alias -> plugin name
         self._pm_names: dict[str, str] = {}  # pluggy's name -> plugin name
         self._failures: list[PluginFailure] = []
-        self._components: dict[str, list[Component]] = {kind: [] for kind in KINDS}
+        self._components: dict[str, list[Component]] = {kind: [] for kind in hookspecs.KINDS}
 
     def _debug(self, message: str) -> None:
         if self._env.get("DIFFREG_DEBUG"):
@@ -377,11 +376,14 @@ class Registry:
             raise ValueError(f"invalid plugin name {name!r} (accepted: letters, digits, '_', '-', '.')")
         self._ensure_built()
         with self._lock:
+            existing = self._pm.get_name(plugin)
+            owner = self._pm_names[existing] if existing is not None else None
+            if owner is not None and self._owners.get(_normalize(name)) == owner:
+                return self._plugins[owner]  # already loaded under this name: nothing to do
             if _normalize(name) in self._owners or _normalize(name) == BUILTIN_PLUGIN:
                 raise ValueError(f"a plugin named {name!r} is already loaded (or the name is reserved)")
-            existing = self._pm.get_name(plugin)
-            if existing is not None:
-                return self._alias(self._pm_names[existing], name)
+            if owner is not None:
+                return self._alias(owner, name)
             module = getattr(plugin, "__name__", type(plugin).__name__)
             return self._load(lambda: plugin, name, distribution, version, module)
 
@@ -416,7 +418,7 @@ class Registry:
     def components(self, kind: str | None = None) -> list[Component]:
         """All components of ``kind`` (or of every kind), in load order."""
         self._ensure_built()
-        kinds = KINDS if kind is None else (_check_kind(kind),)
+        kinds = tuple(hookspecs.KINDS) if kind is None else (_check_kind(kind),)
         return [c for k in kinds for c in self._components[k]]
 
     def names(self, kind: str) -> list[str]:
@@ -516,28 +518,33 @@ class Registry:
     def plugin(self, plugin: object, name: str = "test-plugin") -> Iterator[PluginInfo]:
         """Register ``plugin`` for the length of a ``with`` block (for plugin authors' tests).
 
-        Raises :class:`~diffreg.errors.PluginError` if the plugin is rejected, whatever the mode.
+        An installed plugin (``pip install -e`` included) is not registered twice: inside the block
+        it also answers to ``name``. Raises :class:`~diffreg.errors.PluginError` if the plugin is
+        rejected, whatever the mode.
         """
+        self._ensure_built()
+        known = _normalize(name) in self._owners
         info = self.add_plugin(plugin, name)
         if info is None:
             raise PluginError(f"plugin {name!r} was rejected: {self._failures[-1].reason}")
         try:
             yield info
         finally:
-            self.remove_plugin(name)
+            if not known:
+                self.remove_plugin(name)
 
 
 def _check_kind(kind: str) -> str:
-    if kind not in KIND_HOOKS:
-        hint = closest(kind, KINDS)
+    if kind not in hookspecs.KINDS:
+        hint = closest(kind, hookspecs.KINDS)
         raise ValueError(
-            f"unknown component kind {kind!r}; known: {', '.join(KINDS)}" + (f"; did you mean {hint!r}?" if hint else "")
+            f"unknown component kind {kind!r}; known: {', '.join(hookspecs.KINDS)}" + (f"; did you mean {hint!r}?" if hint else "")
         )
     return kind
 
 
 def _unknown_hook_message(hook: str) -> str:
-    hint = closest(hook, KIND_HOOKS.values())
+    hint = closest(hook, hookspecs.KIND_HOOKS.values())
     return f"implements unknown hook {hook!r}" + (f"; did you mean {hint!r}?" if hint else "")
 
 
@@ -552,7 +559,7 @@ def _check_hook_functions(pm: pluggy.PluginManager, obj: object) -> None:
         except Exception:
             continue
         if callable(value) and not isinstance(value, type):
-            if attr in KIND_HOOKS.values():
+            if attr in hookspecs.KIND_HOOKS.values():
                 raise _SkipPlugin(f"function {attr!r} is not marked @diffreg.hookimpl, so it would never be called")
             raise _SkipPlugin(_unknown_hook_message(attr))
 

@@ -8,6 +8,8 @@ Third-party plugins here are real distributions written to a temporary ``sys.pat
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 import sys
 import types
 import warnings
@@ -16,13 +18,14 @@ import pytest
 from plugin_fixtures import plugin_dist, registering_source  # noqa: F401  (fixture)
 
 import diffreg
-from diffreg import registry
+from diffreg import hookspecs, registry
 from diffreg.builtin import DEFAULT_PLUGINS
 from diffreg.builtin.samplers import DDIM
 from diffreg.builtin.schedules import CosineSchedule
 from diffreg.errors import (
     AmbiguousComponentError,
     ComponentOptionError,
+    MissingProviderError,
     PluginError,
     PluginWarning,
     UnknownComponentError,
@@ -1063,3 +1066,183 @@ def test_name_in_env_lists_matching_no_installed_plugin_warns(myplug, var):
     reg = fresh(**{var: "myplugg"})
     with pytest.warns(PluginWarning, match=rf"{var} names 'myplugg', which matches no installed plugin.*did you mean 'myplug'"):
         reg.names("sampler")
+
+
+# -- the documented plugin and its test snippet run as written (issue 15) ---------------------------
+
+DOCS = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+
+
+def _python_block_after(marker: str) -> str:
+    rest = DOCS[DOCS.index(marker) :]
+    start = rest.index("```python\n") + len("```python\n")
+    return rest[start : rest.index("```", start)]
+
+
+@pytest.fixture(params=["installed", "not installed"])
+def docs_package(request, plugin_dist, monkeypatch, tmp_path):  # noqa: F811
+    """The docs' ``diffreg_quadratic`` package, installed (a dist-info with its entry point) or only
+    importable, and the process-wide registry rebuilt to see it."""
+    source = _python_block_after("`diffreg_quadratic/__init__.py`:")
+    if request.param == "installed":
+        plugin_dist("diffreg_quadratic", source, distribution="diffreg-quadratic", version="0.1.0", entry_point="quadratic")
+    else:
+        (tmp_path / "bare" / "diffreg_quadratic").mkdir(parents=True)
+        (tmp_path / "bare" / "diffreg_quadratic" / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path / "bare"))
+    for key in ("DIFFREG_LOAD_PLUGINS", "DIFFREG_DISABLE_PLUGINS", "DIFFREG_STRICT_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    registry.reset()
+    yield request.param
+    registry.reset()
+    sys.modules.pop("diffreg_quadratic", None)
+
+
+def test_docs_test_snippet_runs_as_written(docs_package):
+    namespace: dict = {}
+    exec(compile(_python_block_after("## Testing your plugin"), "docs/plugins.md", "exec"), namespace)
+    namespace["test_quadratic_schedule_builds"]()
+    # the block removed only what it added: an installed plugin is still there
+    assert ("quadratic" in registry.names("schedule")) == (docs_package == "installed")
+
+
+def test_register_plugin_of_an_installed_package_does_not_raise(docs_package):
+    from diffreg.pytest_plugin import PluginRegistrar
+
+    import diffreg_quadratic
+
+    with PluginRegistrar() as register_plugin:
+        info = register_plugin(diffreg_quadratic, name="mine")
+        assert registry.get("sampler", "mine:plain_ddim").factory is diffreg_quadratic.PlainDDIM
+        assert "mine" in info.aliases or info.name == "mine"
+    with pytest.raises(UnknownComponentError):
+        registry.get("sampler", "mine:plain_ddim")
+
+
+def test_docs_sampler_metadata_is_read_from_its_class(docs_package):
+    import diffreg_quadratic
+
+    with registry.plugin(diffreg_quadratic, name="mine"):
+        component = registry.get("sampler", "mine:plain_ddim")
+    assert {k: component.metadata[k] for k in ("order", "nfe_per_step", "stochastic")} == {
+        "order": 1,
+        "nfe_per_step": 1,
+        "stochastic": False,
+    }
+
+
+# -- provenance, product check, class metadata, collisions (issue 15) ------------------------------
+
+
+def test_locate_prefers_the_recorded_provider_over_a_builtin(plugin_shadowing_cosine):
+    reg = fresh()
+    assert reg.get("schedule", "cosine").builtin
+    component = reg.locate("schedule", "cosine", provider="shadowplug-dist", version="1.0.0")
+    assert component.distribution == "shadowplug-dist" and not component.builtin
+
+
+def test_locate_without_provider_is_get(builtins_only):
+    assert builtins_only.locate("schedule", "cosine") == builtins_only.get("schedule", "cosine")
+
+
+def test_locate_a_provider_that_is_not_installed_says_what_to_install(builtins_only):
+    with pytest.raises(MissingProviderError) as info:
+        builtins_only.locate("schedule", "edm", provider="diffreg-edm", version="0.2.0")
+    assert str(info.value) == (
+        "schedule 'edm' was provided by 'diffreg-edm 0.2.0', which is not installed (or is disabled); "
+        "pip install 'diffreg-edm==0.2.0'"
+    )
+    assert isinstance(info.value, UnknownComponentError) and info.value.provider == "diffreg-edm"
+
+
+def test_locate_a_provider_that_no_longer_registers_the_name(myplug):
+    with pytest.raises(MissingProviderError, match=r"the installed myplug-dist 1.2.3 does not register it"):
+        fresh().locate("sampler", "gone", provider="myplug-dist", version="0.9")
+
+
+def test_locate_a_provider_that_failed_to_load_gives_the_reason(plugin_dist):  # noqa: F811
+    plugin_dist("brokenplug", "raise RuntimeError('boom')\n", distribution="broken-dist")
+    reg = build_quietly(fresh())
+    with pytest.raises(MissingProviderError, match="installed but failed to load: import failed: RuntimeError: boom"):
+        reg.locate("sampler", "x", provider="broken-dist")
+
+
+def test_a_recorded_provider_is_not_replaced_by_another_plugin_with_the_name(myplug, plugin_dist):  # noqa: F811
+    plugin_dist("otherprov", registering_source("mysampler"), distribution="otherprov-dist")
+    reg = fresh()
+    assert reg.locate("sampler", "mysampler", provider="myplug-dist").distribution == "myplug-dist"
+    with pytest.raises(AmbiguousComponentError):
+        reg.get("sampler", "mysampler")
+
+
+def test_factory_returning_the_wrong_type_fails_at_create():
+    class NotASampler:
+        pass
+
+    class WrongProduct:
+        @diffreg.hookimpl
+        def diffreg_register_samplers(self, register):
+            register("wrong", NotASampler)
+
+    reg = Registry(entry_points=False, env={})
+    with reg.plugin(WrongProduct(), "wrongplug"):
+        with pytest.raises(PluginError, match=r"sampler 'wrongplug:wrong' \(no distribution\) made a .*NotASampler, not a .*Sampler"):
+            reg.create("sampler", "wrong")
+
+
+@pytest.mark.parametrize("kind", sorted(BUILTIN_NAMES))
+def test_every_builtin_product_passes_the_product_check(builtins_only, kind):
+    product = hookspecs.KINDS[kind].product_type()
+    for component in builtins_only.components(kind):
+        args = (100,) if kind in ("schedule", "timestep_sampler") else ()
+        options = {"betas": [0.1] * 100} if component.name == "explicit" else {}
+        assert isinstance(builtins_only.create(kind, component.name, *args, **options), product)
+
+
+def test_metadata_that_contradicts_the_class_skips_the_plugin(plugin_dist):  # noqa: F811
+    plugin_dist("liar", registering_source("liar_sampler", order=3))
+    reg = fresh()
+    with pytest.warns(PluginWarning, match=r"with order=3, but its class says 1"):
+        assert "liar_sampler" not in reg.names("sampler")
+
+
+def test_adding_a_kind_is_one_row_of_the_table(monkeypatch):
+    row = hookspecs.Kind("grid", "diffreg_register_grids", "builtins:tuple", "0.2", "Grids.")
+    monkeypatch.setattr(hookspecs, "COMPONENT_KINDS", (*hookspecs.COMPONENT_KINDS, row))
+    monkeypatch.setattr(hookspecs, "KINDS", {**hookspecs.KINDS, "grid": row})
+    monkeypatch.setattr(hookspecs, "KIND_HOOKS", {**hookspecs.KIND_HOOKS, "grid": row.hook})
+    monkeypatch.setattr(hookspecs, row.hook, hookspecs._make_hookspec(row), raising=False)
+    monkeypatch.setattr(registry, "KINDS", (*registry.KINDS, "grid"))
+
+    class GridPlugin:
+        @diffreg.hookimpl
+        def diffreg_register_grids(self, register):
+            register("karras", lambda n: tuple(range(n)))
+
+    reg = Registry(entry_points=False, env={})
+    with reg.plugin(GridPlugin(), "gridplug"):
+        assert reg.create("grid", "karras", 3) == (0, 1, 2)
+
+
+def test_collisions_list_names_registered_by_several_plugins(two_plugins_sharing_a_name, plugin_shadowing_cosine):
+    found = fresh().collisions()
+    assert [c.qualified_name for c in found[("sampler", "shared")]] == ["pluga:shared", "plugb:shared"]
+    assert [c.qualified_name for c in found[("schedule", "cosine")]] == ["diffreg:cosine", "shadowplug:cosine"]
+    assert ("sampler", "ddim") not in found
+
+
+def test_cli_plugins_flags_name_collisions(two_plugins_sharing_a_name, monkeypatch):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    for key in ("DIFFREG_LOAD_PLUGINS", "DIFFREG_DISABLE_PLUGINS", "DIFFREG_STRICT_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    registry.reset()
+    try:
+        text = CliRunner().invoke(main, ["plugins"]).output
+        data = json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)
+    finally:
+        registry.reset()
+    assert "sampler 'shared': pluga:shared, plugb:shared" in text.split("name collisions")[1]
+    assert {"kind": "sampler", "name": "shared", "qualified_names": ["pluga:shared", "plugb:shared"]} in data["collisions"]
