@@ -23,17 +23,13 @@ resolves; a bare name resolves to the built-in first, then to the single plugin 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import importlib
-import importlib.metadata as importlib_metadata
 import os
-import re
-import signal
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import attrs
 import pluggy
@@ -49,15 +45,24 @@ from diffreg.errors import (
     closest,
 )
 from diffreg.options import accepted_options, check_options
+from diffreg.plugin_loading import (
+    PLUGIN_NAME_RE,
+    SkipPlugin,
+    check_hook_functions,
+    discover,
+    loading_plugin,
+    make_register,
+    normalize,
+    run_plugin_code,
+    select,
+    unknown_hook_message,
+    watch_interrupts,
+)
 
 __all__ = ["Component", "PluginFailure", "PluginInfo", "Registry", "accepted_options", "check_options"]
 
-ENTRY_POINT_GROUP = "diffreg"
 BUILTIN_PLUGIN = "diffreg"
 KINDS: tuple[str, ...] = tuple(hookspecs.KINDS)
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.\-]*")
-_PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-_loading = threading.local()  # .plugin: the plugin whose code this thread is running
 
 
 @attrs.frozen
@@ -112,82 +117,6 @@ class PluginFailure:
     reason: str
 
 
-class _Entry(NamedTuple):
-    name: str
-    value: str
-    distribution: str
-    version: str | None
-    load: Callable[[], object]
-
-
-class _SkipPlugin(Exception):
-    """Internal: a plugin failed; the message is the reason."""
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _patterns(env: Mapping[str, str], key: str) -> list[str] | None:
-    if key not in env:
-        return None
-    return [_normalize(item.strip()) for item in env[key].split(",") if item.strip()]
-
-
-def _identity(dist: importlib_metadata.Distribution) -> tuple[str, str | None]:
-    """A distribution's name and version; from its folder name when its METADATA is unreadable."""
-    try:
-        name, version = dist.metadata["Name"], dist.version
-        if name:
-            return name, version
-    except Exception:  # e.g. METADATA that is not UTF-8: never let another package break diffreg
-        pass
-    folder = getattr(getattr(dist, "_path", None), "name", "")
-    match = re.fullmatch(r"([^-]+)(?:-([^-]+))?(?:-[^-]+)*\.(?:dist|egg)-info", folder)
-    return (match[1], match[2]) if match else (folder or "?", None)
-
-
-def _discover(debug: Callable[[str], None]) -> list[_Entry]:
-    """Entry points of group ``diffreg``; a distribution shadowed by an earlier one of the same name
-    on ``sys.path`` is left out (as importlib does), an unreadable one is skipped."""
-    entries, seen = [], set()
-    for dist in importlib_metadata.distributions():
-        try:
-            eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
-        except Exception as exc:
-            debug(f"cannot read the entry points of {getattr(dist, '_path', dist)}: {exc}")
-            continue
-        name, version = _identity(dist) if eps else ("", None)
-        if eps and _normalize(name) not in seen:
-            seen.add(_normalize(name))
-            entries += [_Entry(ep.name, ep.value, name, version, ep.load) for ep in eps]
-    return sorted(entries, key=lambda e: (_normalize(e.distribution), e.name))
-
-
-@contextlib.contextmanager
-def _watch_interrupts() -> Iterator[dict[str, bool]]:
-    """Tell a real Ctrl-C (SIGINT) from a ``KeyboardInterrupt`` a plugin raises itself."""
-    seen = {"sigint": False}
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-
-    def handler(signum, frame):
-        seen["sigint"] = True
-        if previous == signal.SIG_IGN:
-            return
-        (previous if callable(previous) else signal.default_int_handler)(signum, frame)
-
-    installed = False
-    if previous is not None:  # None: not the main thread, or a handler set outside Python
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(signal.SIGINT, handler)
-            installed = True
-    try:
-        yield seen
-    finally:
-        if installed:
-            signal.signal(signal.SIGINT, previous)
-
-
 class Registry:
     """A set of plugins and the components they registered.
 
@@ -225,7 +154,7 @@ class Registry:
     def _ensure_built(self) -> None:
         if self._built:
             return
-        loading = getattr(_loading, "plugin", None)
+        loading = loading_plugin()
         if loading is not None:
             raise PluginError(
                 f"plugin {loading!r} used the diffreg registry while plugins were loading; a plugin may "
@@ -249,95 +178,69 @@ class Registry:
             self._built = True
 
     def _load_entry_points(self) -> None:
-        allow = _patterns(self._env, "DIFFREG_LOAD_PLUGINS")
-        deny = _patterns(self._env, "DIFFREG_DISABLE_PLUGINS") or []
-        entries = _discover(self._debug)
+        entries, unmatched = select(discover(self._debug), self._env)
         for entry in entries:
-            keys = {_normalize(entry.name), _normalize(entry.distribution)}
-            denied = any(fnmatch.fnmatchcase(k, p) for k in keys for p in deny)
-            if denied or (allow is not None and not any(fnmatch.fnmatchcase(k, p) for k in keys for p in allow)):
-                continue  # never imported
-            if BUILTIN_PLUGIN in keys:
+            if BUILTIN_PLUGIN in (normalize(entry.name), normalize(entry.distribution)):
                 reason = f"the name {BUILTIN_PLUGIN!r} is reserved for the built-ins; rename the entry point or distribution"
-            elif not _PLUGIN_NAME_RE.fullmatch(entry.name):
+            elif not PLUGIN_NAME_RE.fullmatch(entry.name):
                 reason = f"invalid entry-point name {entry.name!r} (accepted: letters, digits, '_', '-', '.')"
-            elif _normalize(entry.name) in self._owners:
-                taken = self._plugins[self._owners[_normalize(entry.name)]]
+            elif normalize(entry.name) in self._owners:
+                taken = self._plugins[self._owners[normalize(entry.name)]]
                 reason = f"the name {entry.name!r} is already taken by {taken.distribution} {taken.version}; rename one entry point"
             else:
                 self._debug(f"importing plugin {entry.name!r} ({entry.distribution} {entry.version}, {entry.value})")
                 self._load(entry.load, entry.name, entry.distribution, entry.version, entry.value)
                 continue
             self._fail(entry.name, entry.distribution, entry.version, reason, ran_code=False)
-        keys = {_normalize(k) for e in entries for k in (e.name, e.distribution)}
-        for var, patterns in (("DIFFREG_LOAD_PLUGINS", allow or []), ("DIFFREG_DISABLE_PLUGINS", deny)):
-            for pattern in patterns:
-                if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
-                    hint = closest(pattern, keys)
-                    known = ", ".join(sorted({f"{e.name} ({e.distribution})" for e in entries})) or "none"
-                    warnings.warn(
-                        f"{var} names {pattern!r}, which matches no installed plugin (installed: {known})"
-                        + (f"; did you mean {hint!r}?" if hint else ""),
-                        PluginWarning,
-                        stacklevel=2,
-                    )
+        for message in unmatched:
+            warnings.warn(message, PluginWarning, stacklevel=2)
 
     def _load(self, loader, name, distribution, version, module, pm_name=None) -> PluginInfo | None:
         """Import a plugin and collect its components; on any failure skip it whole."""
-        with _watch_interrupts() as interrupts:
+        with watch_interrupts() as interrupts:
             try:
-                obj = self._run(loader, interrupts, name, "import failed")
+                obj = run_plugin_code(loader, interrupts, name, "import failed:")
                 existing = self._pm.get_name(obj)
                 if existing is not None and name != BUILTIN_PLUGIN:  # one module, two names
                     return self._alias(self._pm_names[existing], name)
                 staged = self._collect(obj, pm_name or name, name, distribution, version, interrupts)
-            except _SkipPlugin as exc:
+            except SkipPlugin as exc:
                 self._fail(name, distribution, version, str(exc), ran_code=True)
                 return None
         previous = self._plugins.get(name)
         components = (previous.components if previous else ()) + tuple(staged)
         self._plugins[name] = info = PluginInfo(name, distribution, version, module, components)
-        self._owners[_normalize(name)] = name
+        self._owners[normalize(name)] = name
         self._pm_names[pm_name or name] = name
         for component in staged:
             self._components[component.kind].append(component)
         return info
 
-    def _run(self, fn: Callable[[], Any], interrupts: dict[str, bool], plugin: str, what: str) -> Any:
-        """Run plugin code: whatever it raises (SystemExit too) skips it, except a real Ctrl-C."""
-        outer, _loading.plugin = getattr(_loading, "plugin", None), plugin
-        try:
-            return fn()
-        except _SkipPlugin:
-            raise
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt) and interrupts["sigint"]:
-                raise
-            raise _SkipPlugin(f"{what}{':' if what.endswith('failed') else ''} {type(exc).__name__}: {exc}") from exc
-        finally:
-            _loading.plugin = outer
-
     def _collect(self, obj, pm_name, name, distribution, version, interrupts) -> list[Component]:
-        _check_hook_functions(self._pm, obj)
+        """Register ``obj`` with pluggy (which checks its hooks), then call its hooks one by one."""
+        check_hook_functions(self._pm, obj)
         try:
             self._pm.register(obj, name=pm_name)
         except (pluggy.PluginValidationError, ValueError) as exc:
-            raise _SkipPlugin(f"invalid hook: {exc}") from exc
+            raise SkipPlugin(f"invalid hook: {exc}") from exc
+        staged: list[Component] = []
         try:
             try:
                 self._pm.check_pending()
             except pluggy.PluginValidationError as exc:
                 unknown = [hc.name for hc in self._pm.get_hookcallers(obj) or [] if hc.spec is None]
-                raise _SkipPlugin(_unknown_hook_message(unknown[0]) if unknown else str(exc)) from exc
+                raise SkipPlugin(unknown_hook_message(unknown[0]) if unknown else str(exc)) from exc
             taken = {(c.kind, c.name) for c in (self._plugins[name].components if name in self._plugins else ())}
-            staged: list[Component] = []
             for kind in hookspecs.COMPONENT_KINDS:
                 for impl in getattr(self._pm.hook, kind.hook).get_hookimpls():
                     if impl.plugin is obj:
-                        register = _make_register(kind, name, distribution, version, staged, taken)
-                        hook_call = lambda impl=impl, r=register: impl.function(**dict.fromkeys(impl.argnames, r))  # noqa: E731
-                        self._run(hook_call, interrupts, name, f"hook {kind.hook} raised")
-        except _SkipPlugin:
+                        add = lambda n, f, meta, k=kind.name: staged.append(  # noqa: E731
+                            Component(k, n, name, f, distribution, version, meta)
+                        )
+                        register = make_register(kind, taken, add)
+                        call = lambda impl=impl, r=register: impl.function(**dict.fromkeys(impl.argnames, r))  # noqa: E731
+                        run_plugin_code(call, interrupts, name, f"hook {kind.hook} raised")
+        except SkipPlugin:
             self._pm.unregister(obj)
             raise
         return staged
@@ -345,7 +248,7 @@ class Registry:
     def _alias(self, owner: str, alias: str) -> PluginInfo:
         info = self._plugins[owner]
         self._plugins[owner] = info = attrs.evolve(info, aliases=(*info.aliases, alias))
-        self._owners[_normalize(alias)] = owner
+        self._owners[normalize(alias)] = owner
         return info
 
     def _fail(self, name, distribution, version, reason: str, *, ran_code: bool) -> None:
@@ -372,15 +275,15 @@ class Registry:
         :class:`~diffreg.errors.PluginError` under strict mode, and ``ValueError`` for a name that
         is taken, reserved, or not a plugin name.
         """
-        if not isinstance(name, str) or not _PLUGIN_NAME_RE.fullmatch(name):
+        if not isinstance(name, str) or not PLUGIN_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid plugin name {name!r} (accepted: letters, digits, '_', '-', '.')")
         self._ensure_built()
         with self._lock:
             existing = self._pm.get_name(plugin)
             owner = self._pm_names[existing] if existing is not None else None
-            if owner is not None and self._owners.get(_normalize(name)) == owner:
+            if owner is not None and self._owners.get(normalize(name)) == owner:
                 return self._plugins[owner]  # already loaded under this name: nothing to do
-            if _normalize(name) in self._owners or _normalize(name) == BUILTIN_PLUGIN:
+            if normalize(name) in self._owners or normalize(name) == BUILTIN_PLUGIN:
                 raise ValueError(f"a plugin named {name!r} is already loaded (or the name is reserved)")
             if owner is not None:
                 return self._alias(owner, name)
@@ -390,14 +293,14 @@ class Registry:
     def remove_plugin(self, name: str) -> None:
         """Unload plugin ``name`` (or drop the alias ``name``). Raises ``KeyError`` if not loaded."""
         with self._lock:
-            owner = self._owners.pop(_normalize(name))
+            owner = self._owners.pop(normalize(name))
             info = self._plugins[owner]
             if owner != name:
                 self._plugins[owner] = attrs.evolve(info, aliases=tuple(a for a in info.aliases if a != name))
                 return
             del self._plugins[name]
             for alias in info.aliases:
-                self._owners.pop(_normalize(alias), None)
+                self._owners.pop(normalize(alias), None)
             for component in info.components:
                 self._components[component.kind].remove(component)
             self._pm.unregister(name=name)
@@ -444,10 +347,10 @@ class Registry:
         candidates = self.components(kind)
         if ":" in name:
             plugin, bare = name.split(":", 1)
-            key = _normalize(plugin)
+            key = normalize(plugin)
             owner = self._owners.get(key)
             for c in candidates:
-                if c.name == bare and (c.plugin == owner or (c.distribution and _normalize(c.distribution) == key)):
+                if c.name == bare and (c.plugin == owner or (c.distribution and normalize(c.distribution) == key)):
                     return c
             raise UnknownComponentError(kind, name, [c.qualified_name for c in candidates])
         matches = [c for c in candidates if c.name == name]
@@ -469,15 +372,15 @@ class Registry:
         """
         if provider is None:
             return self.get(kind, name)
-        key = _normalize(provider)
+        key = normalize(provider)
         for c in self.components(kind):
-            if c.name == name and c.distribution is not None and _normalize(c.distribution) == key:
+            if c.name == name and c.distribution is not None and normalize(c.distribution) == key:
                 return c
         wanted = f"{provider} {version}" if version else provider
         pin = f"'{provider}=={version}'" if version else provider
         message = f"{kind} {name!r} was provided by {wanted!r}"
-        installed = [p for p in self._plugins.values() if p.distribution and _normalize(p.distribution) == key]
-        failed = [f for f in self._failures if f.distribution and _normalize(f.distribution) == key]
+        installed = [p for p in self._plugins.values() if p.distribution and normalize(p.distribution) == key]
+        failed = [f for f in self._failures if f.distribution and normalize(f.distribution) == key]
         if installed:
             have = installed[0]
             message += f"; the installed {have.distribution} {have.version} does not register it; pip install {pin}"
@@ -523,7 +426,7 @@ class Registry:
         rejected, whatever the mode.
         """
         self._ensure_built()
-        known = _normalize(name) in self._owners
+        known = normalize(name) in self._owners
         info = self.add_plugin(plugin, name)
         if info is None:
             raise PluginError(f"plugin {name!r} was rejected: {self._failures[-1].reason}")
@@ -541,58 +444,6 @@ def _check_kind(kind: str) -> str:
             f"unknown component kind {kind!r}; known: {', '.join(hookspecs.KINDS)}" + (f"; did you mean {hint!r}?" if hint else "")
         )
     return kind
-
-
-def _unknown_hook_message(hook: str) -> str:
-    hint = closest(hook, hookspecs.KIND_HOOKS.values())
-    return f"implements unknown hook {hook!r}" + (f"; did you mean {hint!r}?" if hint else "")
-
-
-def _check_hook_functions(pm: pluggy.PluginManager, obj: object) -> None:
-    """Reject a ``diffreg_*`` function that pluggy would ignore: one not marked ``@diffreg.hookimpl``,
-    or (on a module) a misspelled hook name."""
-    for attr in dir(obj):
-        if not attr.startswith("diffreg_") or pm.parse_hookimpl_opts(obj, attr) is not None:
-            continue
-        try:
-            value = getattr(obj, attr)
-        except Exception:
-            continue
-        if callable(value) and not isinstance(value, type):
-            if attr in hookspecs.KIND_HOOKS.values():
-                raise _SkipPlugin(f"function {attr!r} is not marked @diffreg.hookimpl, so it would never be called")
-            raise _SkipPlugin(_unknown_hook_message(attr))
-
-
-def _class_metadata(kind: hookspecs.Kind, factory: Any) -> dict[str, Any]:
-    """The kind's metadata keys that ``factory``'s class defines (not those of the product base)."""
-    if not kind.class_metadata or not isinstance(factory, type):
-        return {}
-    own = [cls for cls in factory.__mro__ if cls not in kind.product_type().__mro__]
-    return {key: getattr(factory, key) for key in kind.class_metadata if any(key in vars(cls) for cls in own)}
-
-
-def _make_register(kind, plugin, distribution, version, staged, taken) -> Callable[..., None]:
-    def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise _SkipPlugin(
-                f"registered an invalid {kind.name} name {name!r} (accepted: lower-case letters, digits, '_', '-', '.')"
-            )
-        if not callable(factory):
-            raise _SkipPlugin(f"registered {kind.name} {name!r} with a factory that is not callable")
-        if (kind.name, name) in taken:
-            raise _SkipPlugin(f"registered {kind.name} {name!r} twice")
-        taken.add((kind.name, name))
-        declared = _class_metadata(kind, factory)
-        for key, value in metadata.items():
-            if key in declared and declared[key] != value:
-                raise _SkipPlugin(
-                    f"registered {kind.name} {name!r} with {key}={value!r}, but its class says {declared[key]!r}"
-                    " (leave it out: it is read from the class)"
-                )
-        staged.append(Component(kind.name, name, plugin, factory, distribution, version, {**declared, **metadata}))
-
-    return register
 
 
 # -- the process-wide registry -------------------------------------------------------------------
