@@ -23,6 +23,7 @@ resolves; a bare name resolves to the built-in first, then to the single plugin 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -469,41 +470,22 @@ def reset() -> None:
         _default = None
 
 
-def names(kind: str) -> list[str]:
-    """Sorted bare names of ``kind`` in the process-wide registry. See :meth:`Registry.names`."""
-    return default_registry().names(kind)
+def _on_default(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` of :class:`Registry`, called on the process-wide registry (same docstring)."""
+
+    @functools.wraps(method)
+    def function(*args: Any, **kwargs: Any) -> Any:
+        return method(default_registry(), *args, **kwargs)
+
+    function.__doc__ = f"On the process-wide registry: {method.__doc__}"
+    return function
 
 
-def get(kind: str, name: str) -> Component:
-    """Resolve a name in the process-wide registry. See :meth:`Registry.get`."""
-    return default_registry().get(kind, name)
-
-
-def locate(kind: str, name: str, provider: str | None = None, version: str | None = None) -> Component:
-    """Resolve a name preferring a provider, in the process-wide registry. See :meth:`Registry.locate`."""
-    return default_registry().locate(kind, name, provider, version)
-
-
-def create(kind: str, name: str, /, *args: Any, **options: Any) -> Any:
-    """Build a component from the process-wide registry. See :meth:`Registry.create`."""
-    return default_registry().create(kind, name, *args, **options)
-
-
-def components(kind: str | None = None) -> list[Component]:
-    """Components of the process-wide registry. See :meth:`Registry.components`."""
-    return default_registry().components(kind)
-
-
-def plugins() -> list[PluginInfo]:
-    """Loaded plugins of the process-wide registry."""
-    return default_registry().plugins()
-
-
-def failures() -> list[PluginFailure]:
-    """Skipped plugins of the process-wide registry, with reasons."""
-    return default_registry().failures()
-
-
-def plugin(obj: object, name: str = "test-plugin") -> contextlib.AbstractContextManager[PluginInfo]:
-    """Register ``obj`` in the process-wide registry for a ``with`` block. See :meth:`Registry.plugin`."""
-    return default_registry().plugin(obj, name)
+names = _on_default(Registry.names)
+get = _on_default(Registry.get)
+locate = _on_default(Registry.locate)
+create = _on_default(Registry.create)
+components = _on_default(Registry.components)
+plugins = _on_default(Registry.plugins)
+failures = _on_default(Registry.failures)
+plugin = _on_default(Registry.plugin)
