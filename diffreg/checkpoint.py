@@ -6,7 +6,9 @@ The header metadata holds (as strings, the only type safetensors metadata allows
 - ``diffreg.format_version``: the checkpoint format (this diffreg writes :data:`FORMAT_VERSION`);
 - ``diffreg.version``: the diffreg that wrote it;
 - ``diffreg.config``: the :class:`~diffreg.config.CheckpointConfig` as JSON (diffusion, model,
-  data), so loading needs no flags.
+  data), so loading needs no flags;
+- ``diffreg.providers``: the distribution and version that provided each component
+  (:mod:`diffreg.provenance`); loading resolves each name to that provider first.
 
 Nothing is ever unpickled.
 """
@@ -22,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffreg import registry
+from diffreg import provenance, registry
 from diffreg.config import CheckpointConfig, parse_json
 from diffreg.diffusion import Diffusion
 from diffreg.errors import CheckpointError, ConfigError
@@ -108,6 +110,7 @@ def save_checkpoint(
         "diffreg.format_version": str(FORMAT_VERSION),
         "diffreg.version": __version__,
         "diffreg.config": cfg.to_json(),
+        provenance.HEADER_KEY: provenance.record(cfg),
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
@@ -321,6 +324,7 @@ def load_checkpoint(
         return foreign
     path = bundled_checkpoint_path() if path is None else Path(path)
     cfg = read_config(path)
+    cfg = provenance.resolve(cfg, read_metadata(path).get(provenance.HEADER_KEY), str(path))
     _check_classes(cfg, path)
     try:
         with safe_open(str(path), framework="pt") as f:
