@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import diffreg
 
+from .karras import HeunChurn, Restart
+from .multistep import DEIS, IPNDM, DPMSolverPP3MSDE
 from .samplers import SIGMA_GRIDS, DPMSolverPP2M, DPMSolverPP2MSDE, Euler, EulerAncestral, GridSampler, Heun, UniPC
+from .singlestep import Adaptive, DPMSolver2S, DPMSolver3S, DPMSolverSinglestep
 
 __version__ = "0.1.0"
 
@@ -25,7 +28,15 @@ SAMPLERS = {
     "euler_ancestral": (EulerAncestral, "Song et al. 2021 (score SDE), ancestral step in Karras et al. 2022 form"),
     "dpmpp_2m": (DPMSolverPP2M, "Lu et al. 2022, DPM-Solver++, Algorithm 2"),
     "dpmpp_2m_sde": (DPMSolverPP2MSDE, "Lu et al. 2022, DPM-Solver++ (SDE-DPM-Solver++, multistep)"),
-    "unipc": (UniPC, "Zhao et al. 2023, UniPC (B(h) = expm1(h))"),
+    "unipc": (UniPC, "Zhao et al. 2023, UniPC (variant bh2: B(h) = expm1(h); bh1: B(h) = h)"),
+    "dpmpp_3m_sde": (DPMSolverPP3MSDE, "Lu et al. 2022, DPM-Solver++ (3M, SDE form of k-diffusion)"),
+    "dpm_solver_2s": (DPMSolver2S, "Lu et al. 2022, DPM-Solver, Algorithm 1 (DPM-Solver++(2S) by default)"),
+    "dpm_solver_3s": (DPMSolver3S, "Lu et al. 2022, DPM-Solver, Algorithm 2"),
+    "deis": (DEIS, "Zhang & Chen 2023, DEIS, tAB (eqs. 14-15)"),
+    "ipndm": (IPNDM, "Zhang & Chen 2023, DEIS paper, iPNDM"),
+    "heun_churn": (HeunChurn, "Karras et al. 2022, Elucidating the Design Space, Algorithm 2"),
+    "restart": (Restart, "Xu et al. 2023, Restart Sampling, Algorithm 1"),
+    "adaptive": (Adaptive, "Lu et al. 2022, DPM-Solver, section 4.2 (adaptive DPM-Solver-12)"),
 }
 
 
@@ -37,7 +48,16 @@ def diffreg_register_samplers(register):
 
 
 __all__ = [
+    "DEIS",
+    "IPNDM",
     "SIGMA_GRIDS",
+    "Adaptive",
+    "DPMSolverPP3MSDE",
+    "DPMSolver2S",
+    "DPMSolver3S",
+    "DPMSolverSinglestep",
+    "HeunChurn",
+    "Restart",
     "SAMPLERS",
     "DPMSolverPP2M",
     "DPMSolverPP2MSDE",

@@ -289,18 +289,19 @@ class DPMSolverPP2MSDE(GridSampler):
         return x_next, d
 
 
-def unipc_weights(h: float, rs: list[float]) -> list[float]:
-    """UniPC (B(h) = expm1 variant, data prediction) weights w_m of (D_m - D_s) for points at
-    lambda_s + r_m h: the correction is sum_m w_m (D_m - D_s) / alpha', with
+def unipc_weights(h: float, rs: list[float], variant: str = "bh2") -> list[float]:
+    """UniPC (data prediction) weights w_m of (D_m - D_s) for points at lambda_s + r_m h: the
+    correction is sum_m w_m (D_m - D_s) / alpha', with
 
-        w_m = B(h) a_m / r_m,  B(h) = 1 - e^-h,  sum_m a_m r_m^(k-1) = k! h phi_{k+1}(-h) / B(h), k = 1..K,
+        w_m = B(h) a_m / r_m,  sum_m a_m r_m^(k-1) = k! h phi_{k+1}(-h) / B(h), k = 1..K,
+        B(h) = 1 - e^-h (``variant="bh2"``) or B(h) = h (``"bh1"``; Zhao et al. 2023, section 3.3),
 
     phi_1(z) = (e^z - 1)/z, phi_{k+1}(z) = (phi_k(z) - 1/k!)/z: matching the Taylor expansion of
     alpha' int_0^h e^-(h-u) D(lambda_s + u) du term by term (Zhao et al. 2023, UniP / UniC with
     R_p(h) a_p = phi_p(h) / B(h)). With a single point the solved a_1 = 1/2 + O(h) is replaced by
     1/2, as in the paper's reference implementation (and diffusers).
     """
-    big_b = -math.expm1(-h)
+    big_b = -math.expm1(-h) if variant == "bh2" else h
     if len(rs) == 1:
         return [big_b * 0.5 / rs[0]]
     phi, fact, rhs = math.expm1(-h) / -h, 1.0, []
@@ -329,23 +330,32 @@ class UniPC(GridSampler):
 
     Args:
         order: predictor order p in 1..3 (default 2).
+        variant: ``"bh2"`` (B(h) = 1 - e^-h, default) or ``"bh1"`` (B(h) = h, which the paper
+            recommends for unconditional sampling; diffusers' ``solver_type``). With ``bh1`` the
+            step out of lambda = -inf (zero terminal SNR, h = inf) is not corrected (its weight
+            B(h) a is infinite there).
     """
 
     order = 2
     nfe_per_step = 1
     stochastic = False
 
-    def __init__(self, order: int = 2, sigmas: str | None = None):
+    def __init__(self, order: int = 2, variant: str = "bh2", sigmas: str | None = None):
         super().__init__(sigmas)
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if variant not in ("bh1", "bh2"):
+            raise ValueError(f"unknown UniPC variant {variant!r}; accepted: bh1, bh2")
         self.order = order
+        self.variant = variant
 
     def _update(self, lv, i: int, p: int, corrector: bool):
         """(c_x, c_D_i, [c_D_{i-1}, ...], c_new) of the step from i with p points (+ D_{i+1})."""
         c_x, c_d = first_order(lv, i)
         rs = [float((lv.lam[i - m] - lv.lam[i]) / lv.h[i]) for m in range(1, p)] + ([1.0] if corrector else [])
-        w = [float(lv.alpha_next[i]) * wm for wm in unipc_weights(float(lv.h[i]), rs)] if rs else []
+        if self.variant == "bh1" and not math.isfinite(lv.h[i]):
+            rs = []  # B(h) = h is infinite out of lambda = -inf: no correction
+        w = [float(lv.alpha_next[i]) * wm for wm in unipc_weights(float(lv.h[i]), rs, self.variant)] if rs else []
         c_d -= sum(w)
         return c_x, c_d, w[: p - 1], (w[-1] if corrector else 0.0)
 
