@@ -254,8 +254,8 @@ def level_plugins():
     class Plugin:
         @diffreg.hookimpl
         def diffreg_register_samplers(self, register):
-            register("heun_churn", HeunChurn)
-            register("dpm_solver_2", DPMSolver2)
+            register("churn_example", HeunChurn)  # diffreg-solvers registers heun_churn
+            register("dpm2_example", DPMSolver2)
 
     with PluginRegistrar() as register:
         register(Plugin(), name="level-plugins")
@@ -263,7 +263,7 @@ def level_plugins():
 
 
 def test_heun_with_churn_evaluates_between_grid_points_and_passes_at_order_2(level_plugins):
-    report = check_sampler("heun_churn")
+    report = check_sampler("churn_example")
     assert report.slope >= 1.7
     calls = []
     d = make("linear", 1000)
@@ -272,17 +272,17 @@ def test_heun_with_churn_evaluates_between_grid_points_and_passes_at_order_2(lev
         calls.append(t[0].item())
         return torch.zeros_like(x)
 
-    d.sample(model, (2, 2), sampler="heun_churn", steps=5, s_churn=2.0, generator=torch.Generator().manual_seed(0))
+    d.sample(model, (2, 2), sampler="churn_example", steps=5, s_churn=2.0, generator=torch.Generator().manual_seed(0))
     grid = set(d.grid_times(5, "trailing").tolist())
     assert any(c not in grid for c in calls)  # churned levels lie between grid points
 
 
 def test_heun_with_churn_samples_the_distribution(level_plugins):
-    check_sampler("heun_churn", s_churn=10.0, distribution_steps=50, distribution_samples=4000, swd_threshold=0.06)
+    check_sampler("churn_example", s_churn=10.0, distribution_steps=50, distribution_samples=4000, swd_threshold=0.06)
 
 
 def test_dpm_solver_2_evaluates_midpoints_and_passes_at_order_2(level_plugins):
-    report = check_sampler("dpm_solver_2")
+    report = check_sampler("dpm2_example")
     assert report.slope >= 1.7
     calls = []
     d = make("linear", 1000)
@@ -293,7 +293,7 @@ def test_dpm_solver_2_evaluates_midpoints_and_passes_at_order_2(level_plugins):
         calls.append(t[0].item())
         return exact(x, t)
 
-    d.sample(model, (2, 2), sampler="dpm_solver_2", steps=5, clip_denoised=False)
+    d.sample(model, (2, 2), sampler="dpm2_example", steps=5, clip_denoised=False)
     assert len(calls) == 9 and sum(isinstance(c, float) and not c.is_integer() for c in calls) >= 3
 
 
