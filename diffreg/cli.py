@@ -423,7 +423,23 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     "--guidance-scale",
     default=None,
     type=float,
-    help="Classifier-free guidance w (1: off). Default: the checkpoint's recommended value, else 1.",
+    help="Guidance scale w (0: unconditional, 1: conditional, above 1: guided). Default: the checkpoint's "
+    "recommended value, else 1.",
+)
+@click.option(
+    "--guidance",
+    "guidance_name",
+    default=None,
+    metavar="NAME",
+    help="Guidance method (cfg, cfg_rescale, interval, apg, cfg_zero_star, cfgpp, autoguidance; `diffreg list "
+    "guidance`). Default: the checkpoint's, else cfg. See docs/guidance.md.",
+)
+@click.option(
+    "--guidance-option",
+    "guidance_option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option of the guidance method (JSON value), repeatable: phi=0.7, sigma_low=0.3, guide=weak.safetensors.",
 )
 @click.option(
     "--output",
@@ -477,6 +493,8 @@ def sample(
     seed,
     class_label,
     guidance_scale,
+    guidance_name,
+    guidance_option_pairs,
     output,
     npz_path,
     device,
@@ -518,6 +536,11 @@ def sample(
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
     if guidance_scale != 1.0 and labels is None:
         raise ValueError("--guidance-scale needs a class-conditional checkpoint")
+    guidance = _guidance_choice(
+        guidance_name, guidance_option_pairs, cfg.sampling.guidance_spec() if labels is not None else None, guidance_scale
+    )
+    if guidance is not None and labels is None and not guidance.separate_unconditional:
+        raise ValueError(f"--guidance {guidance_name} needs a class-conditional checkpoint (or --guidance autoguidance)")
     from diffreg.training import _distributed, finish_distributed
 
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
@@ -540,6 +563,7 @@ def sample(
             generator=per_sample_generators(seed, n, start=lo, device=device),
             model_kwargs=kwargs,
             guidance_scale=guidance_scale,
+            guidance=guidance,
             device=device,
             progress=progress and rank == 0,
             stats=stats,
@@ -580,10 +604,39 @@ def sample(
     written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {guidance_scale:g}, {_clip_text(clipping)}) "
+        f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {(repr(guidance) + ' ') if guidance else ''}"
+        f"{guidance_scale:g}, {_clip_text(clipping)}) "
         f"in {elapsed:.1f} s -> {written}"
     )
     finish_distributed()
+
+
+def _guidance_choice(name: str | None, pairs: tuple[str, ...], default: dict[str, Any] | None, scale: float) -> Any:
+    """The ``guidance=`` of ``diffreg sample``: ``--guidance`` with its ``--guidance-option``s, else
+    the checkpoint's recorded guidance (its options overridden by ``--guidance-option``), else
+    ``None`` (cfg). Unknown names and options fail here, before any sampling.
+
+    Raises:
+        ValueError: a malformed KEY=VALUE; UnknownComponentError / ComponentOptionError.
+    """
+    from diffreg.sampling.guidance import resolve_guidance
+
+    try:
+        options = _parse_options(pairs)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--option", "--guidance-option")) from None
+    if name is not None:
+        spec = {"name": name, **options}
+    elif default is not None:
+        spec = {**default, **options}
+    elif options:
+        raise ValueError(f"--guidance-option {', '.join(pairs)} given without --guidance NAME")
+    else:
+        return None
+    guidance = resolve_guidance(spec)
+    assert guidance is not None
+    guidance.check_scale(scale)
+    return guidance
 
 
 def _clip_text(clipping: dict[str, Any]) -> str:

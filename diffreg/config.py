@@ -391,12 +391,18 @@ class SamplingConfig(_DictMixin):
             before this field existed load with ``True``, the behaviour they were sampled with.
         dynamic_threshold: a percentile p in (0, 1] for dynamic thresholding (Saharia et al. 2022,
             "Imagen", section 2.3), or ``None`` (off).
+        guidance: the guidance method for a class-conditional model (kind ``guidance``: a name
+            or ``{"name": "cfg_rescale", "phi": 0.7}``), or ``None`` (``cfg``); its scale is
+            ``data.guidance_scale``. See docs/guidance.md.
 
     Use :meth:`driver_options` to pass them to :meth:`diffreg.Diffusion.sample`.
     """
 
     clip: bool = attrs.field(default=True, validator=_check_clip)
     dynamic_threshold: float | None = attrs.field(default=None, validator=_check_threshold)
+    guidance: ComponentSpec | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else ComponentSpec.coerce(v, "sampling.guidance")
+    )
 
     @classmethod
     def coerce(cls, value: SamplingConfig | Mapping[str, Any] | None) -> SamplingConfig:
@@ -409,8 +415,20 @@ class SamplingConfig(_DictMixin):
 
     def driver_options(self) -> dict[str, Any]:
         """Keyword options of :meth:`diffreg.Diffusion.sample`: ``clip_denoised`` and
-        ``dynamic_threshold``."""
+        ``dynamic_threshold`` (the guidance goes with a scale: :meth:`guidance_spec`)."""
         return {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the other configs; ``guidance`` only when set (files stay as before otherwise)."""
+        out = super().to_dict()
+        if out.get("guidance") is None:
+            out.pop("guidance", None)
+        return out
+
+    def guidance_spec(self) -> dict[str, Any] | None:
+        """The recommended guidance as ``guidance=`` of :meth:`diffreg.Diffusion.sample`
+        (``{"name": ..., **options}``), or ``None``."""
+        return None if self.guidance is None else {"name": self.guidance.name, **self.guidance.options}
 
     @classmethod
     def for_data(cls, x: Any) -> SamplingConfig:

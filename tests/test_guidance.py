@@ -364,3 +364,32 @@ def test_a_guide_checkpoint_of_the_same_shape_guides(exact, tmp_path):
 
     got = run(d, model, y, guidance="autoguidance", guidance_scale=2.0, guidance_options={"guide": str(path)})
     torch.testing.assert_close(got, run(d, manual, y), rtol=1e-5, atol=1e-5)
+
+
+# -- configuration and command line ---------------------------------------------------------------
+
+
+def test_a_default_guidance_travels_with_a_checkpoint(tmp_path):
+    from diffreg.config import CheckpointConfig
+
+    cfg = CheckpointConfig(diffusion={"num_timesteps": 10}, model={"name": "mlp"},
+                           sampling={"guidance": {"name": "cfg_rescale", "phi": 0.5}})
+    back = CheckpointConfig.from_json(cfg.to_json())
+    assert back.sampling.guidance_spec() == {"name": "cfg_rescale", "phi": 0.5}
+    assert "guidance" not in CheckpointConfig(diffusion={"num_timesteps": 10}, model={"name": "mlp"}).to_dict()["sampling"]
+
+
+def test_cli_sample_with_guidance_flags(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    args = ["sample", str(tiny_checkpoint), "--steps", "3", "--num-samples", "4", "--no-progress",
+            "--output", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"), "--guidance-scale", "3"]
+    result = CliRunner().invoke(main, [*args, "--guidance", "cfg_rescale", "--guidance-option", "phi=0.5"])
+    assert result.exit_code == 0, result.output
+    assert "guidance cfg_rescale(phi=0.5, space='v') 3" in result.output
+    result = CliRunner().invoke(main, [*args, "--guidance", "interval", "--guidance-option", "sigma_low=-1"])
+    assert result.exit_code != 0 and "sigma_low must be >= 0" in result.output
+    result = CliRunner().invoke(main, [*args, "--guidance-option", "phi=0.5"])
+    assert result.exit_code != 0 and "--guidance-option phi=0.5 given without --guidance NAME" in result.output
