@@ -23,7 +23,7 @@ from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, eps_from_xstart, xstart_from_eps
 from diffreg.process import NoiseLevel, Process
 from diffreg.sampling.guidance import Guidance, GuidanceCall, GuidedPrediction
-from diffreg.sampling.noise import Generator, draw_noise
+from diffreg.sampling.noise import NOISE_TYPES, BrownianTree, Generator, brownian_seeds, draw_noise
 from diffreg.schedule import axpby
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class SamplingContext:
         guidance: Guidance | None = None,
         generator: Generator = None,
         step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        noise_type: str = "gaussian",
         check_finite: bool = True,
     ):
         self.diffusion = diffusion
@@ -161,6 +162,10 @@ class SamplingContext:
         self.cond_fn = cond_fn
         self.generator = generator
         self.step_noise = step_noise
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"unknown noise_type {noise_type!r}; accepted: {', '.join(NOISE_TYPES)}")
+        self.noise_type = noise_type
+        self._tree: BrownianTree | None = None
         self.model_dtype = model_dtype(model)
         self.nfe = 0
         n = self.shape[0]
@@ -396,10 +401,22 @@ class SamplingContext:
         return mean + variance * self.cond_gradient(x, i)
 
     def noise(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise for step ``i``: ``step_noise[i]`` if given, else drawn from the
-        generator(s)."""
+        """Standard normal noise for step ``i``: ``step_noise[i]`` if given; with
+        ``noise_type="brownian"`` the normalised increment (W(c') - W(c)) / sqrt(c' - c) of a
+        Brownian path over the clock c = alpha^2 / (alpha^2 + sigma^2) (= abar on a VP process;
+        SNR / (1 + SNR)) between levels i and i + 1, one path per sample seeded from its generator
+        (:class:`~diffreg.sampling.noise.BrownianTree`); else drawn from the generator(s)."""
         if self.step_noise is not None:
             return self.step_noise[i].to(device=like.device, dtype=like.dtype)
+        if self.noise_type == "brownian":
+            lv = self.levels
+            c = lv.alpha[i : i + 2] ** 2 / (lv.alpha[i : i + 2] ** 2 + lv.sigma[i : i + 2] ** 2)
+            if self._tree is None:  # seeded at the first draw (after x_T); the clock runs over [0, 1]
+                seeds = brownian_seeds(self.generator, like.shape[0])
+                per_path = like.shape[1:] if len(seeds) > 1 else like.shape
+                self._tree = BrownianTree(seeds, per_path, 0.0, 1.0, device=like.device, dtype=like.dtype)
+            z = self._tree.increment(float(c[0]), float(c[1]))
+            return z if len(self._tree.seeds) > 1 else z[0]
         return draw_noise(like.shape, self.generator, like.device, like.dtype)
 
     # -- for the driver ---------------------------------------------------------------------------

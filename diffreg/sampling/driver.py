@@ -79,6 +79,7 @@ def sample_loop_progressive(
     noise: torch.Tensor | None = None,
     generator: Generator = None,
     step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    noise_type: str = "gaussian",
     model_kwargs: Mapping[str, Any] | None = None,
     clip_denoised: bool = True,
     denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -111,6 +112,9 @@ def sample_loop_progressive(
         noise: x_T (``shape``); drawn from ``generator`` if ``None``.
         generator: a ``torch.Generator`` or one per sample (see :func:`draw_noise`).
         step_noise: explicit noise for every stochastic step, ``[num_steps, *shape]``.
+        noise_type: ``"gaussian"`` (independent draws per step) or ``"brownian"`` (increments of
+            one Brownian path per sample: the same seed gives the same sample at any step count,
+            up to the discretisation error; see :meth:`SamplingContext.noise`).
         clip_denoised: clip pred_xstart to [-1, 1]. dynamic_threshold: a percentile in (0, 1].
         cond_fn: classifier guidance ``cond_fn(x, t, **model_kwargs) -> grad log p(y|x_t)``.
         guidance_scale: the guidance scale w (0: unconditional, 1: conditional, above 1: guided;
@@ -187,6 +191,7 @@ def sample_loop_progressive(
         guidance=guidance_obj,
         generator=generator,
         step_noise=step_noise,
+        noise_type=noise_type,
         check_finite=check_finite,
     )
     if step_noise is not None and len(step_noise) != ctx.num_steps:
