@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,25 @@ from diffreg.errors import (
     ComponentOptionError,
     ConfigError,
     PluginError,
+    PluginWarning,
     SamplingError,
     UnknownComponentError,
 )
-from diffreg.fileio import atomic_paths
+from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
+    MAX_GRID,
+    PictureError,
+    check_npz_name,
+    image_grid,
+    label_columns,
+    parse_labels,
+    picture_format,
+    recorded_labels,
+    run_picture,
+    scatter_image,
+    set_threads,
+    to_uint8_images,
+    write_run,
+)
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import check_guidance_scale, resolve_device
 
@@ -93,10 +108,25 @@ def _one_line(exc: Exception) -> click.ClickException:
     )
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_python_formatwarning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """diffreg's own warnings (plugins, environment lists, options) as ``warning: <message>``, one
+    line without the source path; other libraries' warnings as Python formats them."""
+    if issubclass(category, PluginWarning) or str(filename).startswith(_PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="diffreg")
 def main() -> None:
     """Diffusion models where every part is a plugin chosen by name."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    click.get_current_context().call_on_close(lambda: setattr(warnings, "formatwarning", previous))
 
 
 # -- plugins and list -----------------------------------------------------------------------------
@@ -200,15 +230,18 @@ def list_components(kind: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_user_errors
-def info(checkpoint: Path, as_json: bool) -> None:
-    """Configuration, parameter count and format of a checkpoint (reads no weights)."""
+def info(checkpoint: Path | None, as_json: bool) -> None:
+    """Configuration, parameter count and format of CHECKPOINT (default: the bundled digits model,
+    as for `sample`); reads no weights. The data section shows `name` (the training config's
+    `[data] name`) for what checkpoint files record as `dataset`."""
     from safetensors import safe_open
 
-    from diffreg.checkpoint import read_config, read_metadata
+    from diffreg.checkpoint import bundled_checkpoint_path, read_config, read_metadata
 
+    checkpoint = checkpoint or bundled_checkpoint_path()
     meta = read_metadata(checkpoint)
     cfg = read_config(checkpoint)
     with safe_open(str(checkpoint), framework="pt") as f:
@@ -223,7 +256,7 @@ def info(checkpoint: Path, as_json: bool) -> None:
         "parameters": params,
         "tensors": len(shapes),
         "dtypes": dtypes,
-        "config": cfg.to_dict(),
+        "config": _config_for_people(cfg.to_dict()),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -236,70 +269,16 @@ def info(checkpoint: Path, as_json: bool) -> None:
     click.echo(json.dumps(report["config"], indent=2))
 
 
+def _config_for_people(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's configuration with ``data.dataset`` shown as ``data.name``, the key the
+    training configuration (``[data] name``) uses for it."""
+    data = config.get("data")
+    if isinstance(data, dict) and "dataset" in data and "name" not in data:
+        config = {**config, "data": {"name": data["dataset"], **{k: v for k, v in data.items() if k != "dataset"}}}
+    return config
+
+
 # -- sample -------------------------------------------------------------------------------------------
-
-
-def parse_labels(spec: str, num_classes: int | None, count: int) -> torch.Tensor | None:
-    """``all`` (cycle 0..K-1), ``none`` (unconditional), an int, or a comma list (cycled).
-
-    Raises ``ValueError`` naming a label outside ``[0, num_classes)``.
-    """
-    spec = spec.strip().lower()
-    if num_classes is None:
-        if spec not in ("all", "none"):
-            raise ValueError(f"--class-label {spec!r}: this checkpoint is unconditional (it has no classes)")
-        return None
-    if spec == "none":
-        return torch.full((count,), num_classes, dtype=torch.long)
-    if spec == "all":
-        return torch.arange(count, dtype=torch.long) % num_classes
-    try:
-        values = [int(v) for v in spec.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--class-label {spec!r}: expected 'all', 'none', an int or a comma list of ints such as '1,3,5'"
-        ) from None
-    bad = [v for v in values if not 0 <= v < num_classes]
-    if not values or bad:
-        raise ValueError(f"--class-label {spec!r}: labels must be in 0..{num_classes - 1} for this checkpoint")
-    return torch.tensor(values, dtype=torch.long).repeat(math.ceil(count / len(values)))[:count]
-
-
-def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` floats in [-1, 1] -> uint8 ``[N, H, W, C]`` (the layout of guided-diffusion's
-    evaluator)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, ncols: int, cell: int = 32, pad: int = 2):
-    """A Pillow image tiling uint8 NHWC ``images`` in rows of ``ncols``, each upscaled (nearest)
-    to ``cell`` pixels."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    scale = max(1, cell // max(h, w))
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    grid = Image.new("L" if c == 1 else "RGB", (ncols * (w * scale + pad) + pad, nrows * (h * scale + pad) + pad), 0)
-    for k in range(n):
-        arr = images[k, :, :, 0] if c == 1 else images[k, :, :, :3]
-        tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        r, col = divmod(k, ncols)
-        grid.paste(tile, (pad + col * (w * scale + pad), pad + r * (h * scale + pad)))
-    return grid
-
-
-def scatter_image(points: np.ndarray, size: int = 512):
-    """A Pillow scatter plot of ``[N, 2]`` points (for 2-D toy models)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    lim = max(1.5, float(np.abs(points).max()) * 1.05) if len(points) else 1.5
-    for x, y in points:
-        px, py = (x / lim + 1) / 2 * size, (1 - (y / lim + 1) / 2) * size
-        draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=(30, 80, 200))
-    return img
 
 
 def _check_outputs(output: Path | None, npz: Path | None) -> tuple[Path | None, Path | None]:
@@ -331,18 +310,20 @@ def _check_outputs(output: Path | None, npz: Path | None) -> tuple[Path | None, 
     return paths[0], paths[1]
 
 
-def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+def _parse_options(pairs: tuple[str, ...], flag: str = "--option") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (a JSON value, else the plain string) as a dict; ``ValueError`` naming
+    ``flag`` and the pair when one is malformed."""
     options = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
         key, raw = pair.split("=", 1)
         try:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             options[key.strip()] = raw
         except RecursionError:
-            raise ValueError(f"{key.strip()}=...: the value is nested too deeply (at most 32 levels)") from None
+            raise ValueError(f"{flag} {key.strip()}=...: the value is nested too deeply (at most 32 levels)") from None
     return options
 
 
@@ -378,6 +359,16 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     return grid if grid is not None else own
 
 
+_threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="DIFFREG_THREADS",
+    help="CPU threads for torch (env DIFFREG_THREADS). Default: OMP_NUM_THREADS if set, else the cores "
+    "the load average leaves idle (at least 1). On a shared machine give --threads 1.",
+)
+
+
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -411,20 +402,23 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     default=0,
     show_default=True,
     type=click.IntRange(0, 2**63 - 1),
-    help="Sample k depends only on (seed, k), not on the batch size.",
+    help="Sample k's noise depends only on (seed, k), not on the batch size (the samples agree to "
+    "float rounding, about 1e-6).",
 )
 @click.option(
     "--class-label",
     default="all",
     show_default=True,
-    help="'all' (cycle the classes), 'none', an int, or a comma list.",
+    help="'all' (cycle the classes; one picture column per class), 'none' (unconditional, recorded as "
+    "label -1), an int, or a comma list such as 1,7 (cycled; one picture column per entry).",
 )
 @click.option(
     "--guidance-scale",
     default=None,
     type=float,
-    help="Guidance scale w (0: unconditional, 1: conditional, above 1: guided). Default: the checkpoint's "
-    "recommended value, else 1.",
+    help="Guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond), so 0 = unconditional, "
+    "1 = conditional without guidance, > 1 = stronger (diffusers reads w <= 1 as 'no guidance', i.e. "
+    "conditional). Default: the checkpoint's recommended value, else 1.",
 )
 @click.option(
     "--guidance",
@@ -446,7 +440,15 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     default="grid.png",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="PNG grid of the samples.",
+    help="Picture of the samples, in the format its suffix names (.png, .jpg, .webp, ...); '' for none. "
+    "A grid of the first --grid-max images, or a scatter plot of 2-D samples.",
+)
+@click.option(
+    "--grid-max",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, MAX_GRID),
+    help="At most this many samples in the picture (the .npz holds them all).",
 )
 @click.option(
     "--npz",
@@ -454,7 +456,8 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     default="samples.npz",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="arr_0: uint8 NHWC images, arr_1: labels ('' to skip).",
+    help="Every sample, written before the picture: arr_0 uint8 NHWC images, arr_1 int64 labels (-1: none; "
+    "no arr_1 for an unconditional checkpoint). '' for none.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option(
@@ -463,7 +466,8 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     default="float32",
     show_default=True,
     type=click.Choice(list(DTYPES)),
-    help="Model weights' dtype (the sampler state stays float32).",
+    help="Model weights' dtype (the sampler state stays float32). float16 is for GPUs: on the CPU it is "
+    "~20-35x slower than float32 (warned).",
 )
 @click.option(
     "--clip/--no-clip",
@@ -479,7 +483,8 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Imagen). Default: the checkpoint's.",
 )
 @click.option("--option", "options", multiple=True, help="Extra sampler option KEY=VALUE (JSON value), repeatable.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_threads_option
+@click.option("--progress/--no-progress", default=True, show_default=True, help="One progress bar for the run.")
 @_user_errors
 def sample(
     checkpoint,
@@ -496,22 +501,28 @@ def sample(
     guidance_name,
     guidance_option_pairs,
     output,
+    grid_max,
     npz_path,
     device,
     dtype_name,
     clip,
     dynamic_threshold,
     options,
+    threads,
     progress,
 ) -> None:
     """Draw samples from CHECKPOINT (default: the bundled digits model; a diffusers pipeline or
-    UNet folder works too); write a PNG grid and an .npz."""
+    UNet folder works too); write every sample to an .npz, then a picture of them."""
+    from tqdm.auto import tqdm
+
     from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
     from diffreg.sampling import per_sample_generators
 
     path = checkpoint or bundled_checkpoint_path()
     resolve_device(device)
     outputs = _check_outputs(output, npz_path)  # before any work, so a bad path costs nothing
+    picture_format(outputs[0])
+    check_npz_name(outputs[1])
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale, "--guidance-scale")
     if num_samples > MAX_SAMPLES:
@@ -521,56 +532,83 @@ def sample(
         sampler_options["eta"] = eta
     sampler_obj = resolve_sampler(sampler, sampler_options)  # unknown names and options fail now
     grid = _grid_choice(grid_spec, spacing, sampler_obj)
+    if dtype_name == "float16" and str(device).startswith("cpu"):
+        click.echo(
+            "warning: --dtype float16 on the CPU is ~20-35x slower than float32 (no fast float16 CPU kernels); "
+            "use float32 (or bfloat16) on the CPU, float16 on a GPU",
+            err=True,
+        )
+    used_threads = set_threads(threads)
     model, diffusion, cfg = load_checkpoint(path, device=device, dtype=DTYPES[dtype_name])
     shape = cfg.sample_shape
     if shape is None:
         raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
     num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
-    labels = parse_labels(class_label, num_classes, num_samples)
+    labels = parse_labels(class_label, num_classes, num_samples, getattr(model, "null_class", num_classes))
+    unconditional = labels is None or class_label.strip().lower() == "none"
     clipping = cfg.sampling.driver_options()  # the checkpoint's defaults, then the flags
     if clip is not None:
         clipping["clip_denoised"] = clip
     if dynamic_threshold is not None:
         clipping["dynamic_threshold"] = dynamic_threshold
-    if guidance_scale is None:
-        guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if labels is not None else 1.0
-    if guidance_scale != 1.0 and labels is None:
-        raise ValueError("--guidance-scale needs a class-conditional checkpoint")
+    explicit_scale = guidance_scale
+    if guidance_scale is None:  # unconditional samples: no labels to guide towards
+        guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if not unconditional else 1.0
     guidance = _guidance_choice(
-        guidance_name, guidance_option_pairs, cfg.sampling.guidance_spec() if labels is not None else None, guidance_scale
+        guidance_name, guidance_option_pairs, cfg.sampling.guidance_spec() if not unconditional else None, guidance_scale
     )
-    if guidance is not None and labels is None and not guidance.separate_unconditional:
-        raise ValueError(f"--guidance {guidance_name} needs a class-conditional checkpoint (or --guidance autoguidance)")
+    if unconditional and not (guidance is not None and guidance.separate_unconditional):
+        why = "this checkpoint is unconditional" if labels is None else "--class-label none draws without labels"
+        if guidance is not None:
+            raise ValueError(f"--guidance {guidance_name} needs class labels: {why} (or --guidance autoguidance)")
+        if explicit_scale is not None and explicit_scale not in (0.0, 1.0):
+            raise ValueError(
+                f"--guidance-scale {explicit_scale:g} does nothing here: {why}, and classifier-free guidance "
+                "needs a class label to guide towards; give labels (--class-label all, 3, 1,7) or drop it"
+            )
+        guidance_scale = 1.0
     from diffreg.training import _distributed, finish_distributed
 
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
     share = math.ceil(num_samples / world)
     first, last = min(rank * share, num_samples), min((rank + 1) * share, num_samples)
+    steps_per_batch = len(diffusion.grid_times(steps, grid, sampler_obj))
+    bar = tqdm(
+        total=math.ceil((last - first) / batch_size) * steps_per_batch,
+        desc=f"{num_samples} samples",
+        unit="step",
+        disable=not progress or rank != 0,
+    )
     samples = []
     stats: dict[str, Any] = {}
     start = time.perf_counter()
-    for lo in range(first, last, batch_size):
-        n = min(batch_size, last - lo)
-        kwargs = {"y": labels[lo : lo + n].to(device)} if labels is not None else {}
-        x = diffusion.sample(
-            model,
-            (n, *shape),
-            sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
-            steps=steps,
-            grid=grid,
-            # sample k depends on (seed, k) only; generators live on the device, so drawing the
-            # noise of a step never copies from the host
-            generator=per_sample_generators(seed, n, start=lo, device=device),
-            model_kwargs=kwargs,
-            guidance_scale=guidance_scale,
-            guidance=guidance,
-            device=device,
-            progress=progress and rank == 0,
-            stats=stats,
-            **clipping,
-        )
-        samples.append(x.cpu())
-    x = torch.cat(samples) if samples else torch.zeros(0, *shape)
+    with bar:
+        for lo in range(first, last, batch_size):
+            n = min(batch_size, last - lo)
+            kwargs = {"y": labels[lo : lo + n].to(device)} if labels is not None else {}
+            x = diffusion.sample(
+                model,
+                (n, *shape),
+                sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
+                steps=steps,
+                grid=grid,
+                # sample k depends on (seed, k) only; generators live on the device, so drawing the
+                # noise of a step never copies from the host
+                generator=per_sample_generators(seed, n, start=lo, device=device),
+                model_kwargs=kwargs,
+                guidance_scale=guidance_scale,
+                guidance=guidance,
+                device=device,
+                callback=lambda *_: bar.update(),  # one bar for the whole run, not one per batch
+                stats=stats,
+                **clipping,
+            )
+            # images are kept as uint8 as they come (a quarter of the memory of float32)
+            samples.append(to_uint8_images(x) if x.ndim == 4 else x.cpu().numpy())
+    if samples:
+        x = torch.from_numpy(np.concatenate(samples))
+    else:  # a rank with no share (fewer samples than ranks)
+        x = torch.zeros(0, *shape[1:], shape[0], dtype=torch.uint8) if len(shape) == 3 else torch.zeros(0, *shape)
     if world > 1:
         x = _gather_shares(x, share, num_samples, device)
         if rank != 0:
@@ -578,35 +616,22 @@ def sample(
             return
     elapsed = time.perf_counter() - start
     grid_name = grid if isinstance(grid, str) else json.dumps(grid) if grid is not None else "trailing"
-    label_array = (labels if labels is not None else torch.zeros(num_samples, dtype=torch.long)).numpy()
-    if x.ndim == 4:
-        images = to_uint8_images(x)
-        ncols = (
-            (cfg.num_classes or 1)
-            if (labels is not None and class_label.strip().lower() == "all")
-            else math.ceil(math.sqrt(num_samples))
-        )
-        picture = image_grid(images, ncols)
-        arrays = {"arr_0": images, "arr_1": label_array}
-    else:
-        picture = scatter_image(x.numpy())
-        arrays = {"arr_0": x.numpy(), "arr_1": label_array}
-    # the grid and the arrays together or not at all: both replaced only after both were written
-    targets = [p for p in outputs if p is not None]
-    with atomic_paths(*targets) as temps:
-        tmp_for = dict(zip(targets, temps, strict=True))
-        if outputs[0] is not None:
-            picture.save(tmp_for[outputs[0]], format="PNG")
-        if outputs[1] is not None:
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)  # type: ignore[arg-type]
-            tmp_for[outputs[1]].write_bytes(buffer.getvalue())
-    written = ", ".join(str(p) for p in outputs if p is not None) or "nothing written"
+    arrays = {"arr_0": x.numpy()}
+    recorded = recorded_labels(class_label, labels)
+    if recorded is not None:
+        arrays["arr_1"] = recorded
+    columns = label_columns(class_label, num_classes)
+    try:
+        written = write_run(outputs[1], arrays, outputs[0], lambda: run_picture(arrays["arr_0"], columns, grid_max))
+    except PictureError as exc:
+        raise click.ClickException(str(exc)) from exc
+    shown = f" (the picture shows the first {grid_max})" if outputs[0] is not None and x.ndim == 4 and num_samples > grid_max else ""
+    cpu = f", {used_threads} CPU thread{'s' if used_threads > 1 else ''}" if str(device).startswith("cpu") else ""
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
         f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {(repr(guidance) + ' ') if guidance else ''}"
         f"{guidance_scale:g}, {_clip_text(clipping)}) "
-        f"in {elapsed:.1f} s -> {written}"
+        f"in {elapsed:.1f} s{cpu} -> {', '.join(written) or 'nothing written'}{shown}"
     )
     finish_distributed()
 
@@ -666,7 +691,7 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
     import copy
 
     data = copy.deepcopy(data)
-    for key, value in _parse_options(settings).items():
+    for key, value in _parse_options(settings, "--set").items():
         *path, last = key.split(".")
         node = data
         for part in path:
@@ -716,10 +741,11 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
     type=click.Choice(list(DTYPES)),
     help="dtype of the weights in the written checkpoint.",
 )
+@_threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors
 def train(
-    config_path, output, steps, batch_size, seed, settings, save_every, resume, device, store_dtype, progress
+    config_path, output, steps, batch_size, seed, settings, save_every, resume, device, store_dtype, threads, progress
 ) -> None:
     """Train a model and write its EMA weights, with its configuration, to OUTPUT (and the
     training state for --resume beside it)."""
@@ -733,6 +759,7 @@ def train(
         cfg = TrainConfig.from_dict(apply_settings(cfg.to_dict(), settings))
     overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}
     cfg = attrs.evolve(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    set_threads(threads)
     start = time.perf_counter()
     path = run_training(
         cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype], resume=resume

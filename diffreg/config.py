@@ -164,6 +164,15 @@ def _check_format_version(instance, attribute, value):
         )
 
 
+#: Configuration keys that belong elsewhere, with where (instead of the closest field's name:
+#: ``sampler`` is closest to ``timestep_sampler``, which is not what someone writing it means).
+MISPLACED_FIELDS = {
+    "sampler": "the sampler is chosen when sampling: "
+    "`diffreg sample --sampler NAME` (`diffreg list sampler`), or Diffusion.sample(sampler=NAME); "
+    "timestep_sampler (in [diffusion]) is training's density of timesteps",
+}
+
+
 class _DictMixin:
     """to_dict / from_dict / JSON / TOML for the flat config classes below."""
 
@@ -183,6 +192,8 @@ class _DictMixin:
         known = [f.name for f in attrs.fields(cls)]  # type: ignore[arg-type]
         for key in data:
             if key not in known:
+                if key in MISPLACED_FIELDS:  # a name whose closest field is not what was meant
+                    raise ConfigError(f"{cls.__name__} has no field {key!r}; {MISPLACED_FIELDS[key]}")
                 hint = closest(key, known)
                 raise ConfigError(
                     f"{cls.__name__} has no field {key!r}; known: {', '.join(known)}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -288,3 +290,255 @@ def test_a_failure_writing_the_npz_leaves_the_previous_grid_and_npz_untouched(ru
     assert (tmp_path / "g.png").read_bytes() == b"old grid"  # not replaced by the new grid alone
     assert (tmp_path / "s.npz").read_bytes() == b"old arrays"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+# -- issue 19: the command line as a newcomer meets it ------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_flag_sets_torch_threads_for_sample_and_train(run, tiny_checkpoint, restore_threads):
+    torch.set_num_threads(2)
+    result = run("sample", tiny_checkpoint, "--num-samples", 1, "--steps", 1, "--threads", 1, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1 and "1 CPU thread ->" in result.output
+    for command in ("sample", "train"):
+        result = run(command, "--threads", 0)
+        assert result.exit_code == 2 and "Invalid value for '--threads'" in result.output
+
+
+def test_default_threads_follow_omp_and_the_idle_cores(monkeypatch):
+    from diffreg import cli_support
+
+    assert cli_support.default_threads({"OMP_NUM_THREADS": "3"}) == 3
+    monkeypatch.setattr(cli_support.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for load, expected in ((0.2, 8), (2.4, 6), (6.7, 1), (7.6, 1), (100.0, 1)):  # round(8 - load), at least 1
+        monkeypatch.setattr(cli_support.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert cli_support.default_threads({}) == expected, load
+
+
+def test_a_huge_run_shows_one_progress_bar_and_a_capped_picture(run, tiny_checkpoint, tmp_path):
+    result = run(
+        "sample", tiny_checkpoint, "--num-samples", 30, "--batch-size", 7, "--steps", 2,
+        "--grid-max", 12, "--output", "g.png", "--npz", "s.npz", "--progress",
+    )
+    assert result.exit_code == 0, result.output
+    # 5 batches of 2 steps in one bar of 10 steps (tqdm redraws it; it starts once)
+    assert len(re.findall(r"(?<!\d)0/10 \[", result.stderr)) == 1 and "10/10 [" in result.stderr
+    assert "/2 [" not in result.stderr  # no bar per batch
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (30, 8, 8, 1)
+    # 12 tiles of 8x8 pixels upscaled 4x (32 px) with 2 px gaps, in 10 columns (one per class): 2 rows
+    assert Image.open(tmp_path / "g.png").size == (10 * 34 + 2, 2 * 34 + 2)
+    assert "the picture shows the first 12" in result.output
+
+
+def test_a_failed_picture_never_costs_the_samples(run, tiny_checkpoint, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate the picture")
+
+    monkeypatch.setattr(Image.Image, "save", no_memory)
+    result = run("sample", tiny_checkpoint, "--num-samples", 3, "--steps", 2, "--output", "g.png", "--npz", "s.npz",
+                 "--no-progress")
+    assert result.exit_code == 1
+    assert "the samples are in 's.npz'; the picture 'g.png' was not written: cannot allocate the picture" in result.output
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 1) and f["arr_1"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no picture, no temporary file
+
+
+def test_the_picture_format_follows_the_suffix(run, tiny_checkpoint, tmp_path):
+    for name, magic in (("g.jpg", b"\xff\xd8\xff"), ("G.JPEG", b"\xff\xd8\xff"), ("g.png", b"\x89PNG\r\n\x1a\n"),
+                        ("g.bmp", b"BM")):
+        result = run("sample", tiny_checkpoint, "--num-samples", 2, "--steps", 1, "--output", name, "--npz", "",
+                     "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--output", "g.pdf"], "--output 'g.pdf': suffix '.pdf'; accepted: .png, .jpg, .jpeg"),
+        (["--output", "grid"], "--output 'grid': no suffix; accepted: .png"),
+        (["--npz", "s.npy"], "--npz 's.npy': the samples are an .npz archive; give a name ending in .npz"),
+    ],
+)
+def test_unknown_suffixes_are_refused_before_sampling(run, tmp_path, args, message):
+    result = run("sample", "--no-progress", *args)  # the bundled model: refused before it is loaded
+    assert result.exit_code == 1 and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guidance_without_labels_is_refused_naming_the_value(run, tiny_checkpoint):
+    result = run("sample", tiny_checkpoint, "--class-label", "none", "--guidance-scale", 3, "--no-progress")
+    assert result.exit_code == 1
+    assert "--guidance-scale 3 does nothing here: --class-label none draws without labels" in result.output
+
+
+def test_class_label_none_records_the_null_label(run, tiny_checkpoint, tmp_path):
+    result = run("sample", tiny_checkpoint, "--class-label", "none", "--num-samples", 3, "--steps", 1, "--npz",
+                 "s.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "guidance 1," in result.output  # nothing to guide towards
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_1"].tolist() == [-1, -1, -1]
+
+
+def test_an_unconditional_checkpoint_writes_no_labels(run, tmp_path):
+    """guided-diffusion's image_sample.py writes arr_0 only when the model has no classes."""
+    import diffreg
+    from diffreg import registry
+
+    cfg = diffreg.CheckpointConfig.from_dict(
+        {
+            "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
+            "model": {"name": "unet", "in_channels": 1, "out_channels": 1, "image_size": 8, "model_channels": 8,
+                      "channel_mult": [1], "attention_resolutions": [], "num_heads": 1},
+            "data": {"shape": [1, 8, 8]},
+        }
+    )
+    diffreg.save_checkpoint(tmp_path / "u.safetensors", registry.create("model", "unet", **cfg.model.options), cfg)
+    result = run("sample", "u.safetensors", "--num-samples", 2, "--steps", 1, "--npz", "s.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0"]
+    result = run("sample", "u.safetensors", "--guidance-scale", 2, "--no-progress")
+    assert result.exit_code == 1 and "--guidance-scale 2 does nothing here: this checkpoint is unconditional" in result.output
+
+
+def test_the_grid_has_one_column_per_requested_label(run, tiny_checkpoint, tmp_path):
+    result = run("sample", tiny_checkpoint, "--class-label", "1,7", "--num-samples", 5, "--steps", 1,
+                 "--output", "g.png", "--npz", "s.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert labels.tolist() == [1, 7, 1, 7, 1]
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (3 * 34 + 2, 2 * 34 + 2)  # two columns, three rows
+    for k in range(5):  # sample k sits at row k // 2, column k % 2 (its label's column), upscaled 4x
+        r, c = divmod(k, 2)
+        tile = grid[2 + r * 34 : 2 + r * 34 + 32, 2 + c * 34 : 2 + c * 34 + 32]
+        assert np.array_equal(tile, np.kron(images[k, :, :, 0], np.ones((4, 4), dtype=np.uint8))), k
+
+
+def test_info_defaults_to_the_bundled_model_and_names_the_data_as_the_config_does(run):
+    result = run("info", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["file"].endswith("digits.safetensors")
+    assert report["config"]["data"]["name"] == "digits" and "dataset" not in report["config"]["data"]
+    text = run("info").output
+    assert '"name": "digits"' in text and '"dataset"' not in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "--seed", "-5"], "Invalid value for '--seed': -5 is not in the range"),
+        (["train", "--set", "lr", "--output", "x.safetensors"], "--set 'lr': expected KEY=VALUE"),
+        (["sample", "--sampler", "DDIM", "--num-samples", "1"], "unknown sampler 'DDIM'"),
+    ],
+)
+def test_messages_name_the_flag_and_the_value(run, args, message):
+    result = run(*args, "--no-progress")
+    assert result.exit_code in (1, 2) and message in result.output
+    assert "--option" not in result.output
+    if "DDIM" in args:
+        assert "did you mean 'ddim'?" in result.output
+
+
+def test_a_sampler_in_a_config_file_points_to_where_samplers_are_chosen(run, tmp_path):
+    (tmp_path / "c.toml").write_text('[diffusion]\nsampler = "ddim"\n')
+    result = run("train", "--config", "c.toml", "--output", "x.safetensors", "--no-progress")
+    assert result.exit_code == 1 and "has no field 'sampler'" in result.output
+    assert "diffreg sample --sampler NAME" in result.output and "did you mean 'timestep_sampler'" not in result.output
+
+
+def test_a_typo_in_disable_plugins_is_reported_from_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFREG_DISABLE_PLUGINS": "diffreg-solverz", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "diffreg.cli", "list", "sampler"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("warning: DIFFREG_DISABLE_PLUGINS names 'diffreg-solverz'")
+    assert "did you mean 'diffreg-solvers'?" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_per_sample_seeds_make_samples_independent_of_the_batch_size_to_float_rounding(tiny_checkpoint):
+    """The README's claim: the noise of sample k is exactly the same in any batch; the samples agree
+    to float32 rounding of the batched kernels (measured ~1e-6 on the bundled model), not bit for bit."""
+    import diffreg
+    from diffreg.sampling import per_sample_generators
+    from diffreg.sampling.noise import draw_noise
+
+    model, diffusion, _ = diffreg.load_checkpoint(tiny_checkpoint)
+    alone = torch.cat([draw_noise((1, 1, 8, 8), per_sample_generators(0, 1, start=k), "cpu", torch.float32)
+                       for k in range(6)])
+    batched = draw_noise((6, 1, 8, 8), per_sample_generators(0, 6), "cpu", torch.float32)
+    assert torch.equal(alone, batched)
+    y = torch.tensor([3, 1, 4, 1, 5, 9])
+    runs = []
+    for batch in (6, 4, 1):
+        parts = [
+            diffusion.sample(model, (min(batch, 6 - lo), 1, 8, 8), sampler="ddpm", steps=5, model_kwargs={"y": y[lo : lo + batch]},
+                             generator=per_sample_generators(0, min(batch, 6 - lo), start=lo))
+            for lo in range(0, 6, batch)
+        ]
+        runs.append(torch.cat(parts))
+    for other in runs[1:]:
+        assert (runs[0] - other).abs().max().item() < 1e-5
+
+
+def test_float16_on_the_cpu_warns(run, tiny_checkpoint):
+    result = run("sample", tiny_checkpoint, "--dtype", "float16", "--num-samples", 1, "--steps", 1, "--npz", "",
+                 "--output", "g.png", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "warning: --dtype float16 on the CPU is ~20-35x slower than float32" in result.stderr
+
+
+def test_sample_help_states_the_guidance_convention(run):
+    text = " ".join(run("sample", "--help").output.split())
+    assert "0 = unconditional, 1 = conditional without guidance" in text
+
+
+def test_train_bundled_script_writes_outside_the_package(tmp_path):
+    """The script runs `diffreg train`; a stand-in `diffreg` on PATH records the arguments."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "train_bundled.sh", tmp_path / "scripts")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "diffreg").write_text('#!/bin/sh\necho "$@" > "$ARGS_FILE"\n')
+    (tmp_path / "bin" / "diffreg").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args")}
+    env.pop("OUTPUT", None)
+    subprocess.run(["bash", str(tmp_path / "scripts" / "train_bundled.sh"), "--threads", "1"], env=env, check=True)
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--output") + 1] == "out/digits.safetensors" and (tmp_path / "out").is_dir()
+    assert "assets" not in " ".join(args) and args[-2:] == ["--threads", "1"]
+    subprocess.run(["bash", str(tmp_path / "scripts" / "train_bundled.sh")], env={**env, "OUTPUT": "x/m.safetensors"},
+                   check=True)
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--output") + 1] == "x/m.safetensors"
+
+
+def test_class_label_none_needs_a_null_class():
+    from diffreg.cli_support import parse_labels
+
+    assert parse_labels("none", 10, 3, null_class=10).tolist() == [10, 10, 10]  # the model's "no label"
+    with pytest.raises(ValueError, match="--class-label none: this model has no null class"):
+        parse_labels("none", 10, 3, null_class=None)
