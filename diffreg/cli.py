@@ -17,16 +17,6 @@ import numpy as np
 import torch
 
 from diffreg import __version__, registry
-from diffreg.errors import (
-    AmbiguousComponentError,
-    CheckpointError,
-    ComponentOptionError,
-    ConfigError,
-    PluginError,
-    PluginWarning,
-    SamplingError,
-    UnknownComponentError,
-)
 from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
     MAX_GRID,
     PictureError,
@@ -41,6 +31,16 @@ from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_
     set_threads,
     to_uint8_images,
     write_run,
+)
+from diffreg.errors import (
+    AmbiguousComponentError,
+    CheckpointError,
+    ComponentOptionError,
+    ConfigError,
+    PluginError,
+    PluginWarning,
+    SamplingError,
+    UnknownComponentError,
 )
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import check_guidance_scale, resolve_device
@@ -625,7 +625,8 @@ def sample(
         written = write_run(outputs[1], arrays, outputs[0], lambda: run_picture(arrays["arr_0"], columns, grid_max))
     except PictureError as exc:
         raise click.ClickException(str(exc)) from exc
-    shown = f" (the picture shows the first {grid_max})" if outputs[0] is not None and x.ndim == 4 and num_samples > grid_max else ""
+    capped = outputs[0] is not None and x.ndim == 4 and num_samples > grid_max
+    shown = f" (the picture shows the first {grid_max})" if capped else ""
     cpu = f", {used_threads} CPU thread{'s' if used_threads > 1 else ''}" if str(device).startswith("cpu") else ""
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "

@@ -238,7 +238,7 @@ def default_threads(environ: Mapping[str, str] | None = None) -> int:
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
     try:
-        cores = len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     try:

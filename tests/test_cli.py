@@ -346,7 +346,8 @@ def test_a_failed_picture_never_costs_the_samples(run, tiny_checkpoint, tmp_path
     result = run("sample", tiny_checkpoint, "--num-samples", 3, "--steps", 2, "--output", "g.png", "--npz", "s.npz",
                  "--no-progress")
     assert result.exit_code == 1
-    assert "the samples are in 's.npz'; the picture 'g.png' was not written: cannot allocate the picture" in result.output
+    message = "the samples are in 's.npz'; the picture 'g.png' was not written: cannot allocate the picture"
+    assert message in result.output
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (3, 8, 8, 1) and f["arr_1"].tolist() == [0, 1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no picture, no temporary file
@@ -409,7 +410,8 @@ def test_an_unconditional_checkpoint_writes_no_labels(run, tmp_path):
     with np.load(tmp_path / "s.npz") as f:
         assert sorted(f.files) == ["arr_0"]
     result = run("sample", "u.safetensors", "--guidance-scale", 2, "--no-progress")
-    assert result.exit_code == 1 and "--guidance-scale 2 does nothing here: this checkpoint is unconditional" in result.output
+    assert result.exit_code == 1
+    assert "--guidance-scale 2 does nothing here: this checkpoint is unconditional" in result.output
 
 
 def test_the_grid_has_one_column_per_requested_label(run, tiny_checkpoint, tmp_path):
@@ -489,11 +491,14 @@ def test_per_sample_seeds_make_samples_independent_of_the_batch_size_to_float_ro
     y = torch.tensor([3, 1, 4, 1, 5, 9])
     runs = []
     for batch in (6, 4, 1):
-        parts = [
-            diffusion.sample(model, (min(batch, 6 - lo), 1, 8, 8), sampler="ddpm", steps=5, model_kwargs={"y": y[lo : lo + batch]},
-                             generator=per_sample_generators(0, min(batch, 6 - lo), start=lo))
-            for lo in range(0, 6, batch)
-        ]
+        parts = []
+        for lo in range(0, 6, batch):
+            n = min(batch, 6 - lo)
+            gens = per_sample_generators(0, n, start=lo)
+            parts.append(
+                diffusion.sample(model, (n, 1, 8, 8), sampler="ddpm", steps=5, model_kwargs={"y": y[lo : lo + n]},
+                                 generator=gens)
+            )
         runs.append(torch.cat(parts))
     for other in runs[1:]:
         assert (runs[0] - other).abs().max().item() < 1e-5
