@@ -4,7 +4,6 @@ formats chosen by suffix, writing the samples before the picture, and the CPU th
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -200,10 +199,8 @@ def write_run(
     """
     written: list[str] = []
     if npz_path is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        with atomic_path(npz_path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+        with atomic_path(npz_path) as tmp, open(tmp, "wb") as fh:  # straight to disk: no copy in memory
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
         written.append(str(npz_path))
     if picture_path is not None:
         try:
