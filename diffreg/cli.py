@@ -554,9 +554,8 @@ def sample(
     explicit_scale = guidance_scale
     if guidance_scale is None:  # unconditional samples: no labels to guide towards
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if not unconditional else 1.0
-    guidance = _guidance_choice(
-        guidance_name, guidance_option_pairs, cfg.sampling.guidance_spec() if not unconditional else None, guidance_scale
-    )
+    recorded_guidance = cfg.sampling.guidance_spec() if not unconditional else None
+    guidance = _guidance_choice(guidance_name, guidance_option_pairs, recorded_guidance, guidance_scale)
     if unconditional and not (guidance is not None and guidance.separate_unconditional):
         why = "this checkpoint is unconditional" if labels is None else "--class-label none draws without labels"
         if guidance is not None:
@@ -647,10 +646,7 @@ def _guidance_choice(name: str | None, pairs: tuple[str, ...], default: dict[str
     """
     from diffreg.sampling.guidance import resolve_guidance
 
-    try:
-        options = _parse_options(pairs)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("--option", "--guidance-option")) from None
+    options = _parse_options(pairs, "--guidance-option")
     if name is not None:
         spec = {"name": name, **options}
     elif default is not None:

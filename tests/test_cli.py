@@ -547,3 +547,14 @@ def test_class_label_none_needs_a_null_class():
     assert parse_labels("none", 10, 3, null_class=10).tolist() == [10, 10, 10]  # the model's "no label"
     with pytest.raises(ValueError, match="--class-label none: this model has no null class"):
         parse_labels("none", 10, 3, null_class=None)
+
+
+def test_a_guidance_method_without_labels_is_refused_but_autoguidance_is_not(run, tiny_checkpoint):
+    result = run("sample", tiny_checkpoint, "--class-label", "none", "--guidance", "apg", "--no-progress")
+    assert result.exit_code == 1
+    assert "--guidance apg needs class labels: --class-label none draws without labels" in result.output
+    result = run("sample", tiny_checkpoint, "--class-label", "none", "--guidance", "autoguidance", "--guidance-option",
+                 f"guide={tiny_checkpoint}", "--guidance-scale", 2, "--num-samples", 2, "--steps", 1, "--npz", "",
+                 "--output", "g.png", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "guidance autoguidance" in result.output and " 2, " in result.output
