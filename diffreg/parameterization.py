@@ -38,7 +38,16 @@ class Prediction:
         TypeError: neither ``log_variance`` nor ``variances`` given.
     """
 
-    __slots__ = ("_log_variance", "_pred_eps", "_variance", "_variances", "alpha", "pred_xstart", "sigma")
+    __slots__ = (
+        "_log_variance",
+        "_model_eps",
+        "_pred_eps",
+        "_variance",
+        "_variances",
+        "alpha",
+        "pred_xstart",
+        "sigma",
+    )
 
     def __init__(
         self,
@@ -50,6 +59,7 @@ class Prediction:
         variances: Callable[[], tuple[Any, Any]] | None = None,
         alpha: Any = None,
         sigma: Any = None,
+        model_eps: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ):
         if log_variance is None and variances is None:
             raise TypeError("Prediction needs log_variance or variances")
@@ -60,6 +70,17 @@ class Prediction:
         self._variances = variances
         self.alpha = alpha
         self.sigma = sigma
+        self._model_eps = model_eps
+
+    @property
+    def model_eps(self) -> torch.Tensor:
+        """eps as the model's output implies it, before clipping, thresholding or ``denoised_fn``
+        changed x0 (diffusers' ``use_clipped_model_output=False``); ``pred_eps`` where nothing did."""
+        if self._model_eps is None:
+            return self.pred_eps
+        if callable(self._model_eps):
+            self._model_eps = self._model_eps()
+        return self._model_eps
 
     @property
     def pred_eps(self) -> torch.Tensor:
@@ -108,6 +129,7 @@ class Prediction:
             "variances": self._variances,
             "alpha": self.alpha,
             "sigma": self.sigma,
+            "model_eps": self._model_eps,
         }
         fields.update(changes)
         return Prediction(**fields)

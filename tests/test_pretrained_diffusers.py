@@ -250,3 +250,41 @@ def test_cli_samples_a_diffusers_folder(pipe, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+def _diffusers_ddim_stock(unet, sched, steps, noise):
+    """diffusers' DDIMPipeline loop as shipped: use_clipped_model_output left at its default
+    (False): the model's own eps is kept beside the clipped x0."""
+    sched.set_timesteps(steps)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample[:, : x.shape[1]], t, x, eta=0.0).prev_sample
+    return x
+
+
+def test_ddim_with_the_model_eps_reproduces_the_stock_diffusers_pipeline(pipe):
+    model, diffusion, _ = _load64(pipe)
+    sched = _scheduler64(diffusers.DDIMScheduler, pipe, timestep_spacing="trailing")
+    expected = _diffusers_ddim_stock(model.unet, sched, 20, _noise())
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=20, noise=_noise(), dtype=torch.float64, use_clipped_model_output=False
+    )
+    assert (got - expected).abs().max() <= 1e-10
+    default = diffusion.sample(model, SHAPE, sampler="ddim", steps=20, noise=_noise(), dtype=torch.float64)
+    assert (default - expected).abs().max() > 1e-3  # clipping engaged: the two conventions differ here
+
+
+def test_leading_grid_offset_is_diffusers_steps_offset(pipe):
+    model, diffusion, _ = _load64(pipe)
+    sched = _scheduler64(diffusers.DDIMScheduler, pipe, timestep_spacing="leading", steps_offset=1)
+    sched.set_timesteps(25)
+    times = diffusion.grid_times(25, {"name": "leading", "offset": 1})
+    assert times.tolist() == sched.timesteps.tolist()
+    expected = _diffusers_ddim(model.unet, sched, 25, _noise())
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=25, grid={"name": "leading", "offset": 1}, noise=_noise(), dtype=torch.float64
+    )
+    # diffusers' last step goes to alpha_cumprod[0] minus the offset: to the clean data here
+    # (set_alpha_to_one=True, the default), as diffreg's
+    assert (got - expected).abs().max() <= 1e-10

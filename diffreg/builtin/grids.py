@@ -24,8 +24,9 @@ class Spacing(Grid):
     including) ``t_min`` for ``trailing``/``leading``, and from ``t_max`` to ``t_min`` for
     ``linspace``."""
 
-    def __init__(self, spacing: str):
+    def __init__(self, spacing: str, offset: int = 0):
         self.spacing = spacing
+        self.offset = offset
 
     def max_steps(self, process):
         return int(process.t_max) + 1 if process.discrete else None
@@ -33,7 +34,12 @@ class Spacing(Grid):
     def times(self, process, steps):
         if process.discrete:
             T = int(process.t_max) + 1
-            return np.asarray(spaced_timesteps(T, steps, self.spacing)[::-1], dtype=np.float64)
+            ts = np.asarray(spaced_timesteps(T, steps, self.spacing)[::-1], dtype=np.float64) + self.offset
+            if ts[0] > T - 1:
+                raise ValueError(
+                    f"leading spacing with offset={self.offset} passes the last timestep {T - 1} at steps={steps}"
+                )
+            return ts
         if self.spacing == "linspace":
             return np.linspace(process.t_max, process.t_min, steps)
         return np.linspace(process.t_max, process.t_min, steps + 1)[:-1]
@@ -113,9 +119,16 @@ class Explicit(Grid):
         return f"Explicit({'times' if self.times_ is not None else 'sigmas'}={given.tolist()})"
 
 
-def leading() -> Spacing:
-    """``0, r, 2r, ...`` with r = T // steps (DDIM paper; diffusers' default)."""
-    return Spacing("leading")
+def leading(offset: int = 0) -> Spacing:
+    """``0, r, 2r, ...`` with r = T // steps (DDIM paper; diffusers' default), plus ``offset``
+    (diffusers' ``steps_offset``, e.g. 1 for Stable Diffusion's schedulers).
+
+    Raises:
+        ValueError: ``offset`` not an int in [0, 1000].
+    """
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= 1000:
+        raise ValueError(f"offset must be an int in 0..1000, got {offset!r}")
+    return Spacing("leading", offset)
 
 
 def trailing() -> Spacing:

@@ -118,6 +118,10 @@ class DDIM(Sampler):
     Args:
         eta: in [0, 1]; 0 for the deterministic sampler (then no random numbers are drawn), 1 for
             the DDPM posterior variance.
+        use_clipped_model_output: ``True`` (default, guided-diffusion): eps re-derived from the
+            clipped x0, which keeps guided sampling consistent; ``False``: the model's own eps
+            with the clipped x0 (x' = alpha' x0 + c_eps eps_model + c z), what diffusers'
+            ``DDIMPipeline`` does by default, to reproduce its samples.
     """
 
     order = 1
@@ -125,20 +129,27 @@ class DDIM(Sampler):
     stochastic = False
     supports_unconditional_renoise = True
 
-    def __init__(self, eta: float = 0.0):
+    def __init__(self, eta: float = 0.0, use_clipped_model_output: bool = True):
         self.eta = check_eta(eta)
         self.stochastic = self.eta > 0
+        if not isinstance(use_clipped_model_output, bool):
+            raise TypeError(f"use_clipped_model_output must be True or False, got {use_clipped_model_output!r}")
+        self.use_clipped_model_output = use_clipped_model_output
 
     def steps(self, ctx, x):
         lv = ctx.levels
         k_x0, k_x, c = ddim_coefficients(lv.alpha[:-1], lv.sigma[:-1], lv.alpha[1:], lv.sigma[1:], self.eta)
-        if ctx.renoise_unconditional:  # CFG++: x' = alpha' x0 + c_eps eps_uncond (+ c z)
+        if ctx.renoise_unconditional or not self.use_clipped_model_output:
             c_eps = _nonnegative(lv.sigma[1:] ** 2 - c**2) ** 0.5
         for i in range(ctx.num_steps):
-            if ctx.renoise_unconditional:
+            if ctx.renoise_unconditional:  # CFG++: x' = alpha' x0 + c_eps eps_uncond (+ c z)
                 pred = ctx.denoise(x, i)
                 x0 = pred.pred_xstart
                 x = axpby(float(lv.alpha[i + 1]), x0, float(c_eps[i]), pred.renoise_eps)
+            elif not self.use_clipped_model_output:  # x' = alpha' x0 + c_eps eps_model (diffusers)
+                pred = ctx.denoise(x, i)
+                x0 = pred.pred_xstart
+                x = axpby(float(lv.alpha[i + 1]), x0, float(c_eps[i]), pred.model_eps)
             else:
                 x0 = ctx.denoise(x, i).pred_xstart
                 x = axpby(float(k_x0[i]), x0, float(k_x[i]), x)

@@ -315,7 +315,9 @@ class SamplingContext:
         else:
             out = mean_part = None
             pred_xstart, pred_eps, var_part, renoise_eps = self._guided(x, at, level)
+        model_eps = None
         if self.denoised_fn is not None or self.clip_denoised or self.process_xstart is not None:
+            model_eps = pred_eps  # the eps the (guided) model output implies, before x0 is changed
             if self.denoised_fn is not None:
                 pred_xstart = self.denoised_fn(pred_xstart)
             if self.process_xstart is not None:
@@ -333,7 +335,7 @@ class SamplingContext:
                 return p.variance_type.variance(self.step_tables, var_part, x, j)
         else:
             variances = _no_variance
-        pred = Prediction(pred_xstart, pred_eps, variances=variances, alpha=alpha, sigma=sigma)
+        pred = Prediction(pred_xstart, pred_eps, variances=variances, alpha=alpha, sigma=sigma, model_eps=model_eps)
         if self.cond_fn is not None and condition_score:
             eps = pred.pred_eps - sigma * self.cond_gradient(x, at)
             pred = pred.replace(pred_xstart=xstart_from_eps(x, eps, alpha, sigma), pred_eps=eps)
