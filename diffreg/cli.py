@@ -345,7 +345,9 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
         else:
             grid = text
         if spacing is not None:
-            raise ValueError(f"--grid {grid_spec!r} and --spacing {spacing!r} (its older spelling) both given; give one")
+            raise ValueError(
+                f"--grid {grid_spec!r} and --spacing {spacing!r} (its older spelling) both given; give one"
+            )
     elif spacing is not None:
         grid = spacing
     own = getattr(sampler_obj, "grid", None)
