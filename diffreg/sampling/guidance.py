@@ -186,6 +186,7 @@ class GuidedPrediction(Prediction):
             variances=pred._variances,
             alpha=pred.alpha,
             sigma=pred.sigma,
+            model_eps=pred._model_eps,
         )
         out.renoise_eps = renoise_eps
         return out
