@@ -160,10 +160,9 @@ class DDIM(Sampler):
 
 @hookimpl
 def diffreg_register_samplers(register):
-    register("ddpm", DDPM, order=1, nfe_per_step=1, stochastic=True, paper="Ho et al. 2020")
-    register(
-        "ddim", DDIM, order=1, nfe_per_step=1, stochastic=False, stochastic_when="eta > 0", paper="Song et al. 2021"
-    )
+    # order, nfe_per_step and stochastic are read from the classes
+    register("ddpm", DDPM, paper="Ho et al. 2020")
+    register("ddim", DDIM, stochastic_when="eta > 0", paper="Song et al. 2021")
 
 
 __all__ = ["DDIM", "DDPM", "check_eta", "ddim_coefficients", "ddpm_update", "posterior_coefficients"]

@@ -38,7 +38,10 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     them from its options, e.g. ``stochastic = eta > 0``): ``order`` (convergence order of the
     deterministic update), ``nfe_per_step`` (model evaluations per step, at most), ``stochastic``.
     ``grid``: the grid this sampler uses when the caller names none (``None``: the caller's
-    default, ``trailing``).
+    default, ``trailing``). ``supports_unconditional_renoise``: the sampler renoises from
+    ``ctx.renoise(x, pred)`` (or uses ``pred.renoise_eps``) when ``ctx.renoise_unconditional``
+    is set, so CFG++-style guidance (Chung et al. 2024) works with it; others are refused for
+    such guidance.
 
     Implement :meth:`steps` (the generator form, preferred), or :meth:`prepare` and :meth:`step`
     (the step form: per-call state from ``prepare``, then one call per step).
@@ -48,6 +51,7 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     nfe_per_step: int = 1
     stochastic: bool = False
     grid: Any = None
+    supports_unconditional_renoise: bool = False
 
     def steps(self, ctx: SamplingContext, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Run the sampler from ``x`` (float ``[N, ...]`` at ``ctx.levels`` level 0), yielding
