@@ -11,9 +11,7 @@ and returns the parameterization's :class:`~diffreg.parameterization.Prediction`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,84 +21,23 @@ from diffreg.errors import SamplingError
 from diffreg.parameterization import Prediction, eps_from_xstart, xstart_from_eps
 from diffreg.process import NoiseLevel, Process
 from diffreg.sampling.guidance import Guidance, GuidanceCall, GuidedPrediction
+from diffreg.sampling.levels import Levels
+from diffreg.sampling.model_call import (  # noqa: F401  (dynamic_threshold, exp: public here too)
+    cat_kwargs,
+    check_output,
+    dynamic_threshold,
+    exp,
+    finiteness,
+    model_device,
+    model_dtype,
+    null_class_kwargs,
+)
 from diffreg.sampling.noise import NOISE_TYPES, BrownianTree, Generator, brownian_seeds, draw_noise
 from diffreg.schedule import axpby
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
     from diffreg.schedule import DiffusionTables
-
-
-@dataclass(frozen=True)
-class Levels:
-    """The levels of one sampling call, in visiting order: ``num_steps + 1`` entries, step ``i``
-    going from entry ``i`` to entry ``i + 1``; the last is the data level (sigma = 0).
-
-    Attributes (float64 numpy arrays): ``t`` (process times), ``alpha``, ``sigma``, ``log_snr``
-    (lambda = log(alpha / sigma), ``+inf`` at the data level, ``-inf`` at pure noise).
-    """
-
-    t: np.ndarray
-    alpha: np.ndarray
-    sigma: np.ndarray
-
-    @property
-    def log_snr(self) -> np.ndarray:
-        with np.errstate(divide="ignore"):
-            return np.log(self.alpha) - np.log(self.sigma)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.t) - 1
-
-    def __getitem__(self, i: int) -> NoiseLevel:
-        return NoiseLevel(float(self.t[i]), float(self.alpha[i]), float(self.sigma[i]))
-
-    @classmethod
-    def on_grid(cls, process: Process, times: Sequence[float]) -> Levels:
-        """The levels at ``times`` of ``process`` followed by its data level."""
-        times = np.asarray(times, dtype=np.float64)
-        alpha, sigma = process.alpha_sigma(times)
-        clean = process.clean
-        return cls(
-            np.append(times, clean.t), np.append(alpha, clean.alpha), np.append(sigma, clean.sigma)
-        )
-
-
-def dynamic_threshold(percentile: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Dynamic thresholding (Saharia et al. 2022, "Imagen", section 2.3): per sample,
-    s = max(1, quantile(|x0|, percentile)); x0 <- clip(x0, -s, s) / s.
-
-    Raises:
-        ValueError: ``percentile`` outside (0, 1].
-    """
-    if not 0 < percentile <= 1:
-        raise ValueError(f"dynamic_threshold percentile must be in (0, 1], got {percentile!r}")
-
-    def apply(pred_xstart: torch.Tensor) -> torch.Tensor:
-        flat = pred_xstart.reshape(pred_xstart.shape[0], -1).abs().float()
-        s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)
-        s = s.reshape((-1,) + (1,) * (pred_xstart.ndim - 1))
-        return torch.maximum(torch.minimum(pred_xstart, s), -s) / s
-
-    return apply
-
-
-def model_dtype(model: Any) -> torch.dtype | None:
-    """The dtype of a module's first floating-point parameter (``None`` for other callables)."""
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return None
-
-
-def model_device(model: Any) -> torch.device:
-    """The device of a module's first parameter (the CPU for other callables)."""
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")
 
 
 class SamplingContext:
@@ -461,57 +398,3 @@ def _no_variance():
         "the reverse-process variance is defined at the grid's levels only (ask ctx.denoise(x, i) "
         "with the step index i)"
     )
-
-
-def finiteness(x: torch.Tensor) -> torch.Tensor:
-    """A 0-d device tensor that is finite when every value of ``x`` is: its sum (one reduction;
-    it also overflows to inf for finite values beyond ~1e38 / numel, which no sane output reaches)."""
-    return x.sum() if x.dtype in (torch.float32, torch.float64) else x.sum(dtype=torch.float32)
-
-
-def exp(value: torch.Tensor | float) -> torch.Tensor | float:
-    """``exp`` of a tensor or of a Python float (fixed variances are floats inside loops)."""
-    return torch.exp(value) if isinstance(value, torch.Tensor) else math.exp(value)
-
-
-def null_class_kwargs(model: Any, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Unconditional kwargs for classifier-free guidance: ``y`` replaced by the model's null class.
-
-    Raises:
-        ValueError: no ``y`` in ``model_kwargs``, or a model without ``null_class``.
-    """
-    null = getattr(model, "null_class", None)
-    if "y" not in model_kwargs or null is None:
-        raise ValueError(
-            "classifier-free guidance needs an unconditional input: pass uncond_model_kwargs=, "
-            "or a class-conditional model with a `null_class` attribute and model_kwargs={'y': ...}"
-        )
-    return {**model_kwargs, "y": torch.full_like(model_kwargs["y"], int(null))}
-
-
-def cat_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
-    """Conditional and unconditional keyword arguments as one doubled batch.
-
-    Raises:
-        ValueError: a non-tensor argument that differs between the two.
-    """
-    out = {}
-    for key in set(cond) | set(uncond):
-        a: Any = cond.get(key)
-        b: Any = uncond.get(key)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            out[key] = torch.cat([a, b])
-        elif a is b or a == b:
-            out[key] = a
-        else:
-            raise ValueError(
-                f"model_kwargs[{key!r}] differs between the conditional and unconditional inputs and is not a tensor"
-            )
-    return out
-
-
-def check_output(out: Any) -> torch.Tensor:
-    """``out`` if it is a tensor. Raises TypeError naming what the model returned otherwise."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
-    return out
