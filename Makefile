@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml plugins/diffreg-solvers/pyproject.toml
 sample: $(STAMP)
 	$(BIN)/diffreg sample --output grid.png --npz samples.npz
 
+# one torch thread per test process unless told otherwise: the suite's tensors are small, and on a
+# shared 2-core machine extra threads only contend (README: "On a shared machine")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
