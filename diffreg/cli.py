@@ -281,33 +281,33 @@ def _config_for_people(config: dict[str, Any]) -> dict[str, Any]:
 # -- sample -------------------------------------------------------------------------------------------
 
 
-def _check_outputs(output: Path | None, npz: Path | None) -> tuple[Path | None, Path | None]:
-    """The output paths to write (``''`` skips one), checked before sampling: an existing folder
-    that can be written, not a directory, and not the same file twice.
+def _check_outputs(
+    output: Path | None, npz: Path | None, inputs: dict[str, Path | None]
+) -> tuple[Path | None, Path | None]:
+    """The output paths to write (``''`` or ``'.'`` skips one), checked before sampling: at least
+    one; each writable (:func:`diffreg.fileio.check_writable`: not a directory, an existing folder,
+    a name the file system takes, not a read-only file); not the same file twice; not one of the
+    ``inputs`` (such as the checkpoint).
 
-    Raises ``ValueError`` naming the path.
+    Raises ``ValueError`` or ``OSError`` naming the flag and the path.
     """
-    import os
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
 
-    paths: list[Path | None] = []
+    paths: dict[str, Path | None] = {}
     for flag, value in (("--output", output), ("--npz", npz)):
-        if value is None or str(value) in ("", "."):
-            paths.append(None)
-            continue
-        path = Path(value)
-        folder = path.parent if str(path.parent) else Path(".")
-        if path.is_dir():
-            raise ValueError(f"{flag} {str(path)!r} is a directory; give a file name")
-        if not folder.is_dir():
-            raise ValueError(f"{flag} {str(path)!r}: folder {str(folder)!r} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{flag} {str(path)!r}: folder {str(folder)!r} is not writable")
-        if len(path.name) > 200:
-            raise ValueError(f"{flag}: the file name is too long ({len(path.name)} characters)")
-        paths.append(path)
-    if paths[0] is not None and paths[1] is not None and paths[0].resolve() == paths[1].resolve():
-        raise ValueError(f"--output and --npz are the same file {str(paths[0])!r}")
-    return paths[0], paths[1]
+        paths[flag] = None if value is None or str(value) in ("", ".") else Path(value)
+    if all(p is None for p in paths.values()):
+        raise ValueError("--output and --npz are both empty: nothing to write (give at least one file)")
+    refuse_inputs_as_outputs(paths, inputs)
+    for flag, path in paths.items():
+        if path is not None:
+            try:
+                check_writable(path)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{flag} {exc}") from None
+            except OSError as exc:
+                raise OSError(exc.errno, f"{flag} {exc.strerror or exc}") from None
+    return paths["--output"], paths["--npz"]
 
 
 def _parse_options(pairs: tuple[str, ...], flag: str = "--option") -> dict[str, Any]:
@@ -522,7 +522,7 @@ def sample(
 
     path = checkpoint or bundled_checkpoint_path()
     resolve_device(device)
-    outputs = _check_outputs(output, npz_path)  # before any work, so a bad path costs nothing
+    outputs = _check_outputs(output, npz_path, {"the checkpoint": path})  # before any work: a bad path costs nothing
     picture_format(outputs[0])
     check_npz_name(outputs[1])
     if guidance_scale is not None:
@@ -750,7 +750,7 @@ def train(
     training state for --resume beside it)."""
     import attrs
 
-    from diffreg.training import TrainConfig
+    from diffreg.training import TrainConfig, check_outputs
     from diffreg.training import train as run_training
 
     cfg = TrainConfig.from_toml_file(config_path) if config_path else TrainConfig()
@@ -758,6 +758,8 @@ def train(
         cfg = TrainConfig.from_dict(apply_settings(cfg.to_dict(), settings))
     overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}
     cfg = attrs.evolve(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if os.environ.get("RANK", "0") == "0":  # before any work: outputs writable, not inputs, resumable
+        check_outputs(cfg, output, resume=resume, inputs={"--config": config_path})
     set_threads(threads)
     start = time.perf_counter()
     path = run_training(

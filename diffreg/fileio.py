@@ -1,20 +1,168 @@
 """Atomic file writes: write beside the target, fsync, then rename over it, so an interrupted
-write never leaves a half-written file where a good one was."""
+write never leaves a half-written file where a good one was.
+
+What is not a regular file (``/dev/null``, ``/dev/stdout``, a FIFO, any device node) is written
+through, never renamed over. An existing file keeps its mode (and, for root, its owner); a file
+with no write permission is refused, not replaced. Checks run before any work
+(:func:`check_writable`, :func:`refuse_inputs_as_outputs`), so a bad output path costs nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+_NAME_IN_TEMP = 60  # characters of the target's name kept in a temporary file's name
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would set it for a moment,
+    and other threads would create files with the wrong mode in that window).
+
+    Source: ``Umask:`` in ``/proc/self/status`` (Linux >= 4.7); elsewhere the mode of a file
+    created with mode 0o666 in the temporary folder (the kernel applies the umask to it).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    folder = tempfile.mkdtemp(prefix=".diffreg-umask.")
+    try:
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        return 0o666 & ~stat.S_IMODE(os.stat(probe).st_mode) & 0o777
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, "probe"))
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~umask()
+
+
+def writes_through(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is written in place rather than replaced: it exists and is not a regular
+    file (a device node such as ``/dev/null``, a FIFO, a socket, a terminal), or it names an open
+    stream through ``/proc`` (``/dev/stdout``, ``/dev/fd/N``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode) or os.path.realpath(path).startswith("/proc/")
+
+
+def _where(path: str | os.PathLike[str]) -> Path:
+    """The file a write to ``path`` replaces: ``path`` with symbolic links resolved (a link to a
+    file keeps pointing at the new file)."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+
+
+def check_writable(path: str | os.PathLike[str], *, probe: bool = True) -> None:
+    """Check that :func:`atomic_paths` can write ``path``, before any work is done.
+
+    Refused: a directory; a missing folder; a name longer than the file system allows; an existing
+    file without write permission (for root too: no write bit at all); a folder where no file can
+    be created (``probe``: one is created and removed, which also finds read-only mounts and a
+    full quota). A device node, FIFO or ``/dev/stdout`` only needs to be writable.
+
+    Raises:
+        IsADirectoryError, FileNotFoundError, PermissionError or OSError: naming ``path`` and why.
+    """
+    shown = repr(str(path))
+    if writes_through(path):
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, f"cannot write {shown}: permission denied")
+        return
+    target = _where(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {shown}: it is a directory; give a file name")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {shown}: folder {str(folder)!r} does not exist")
+    limit = 255  # NAME_MAX of every common Linux, macOS and Windows file system
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    if len(os.fsencode(target.name)) > limit:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"cannot write {shown}: the file name is too long ({len(os.fsencode(target.name))} bytes; "
+            f"at most {limit} here)",
+        )
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not os.access(target, os.W_OK) or not st.st_mode & 0o222):
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot write {shown}: the file is read-only (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "make it writable or choose another file",
+        )
+    if probe:
+        _temporary_beside(target, shown).unlink()
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard links, symbolic
+    links, ``./x`` and ``x``), else the same resolved path."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_inputs_as_outputs(
+    outputs: Mapping[str, str | os.PathLike[str] | None], inputs: Mapping[str, str | os.PathLike[str] | None]
+) -> None:
+    """Refuse, before any work, to write a file that is also read (the input would be destroyed
+    by the output), and to write one file twice. Keys describe each path (``"--output"``,
+    ``"data.path"``); ``None`` values are skipped.
+
+    Raises:
+        ValueError: naming both descriptions and the path.
+    """
+    outs = [(k, v) for k, v in outputs.items() if v is not None and str(v) != ""]
+    ins = [(k, v) for k, v in inputs.items() if v is not None and str(v) != ""]
+    for i, (out_name, out) in enumerate(outs):
+        for in_name, inp in ins:
+            if same_file(out, inp):
+                raise ValueError(
+                    f"{out_name} {str(out)!r} is the same file as {in_name} {str(inp)!r}: writing it would destroy "
+                    "the input; choose another output"
+                )
+        for other_name, other in outs[i + 1 :]:
+            if same_file(out, other):
+                raise ValueError(f"{out_name} and {other_name} are the same file {str(out)!r}")
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an error from writing ``path`` (an OSError, or a safetensors error wrapping one,
+    such as a full disk) as an OSError that names ``path`` and the cause."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {str(path)!r}: {_cause(exc)}") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        code = re.search(r"code: (\d+)", str(exc))
+        number = int(code.group(1)) if code else errno.EIO
+        cause = os.strerror(number) if code else str(exc)
+        raise OSError(number, f"cannot write {str(path)!r}: {cause}") from exc
+
+
+def _cause(exc: OSError) -> str:
+    """The reason in ``exc``, without the ``cannot write '...': `` prefix an inner layer added."""
+    return re.sub(r"^cannot write (?:'[^']*'|\"[^\"]*\"): ", "", exc.strerror or str(exc))
 
 
 @contextlib.contextmanager
@@ -37,43 +185,95 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     keeps its old file; if a replacement fails or is interrupted, the ones already made are undone,
     so the targets end up all new or all as they were. On error every temporary file is removed.
 
+    A replaced file keeps its mode (root: its owner too); a new one gets ``0o666 & ~umask``. A
+    symbolic link to a file keeps pointing at it (the file it names is replaced). A target that is
+    not a regular file (:func:`writes_through`: ``/dev/null``, a FIFO, ``/dev/stdout``) is written
+    in place after the others were replaced (a FIFO with no reader is refused rather than waited on).
+
     Raises:
-        FileNotFoundError: a target's folder does not exist. OSError: naming the target it
-        could not write (also for errors the body raises while writing a temporary file).
+        FileNotFoundError: a target's folder does not exist. PermissionError: a target is
+        read-only. OSError: naming the target it could not write (also for errors the body raises
+        while writing a temporary file).
     """
-    targets = [Path(p) for p in paths]
+    through = [writes_through(p) for p in paths]
+    targets = [Path(p) if t else _where(p) for p, t in zip(paths, through, strict=True)]
+    for path, passes in zip(paths, through, strict=True):
+        check_writable(path, probe=False)
     temps: list[Path] = []
     try:
-        for target in targets:
-            temps.append(_temporary_beside(target))
+        for index, (target, passes) in enumerate(zip(targets, through, strict=True)):
+            temps.append(_temporary_elsewhere(target) if passes else _temporary_beside(target, repr(str(paths[index]))))
         try:
             yield list(temps)
         except OSError as exc:
             raise _naming_target(exc, dict(zip(temps, targets, strict=False))) from exc
-        for tmp, target in zip(temps, targets, strict=True):
-            try:
+        for tmp, target, passes in zip(temps, targets, through, strict=True):
+            if passes:
+                continue
+            with naming(target):
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
-                os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the usual umask-based mode
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-        _replace_all(temps, targets)
+                _give_mode(tmp, target)
+        replaced = [(tmp, target) for tmp, target, passes in zip(temps, targets, through, strict=True) if not passes]
+        streams = [(tmp, target) for tmp, target, passes in zip(temps, targets, through, strict=True) if passes]
+        _replace_all([t for t, _ in replaced], [t for _, t in replaced], then=lambda: _write_through(streams))
     finally:
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
 
-def _temporary_beside(target: Path) -> Path:
+def _give_mode(tmp: Path, target: Path) -> None:
+    """The mode (and, as root, the owner) the replaced file had; else the umask's default."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give the usual umask-based mode
+        return
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+        with contextlib.suppress(OSError):
+            os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, stat.S_IMODE(st.st_mode) & 0o777)
+
+
+def _temporary_beside(target: Path, shown: str | None = None) -> Path:
+    shown = shown or repr(str(target))
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist")
+        raise FileNotFoundError(f"cannot write {shown}: folder {str(folder)!r} does not exist")
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name[:_NAME_IN_TEMP]}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {str(target)!r}: {exc.strerror}") from exc
+        raise OSError(exc.errno, f"cannot write {shown}: {exc.strerror or exc}") from exc
     os.close(fd)
     return Path(name)
+
+
+def _temporary_elsewhere(target: Path) -> Path:
+    """A temporary file in the system's temporary folder, for a target that is written through."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".diffreg.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {str(target)!r}: no temporary file: {exc.strerror or exc}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def _write_through(streams: list[tuple[Path, Path]]) -> None:
+    """Copy each temporary file into its target in place (device, FIFO, open stream)."""
+    for tmp, target in streams:
+        with naming(target):
+            try:
+                # a FIFO nobody reads would block forever: refuse it instead
+                fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_APPEND)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    raise OSError(errno.ENXIO, "no process is reading from it (a FIFO needs a reader)") from exc
+                raise
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "wb") as out, open(tmp, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
 
 
 def _naming_target(exc: OSError, target_of: dict[Path, Path]) -> OSError:
@@ -81,24 +281,24 @@ def _naming_target(exc: OSError, target_of: dict[Path, Path]) -> OSError:
     filename = Path(exc.filename) if exc.filename else None
     target = target_of.get(filename) if filename is not None else None
     names = str(target) if target is not None else ", ".join(str(t) for t in target_of.values())
-    return OSError(exc.errno, f"cannot write {names!r}: {exc.strerror or exc}")
+    return OSError(exc.errno, f"cannot write {names!r}: {_cause(exc)}")
 
 
-def _replace_all(temps: list[Path], targets: list[Path]) -> None:
+def _replace_all(temps: list[Path], targets: list[Path], then: Callable[[], None] = lambda: None) -> None:
     """Move each temporary file over its target, keeping a hard link to each old target until all
-    are in place (so no target is ever missing); on any failure or interruption, put back what was
-    already replaced."""
+    are in place (so no target is ever missing), then call ``then``; on any failure or
+    interruption, put back what was already replaced."""
     for target in targets:
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, f"cannot write {str(target)!r}: it is a directory")
     done: list[tuple[Path, Path | None]] = []  # (target, a link to its old file, or None: there was none)
-    current = targets[0]
+    current = targets[0] if targets else None
     try:
-        for tmp, target in zip(temps, targets, strict=True):
+        for index, (tmp, target) in enumerate(zip(temps, targets, strict=True)):
             current = target
             old = None
             if os.path.lexists(target):
-                old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+                old = target.with_name(f".{target.name[:_NAME_IN_TEMP]}.{os.getpid()}.{index}.old.tmp")
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
                 try:
@@ -107,6 +307,8 @@ def _replace_all(temps: list[Path], targets: list[Path]) -> None:
                     os.replace(target, old)
             done.append((target, old))
             os.replace(tmp, target)  # atomic: the target is the old file, then the new one
+        current = None
+        then()
     except BaseException as exc:
         lost = []
         for replaced, old in reversed(done):
@@ -122,7 +324,9 @@ def _replace_all(temps: list[Path], targets: list[Path]) -> None:
         if not isinstance(exc, OSError):
             raise
         where = f"; could not put back {', '.join(lost)}" if lost else ""
-        raise OSError(exc.errno, f"cannot write {str(current)!r}: {exc.strerror or exc}{where}") from exc
+        if current is None:  # ``then`` failed: its error names its file
+            raise OSError(exc.errno, f"{exc.strerror or exc}{where}") from exc
+        raise OSError(exc.errno, f"cannot write {str(current)!r}: {_cause(exc)}{where}") from exc
     for _, old in done:
         if old is not None:
             with contextlib.suppress(OSError):

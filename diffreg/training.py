@@ -263,6 +263,7 @@ class Trainer:
         self.x_all, self.y_all = x_all.to(self.device), y_all.to(self.device)
         self.step = 0
         self.running_loss: float | None = None
+        self._data_fingerprint: str | None = None
         self.network: torch.nn.Module = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -321,103 +322,96 @@ class Trainer:
             sampling=SamplingConfig.for_data(self.x_all),  # clip images in [-1, 1] only
         )
 
+    def data_fingerprint(self) -> str:
+        """:func:`diffreg.train_state.data_fingerprint` of this run's data (computed once)."""
+        if self._data_fingerprint is None:
+            from diffreg.train_state import data_fingerprint
+
+            self._data_fingerprint = data_fingerprint(self.x_all, self.y_all)
+        return self._data_fingerprint
+
     def save(self, output: str | os.PathLike[str], checkpoint_dtype: torch.dtype | None = None) -> Path:
         """Write the EMA model checkpoint to ``output`` and the training state beside it
-        (:func:`state_path`), both atomically. Only rank 0 writes."""
+        (:func:`state_path`) as a pair: both replaced, or (on any error, such as a full disk)
+        neither. Every rank's RNG state is gathered; only rank 0 writes.
+
+        Raises:
+            OSError: naming the file that could not be written and the cause.
+        """
+        from diffreg.fileio import atomic_paths, naming
+        from diffreg.train_state import gathered_rank_states, write_state
+
+        ranks = gathered_rank_states(self)  # a collective: every rank takes part
         if self.rank == 0:
-            save_checkpoint(output, self.ema.model, self.checkpoint_config(), dtype=checkpoint_dtype)
-            self.save_state(state_path(output))
+            state = state_path(output)
+            with atomic_paths(output, state) as (tmp_model, tmp_state):
+                with naming(output):
+                    save_checkpoint(tmp_model, self.ema.model, self.checkpoint_config(), dtype=checkpoint_dtype)
+                write_state(self, tmp_state, ranks, shown=state)
         return Path(output)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
-        """Everything :meth:`load_state` needs to continue exactly: weights, EMA, optimizer,
-        step, RNG and timestep-sampler state, in one safetensors file (nothing pickled)."""
-        from safetensors.torch import save_file
-
-        from diffreg import __version__
+        """Everything :meth:`load_state` needs to continue exactly (weights, EMA, optimizer, step,
+        every rank's RNG and timestep-sampler state, a fingerprint of the data), atomically, in one
+        safetensors file (nothing pickled; layout in :mod:`diffreg.train_state`). Under torchrun
+        every rank must call it; rank 0 writes."""
         from diffreg.fileio import atomic_path
+        from diffreg.train_state import gathered_rank_states, write_state
 
-        tensors: dict[str, torch.Tensor] = {}
-        for key, value in self.model.state_dict().items():
-            tensors[f"model/{key}"] = value.detach().cpu().contiguous()
-        for key, value in self.ema.model.state_dict().items():
-            tensors[f"ema/{key}"] = value.detach().cpu().contiguous()
-        optim = self.optimizer.state_dict()
-        for index, state in optim["state"].items():
-            for name, value in state.items():
-                tensors[f"optim/{index}/{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        tensors["rng/generator"] = self.generator.get_state()
-        tensors["rng/torch"] = torch.get_rng_state()
-        for key, value in self.timestep_sampler.state_dict().items():
-            tensors[f"timestep_sampler/{key}"] = torch.as_tensor(value)
-        metadata = {
-            "diffreg.kind": "training_state",
-            "diffreg.version": __version__,
-            "diffreg.format_version": "1",
-            "step": str(self.step),
-            "ema_updates": str(self.ema.updates),
-            "running_loss": json.dumps(self.running_loss),
-            "param_groups": json.dumps(optim["param_groups"]),
-            "train_config": self.cfg.to_json(),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        ranks = gathered_rank_states(self)
+        if self.rank == 0:
+            with atomic_path(path) as tmp:
+                write_state(self, tmp, ranks, shown=Path(path))
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
-        """Restore :meth:`save_state`. The run's configuration must match the saved one except
-        ``steps`` (which may grow) and ``save_every``.
+        """Restore :meth:`save_state` after checking it fits this run (configuration except
+        ``steps`` and ``save_every``, data fingerprint, process count, counters, optimizer and RNG
+        state): :func:`diffreg.train_state.load_state`.
 
         Raises:
-            FileNotFoundError: no state file. CheckpointError: not a training-state file, or a
-            configuration that differs (naming the fields).
+            FileNotFoundError: no state file. CheckpointError: not a training-state file, damaged,
+            or saved by a different run (naming everything that differs).
         """
-        from safetensors.torch import load_file
+        from diffreg.train_state import load_state
 
-        from diffreg.checkpoint import read_metadata
-        from diffreg.errors import CheckpointError
+        load_state(self, path)
 
-        meta = read_metadata(path)
-        if meta.get("diffreg.kind") != "training_state":
-            raise CheckpointError(f"{str(path)!r} is not a diffreg training-state file")
-        if "train_config" not in meta:
-            raise CheckpointError(f"{str(path)!r} has no training configuration; it cannot resume")
-        saved = TrainConfig.from_json(meta["train_config"])
-        ignore = {"steps", "save_every"}
-        differ = [
-            f.name
-            for f in attrs.fields(TrainConfig)
-            if f.name not in ignore and getattr(saved, f.name) != getattr(self.cfg, f.name)
-        ]
-        if differ:
-            raise CheckpointError(f"cannot resume from {str(path)!r}: the configuration differs in {', '.join(differ)}")
-        tensors = load_file(str(path))
-        needed = ("model/", "ema/", "optim/", "rng/generator", "rng/torch")
-        missing = [n for n in needed if not any(k.startswith(n) for k in tensors)]
-        missing += [k for k in ("step", "ema_updates", "param_groups", "running_loss") if k not in meta]
-        if missing:
-            raise CheckpointError(f"{str(path)!r} is incomplete: no {', '.join(missing)}; it cannot resume exactly")
 
-        def section(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+def check_outputs(
+    cfg: TrainConfig,
+    output: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """What :func:`train` checks before any work: the checkpoint and its training state can be
+    written (:func:`diffreg.fileio.check_writable`: an existing folder, not read-only, a name the
+    file system takes, not a directory), neither is an input (``data.path``, or ``inputs`` such as
+    the configuration file), and with ``resume`` the state exists and is behind ``cfg.steps``.
 
-        try:
-            step, ema_updates = int(meta["step"]), int(meta["ema_updates"])
-            if step < 0 or ema_updates < 0:
-                raise ValueError(f"negative step {step} or EMA update count {ema_updates}")
-            self.model.load_state_dict(section("model/"))
-            self.ema.model.load_state_dict(section("ema/"))
-            optim_state: dict[int, dict[str, torch.Tensor]] = {}
-            for key, value in section("optim/").items():
-                index, name = key.split("/", 1)
-                optim_state.setdefault(int(index), {})[name] = value
-            self.optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
-            self.generator.set_state(tensors["rng/generator"])
-            torch.set_rng_state(tensors["rng/torch"])
-            self.timestep_sampler.load_state_dict({k: v.numpy() for k, v in section("timestep_sampler/").items()})
-            self.running_loss = json.loads(meta["running_loss"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{str(path)!r} is damaged and cannot resume: {type(exc).__name__}: {exc}") from exc
-        self.step, self.ema.updates = step, ema_updates
+    Raises:
+        ValueError: an output that is an input. OSError / FileNotFoundError: an output that cannot
+        be written, or no state to resume. ConfigError: ``cfg.steps`` not beyond the saved step.
+    """
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
+    from diffreg.train_state import saved_step
+
+    state = state_path(output)
+    named_inputs = dict(inputs or {})
+    if cfg.data.options.get("path") is not None:
+        named_inputs["data.path"] = str(cfg.data.options["path"])
+    refuse_inputs_as_outputs({"the output": output, "its training state": state}, named_inputs)
+    check_writable(output)
+    check_writable(state)
+    if resume:
+        if not state.exists():
+            raise FileNotFoundError(f"--resume: the training state {str(state)!r} does not exist")
+        step = saved_step(state)
+        if step is not None and cfg.steps <= step:
+            raise ConfigError(
+                f"--resume: the training state {str(state)!r} is at step {step} and steps is {cfg.steps}: "
+                f"nothing to train (give steps > {step})"
+            )
 
 
 def train(
@@ -437,9 +431,15 @@ def train(
         resume: continue from the training state beside ``output`` (exactly as if the run had not
             stopped); it is an error if there is none.
 
+    Before any work the outputs are checked (:func:`check_outputs`: writable, not an input, and
+    with ``resume`` a state behind ``cfg.steps``).
+
     Returns the checkpoint path. Raises :class:`FloatingPointError` naming the step if the loss
-    becomes non-finite (the run stops; the last periodic checkpoint is kept).
+    becomes non-finite (the run stops; the last periodic checkpoint is kept); ``OSError`` naming
+    the file if a save fails (the checkpoint and its state stay the previous pair).
     """
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        check_outputs(cfg, output, resume=resume)
     trainer = Trainer(cfg, device=device)
     if resume:
         trainer.load_state(state_path(output))
