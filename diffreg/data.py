@@ -147,12 +147,14 @@ def load_image_folder(
 
 
 def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """Arrays from an ``.npz`` (read with ``allow_pickle=False``): ``arr_0`` images NHWC (uint8,
-    scaled to [-1, 1]; or floats already in [-1, 1]) or vectors ``[N, D]``; optional ``arr_1``
+    """Arrays from an ``.npz`` (read with ``allow_pickle=False``): ``arr_0`` images NHWC (pixel
+    values 0..255 as any integer or float dtype, mapped to [-1, 1]; or floats already in [-1, 1])
+    or vectors ``[N, D]`` (as they are); optional ``arr_1``
     integer labels (then ``num_classes = max + 1``). The layout ``diffreg sample --npz`` writes.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: missing ``arr_0`` or mismatched labels.
+        FileNotFoundError: no such file. ValueError: missing ``arr_0``, images outside 0..255 and
+        [-1, 1] (naming the range found), or mismatched labels.
     """
     from pathlib import Path
 
@@ -176,8 +178,7 @@ def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
                 f"save plain numeric arrays (np.savez(path, arr_0=images, arr_1=labels)) ({exc})"
             ) from None
     if data.ndim == 4:
-        x = torch.from_numpy(data.astype(np.float32)).permute(0, 3, 1, 2)
-        x = x / 127.5 - 1.0 if data.dtype == np.uint8 else x
+        x = torch.from_numpy(_images_in_unit_range(data, path)).permute(0, 3, 1, 2)
     elif data.ndim == 2:
         x = torch.from_numpy(data.astype(np.float32))
     else:
@@ -194,6 +195,31 @@ def load_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         raise ValueError(f"arr_1 labels must be in 0..9999 (class indices), got {labels.min()}..{labels.max()}")
     y = torch.from_numpy(labels.astype(np.int64))
     return x.contiguous(), y, int(y.max()) + 1
+
+
+def _images_in_unit_range(data: np.ndarray, path: str) -> np.ndarray:
+    """NHWC images as float32 in [-1, 1]: integers (any integer dtype) and floats spanning more
+    than [-1, 1] but within 0..255 are pixel values, mapped by ``v / 127.5 - 1``; floats within
+    [-1, 1] are kept as they are.
+
+    Raises ``ValueError`` naming the file, the dtype and the range found for anything else
+    (negative pixel codes, values above 255, NaN or infinity, booleans, strings).
+    """
+    if data.dtype == np.bool_ or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"{str(path)!r}: arr_0 images must be integers 0..255 or floats, got dtype {data.dtype}")
+    if data.size == 0:
+        return data.astype(np.float32)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise ValueError(f"{str(path)!r}: arr_0 images hold NaN or infinite values")
+    low, high = data.min(), data.max()
+    if np.issubdtype(data.dtype, np.floating) and low >= -1 and high <= 1:
+        return data.astype(np.float32)
+    if low >= 0 and high <= 255:
+        return (data.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+    raise ValueError(
+        f"{str(path)!r}: arr_0 images ({data.dtype}) span {low}..{high}; accepted: pixel values 0..255 "
+        "(integers or floats) or floats in [-1, 1]"
+    )
 
 
 def load_dataset(name: str, **options) -> tuple[torch.Tensor, torch.Tensor, int | None]:

@@ -26,7 +26,7 @@ def umask() -> int:
     and other threads would create files with the wrong mode in that window).
 
     Source: ``Umask:`` in ``/proc/self/status`` (Linux >= 4.7); elsewhere the mode of a file
-    created with mode 0o666 in the temporary folder (the kernel applies the umask to it).
+    created with mode 0o777 in a new private temporary folder (the kernel applies the umask to it).
     """
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
@@ -36,8 +36,8 @@ def umask() -> int:
     folder = tempfile.mkdtemp(prefix=".diffreg-umask.")
     try:
         probe = os.path.join(folder, "probe")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        return 0o666 & ~stat.S_IMODE(os.stat(probe).st_mode) & 0o777
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777))
+        return 0o777 & ~stat.S_IMODE(os.stat(probe).st_mode)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, "probe"))
@@ -83,8 +83,6 @@ def check_writable(path: str | os.PathLike[str], *, probe: bool = True) -> None:
             raise PermissionError(errno.EACCES, f"cannot write {shown}: permission denied")
         return
     target = _where(path)
-    if target.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {shown}: it is a directory; give a file name")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {shown}: folder {str(folder)!r} does not exist")
@@ -97,6 +95,8 @@ def check_writable(path: str | os.PathLike[str], *, probe: bool = True) -> None:
             f"cannot write {shown}: the file name is too long ({len(os.fsencode(target.name))} bytes; "
             f"at most {limit} here)",
         )
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {shown}: it is a directory; give a file name")
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -154,7 +154,7 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
             raise
-        code = re.search(r"code: (\d+)", str(exc))
+        code = re.search(r"(?:os error |code: )(\d+)", str(exc))
         number = int(code.group(1)) if code else errno.EIO
         cause = os.strerror(number) if code else str(exc)
         raise OSError(number, f"cannot write {str(path)!r}: {cause}") from exc
