@@ -278,6 +278,8 @@ def _write_through(streams: list[tuple[Path, Path]]) -> None:
 
 def _naming_target(exc: OSError, target_of: dict[Path, Path]) -> OSError:
     """``exc`` re-worded to name the target whose temporary file it concerns (else every target)."""
+    if not exc.filename and (exc.strerror or "").startswith("cannot write "):
+        return exc  # already names its file (:func:`naming`)
     filename = Path(exc.filename) if exc.filename else None
     target = target_of.get(filename) if filename is not None else None
     names = str(target) if target is not None else ", ".join(str(t) for t in target_of.values())
