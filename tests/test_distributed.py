@@ -56,3 +56,30 @@ def test_two_process_training_and_sampling_match_a_single_process(tmp_path, tiny
     assert CliRunner().invoke(main, [*map(str, args), "--npz", "one.npz", "--output", "one.png"]).exit_code == 0
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_two_process_resume_continues_exactly_with_every_ranks_rng(tmp_path, monkeypatch):
+    """Each rank's generator is saved and restored: a resumed 2-process run equals an
+    uninterrupted one (with only rank 0's state restored, both ranks would draw the same batches)."""
+    import torch
+    from safetensors.torch import load_file
+
+    (tmp_path / "t.toml").write_text(
+        "batch_size = 4\n[diffusion]\nnum_timesteps = 50\nschedule = \"cosine\"\n"
+        'timestep_sampler = {name = "loss_second_moment", history_per_term = 1}\n'
+        '[model]\nname = "unet"\nmodel_channels = 8\nchannel_mult = [1]\nattention_resolutions = []\nnum_heads = 1\n'
+    )
+    common = ["train", "--config", "t.toml", "--no-progress"]
+    _torchrun(*common, "--steps", 4, "--output", "straight.safetensors", cwd=tmp_path)
+    _torchrun(*common, "--steps", 2, "--output", "resumed.safetensors", cwd=tmp_path)
+    _torchrun(*common, "--steps", 4, "--output", "resumed.safetensors", "--resume", cwd=tmp_path)
+    for name in ("{}.safetensors", "{}.state.safetensors"):
+        a, b = load_file(str(tmp_path / name.format("straight"))), load_file(str(tmp_path / name.format("resumed")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state = load_file(str(tmp_path / "resumed.state.safetensors"))
+    assert not torch.equal(state["rng/generator"], state["rank1/rng/generator"])  # seeded seed + rank
+    assert "rank1/timestep_sampler/loss_history" in state
+
+    monkeypatch.chdir(tmp_path)  # one process cannot continue a 2-process run exactly: refused
+    result = CliRunner().invoke(main, [*common, "--steps", "6", "--output", "resumed.safetensors", "--resume"])
+    assert result.exit_code == 1 and "saved by 2 process(es), this run has 1" in result.output, result.output
