@@ -251,6 +251,7 @@ def test_a_read_only_file_is_refused_not_replaced(tmp_path):
 def test_a_folder_the_user_cannot_write_is_found_before_any_work():
     """As a user without write permission on the folder (root runs it as nobody)."""
     import subprocess
+    import sys
     import tempfile
 
     folder = tempfile.mkdtemp()  # in /tmp, which every user can reach
@@ -268,7 +269,8 @@ def test_a_folder_the_user_cannot_write_is_found_before_any_work():
         user = {"user": 65534} if os.geteuid() == 0 else {}
         if not user:
             os.chmod(folder, 0o555)
-        out = subprocess.run(["/usr/bin/env", "python3", "-c", code], capture_output=True, text=True, timeout=60, **user)
+        python = "/usr/bin/python3" if user else sys.executable  # nobody cannot read root's own Python
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, **user)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == f"cannot write {folder + '/out.png'!r}: Permission denied"
     finally:
@@ -297,7 +299,7 @@ def test_an_output_that_is_an_input_is_refused(tmp_path):
             fileio.refuse_inputs_as_outputs(
                 {"--output": tmp_path / alias}, {"the checkpoint": tmp_path / "m.safetensors"}
             )
-    fileio.refuse_inputs_as_outputs({"--output": tmp_path / "other.png"}, {"the checkpoint": tmp_path / "m.safetensors"})
+    fileio.refuse_inputs_as_outputs({"--output": tmp_path / "o.png"}, {"the checkpoint": tmp_path / "m.safetensors"})
     with pytest.raises(ValueError, match="--output and --npz are the same file"):
         fileio.refuse_inputs_as_outputs({"--output": tmp_path / "x", "--npz": tmp_path / "sub/../x"}, {})
 
@@ -309,4 +311,5 @@ def test_a_safetensors_write_error_names_the_file_and_the_os_cause(tmp_path):
     with pytest.raises(OSError) as info:
         with fileio.naming("shown.safetensors"):
             save_file({"a": torch.zeros(2)}, str(tmp_path / "nodir" / "x.safetensors"))  # a real SafetensorError
-    assert info.value.errno == 2 and info.value.strerror == "cannot write 'shown.safetensors': No such file or directory"
+    assert info.value.errno == 2
+    assert info.value.strerror == "cannot write 'shown.safetensors': No such file or directory"

@@ -45,7 +45,8 @@ def test_writing_over_the_checkpoint_is_refused_before_sampling(tmp_path, monkey
         other = "--npz" if flag == "--output" else "--output"
         result = _run(tmp_path, monkeypatch, "m.safetensors", flag, target, other, "x.out")
         assert result.exit_code == 1, result.output
-        assert f"{flag} '{os.path.normpath(target)}' is the same file as the checkpoint 'm.safetensors'" in result.output
+        expected = f"{flag} '{os.path.normpath(target)}' is the same file as the checkpoint 'm.safetensors'"
+        assert expected in result.output
     assert (tmp_path / "m.safetensors").read_bytes() == before and not (tmp_path / "x.out").exists()
 
 
