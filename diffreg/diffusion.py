@@ -108,16 +108,30 @@ class Diffusion:
             UnknownComponentError: a name no plugin registered (lists the known names).
             ComponentOptionError: an option the component does not accept.
         """
+        from diffreg.process import Process
+
         cfg = DiffusionConfig.coerce(config)
         schedule = registry.create("schedule", cfg.schedule.name, cfg.num_timesteps, **cfg.schedule.options)
         mean_type = registry.create("parameterization", cfg.parameterization.name, **cfg.parameterization.options)
         variance_type = registry.create("variance", cfg.variance.name, **cfg.variance.options)
         loss = registry.create("loss", cfg.loss.name, **cfg.loss.options)
         # built once here so that a bad option value fails now, not at the first training step
-        registry.create(
+        density = registry.create(
             "timestep_sampler", cfg.timestep_sampler.name, cfg.num_timesteps, **cfg.timestep_sampler.options
         )
-        return cls(schedule.betas, ModelParameterization(mean_type, variance_type), loss, config=cfg)
+        parameterization = ModelParameterization(mean_type, variance_type)
+        if isinstance(schedule, Process) and not schedule.discrete:  # rectified_flow, edm, vp
+            from diffreg.continuous import ContinuousDiffusion
+
+            built = ContinuousDiffusion(schedule, parameterization, loss, config=cfg)
+            built.create_timestep_sampler()  # a density without continuous times fails now
+            return built
+        if getattr(density, "continuous_only", False):
+            raise ValueError(
+                f"timestep sampler {cfg.timestep_sampler.name!r} draws noise levels of a continuous process; "
+                f"schedule {cfg.schedule.name!r} is discrete: use uniform, logit_normal or loss_second_moment"
+            )
+        return cls(schedule.betas, parameterization, loss, config=cfg)
 
     def create_timestep_sampler(self) -> TimestepSampler:
         """The configured training timestep sampler (default ``uniform``) over this process."""
@@ -228,8 +242,18 @@ class Diffusion:
         self, model: Model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
         """``model(x, model_timesteps(t), **model_kwargs)``, the one place the network is called
-        (``t``: int64 ``[N]`` timesteps of this process; see :meth:`model_timesteps`)."""
+        (``t``: int64 ``[N]`` timesteps of this process; see :meth:`model_timesteps`), ``x`` scaled
+        first by a parameterization that preconditions its input (EDM's c_in)."""
+        mean_type = self.parameterization.mean_type
+        if mean_type.scales_input:
+            x = mean_type.scale_input(x, *self.alpha_sigma(t, x))
         return model(x, self.model_timesteps(t), **(model_kwargs or {}))
+
+    def alpha_sigma(self, t: torch.Tensor | int, x: torch.Tensor):
+        """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) at timesteps ``t`` (see
+        :meth:`~diffreg.schedule.DiffusionTables.alpha_sigma`): Python floats for an int ``t``,
+        float64 tensors ``[N, 1, ...]`` for int64 ``[N]``."""
+        return self.tables.alpha_sigma(t, x)
 
     # -- forward process ------------------------------------------------------------------------
 

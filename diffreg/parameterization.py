@@ -163,6 +163,19 @@ class MeanType(abc.ABC):
     """
 
     name: str = ""
+    #: whether :meth:`scale_input` is not the identity (the default path never calls it)
+    scales_input: bool = False
+
+    def scale_input(self, x_t: torch.Tensor, alpha: Scale, sigma: Scale) -> torch.Tensor:
+        """The network's input at a level (alpha, sigma): ``x_t`` itself unless a preconditioning
+        scales it (EDM's c_in, :class:`EDMPreconditioning`). Called by
+        ``SamplingContext.model_output`` and ``Diffusion.call_model`` only where
+        :attr:`scales_input` is True; ``x_t``'s shape and dtype in and out."""
+        return x_t
+
+    def check_process(self, process: Any) -> None:
+        """Raise ValueError, with the reason, if this mean type cannot work on ``process`` (a
+        :class:`~diffreg.process.Process`); called when a Diffusion is built. Default: any."""
 
     @abc.abstractmethod
     def predict(
@@ -224,6 +237,13 @@ class EpsPrediction(MeanType):
     def x0_mse_factor(self, snr):
         return 1.0 / snr
 
+    def check_process(self, process):
+        if not getattr(process, "discrete", False) and float(process.alpha_sigma(np.array([process.t_max]))[0][0]) == 0.0:
+            raise ValueError(
+                f"parameterization 'eps' cannot recover x0 = (x - sigma eps) / alpha where alpha = 0, which "
+                f"{process!r} reaches at t_max (pure noise): use 'flow', 'x0' or 'edm' there"
+            )
+
 
 class XStartPrediction(MeanType):
     """The network predicts x_start directly (guided-diffusion's ``ModelMeanType.START_X``)."""
@@ -259,6 +279,97 @@ class VPrediction(MeanType):
 
     def x0_mse_factor(self, snr):
         return 1.0 / (snr + 1.0)
+
+    def check_process(self, process):
+        if not getattr(process, "discrete", False):
+            t = np.linspace(process.t_min, process.t_max, 7)
+            alpha, sigma = process.alpha_sigma(t)
+            if not np.allclose(alpha**2 + sigma**2, 1.0, rtol=0, atol=1e-9):
+                raise ValueError(
+                    f"parameterization 'v' (Salimans & Ho 2022: x0 = alpha x - sigma v) needs a "
+                    f"variance-preserving process (alpha^2 + sigma^2 = 1); {process!r} is not: use "
+                    "'flow' or 'edm' there"
+                )
+
+
+class FlowPrediction(MeanType):
+    """The network predicts the velocity u = eps - x0 (flow matching / rectified flow: Lipman et
+    al. 2023, Liu et al. 2023; dx/dt of x_t = (1 - t) x0 + t eps; SD3, Flux).
+
+    At any level x = alpha x0 + sigma eps: x0 = (x - sigma u) / (alpha + sigma) and eps = u + x0
+    (exact for every process where alpha + sigma > 0, e.g. flow, VP, EDM).
+    """
+
+    name = "flow"
+
+    def predict(self, output, x_t, alpha, sigma):
+        x0 = axpby(_c(_ratio(1.0, alpha + sigma), x_t), x_t, _c(-_ratio(sigma, alpha + sigma), x_t), output)
+        return x0, output + x0
+
+    def target(self, x_start, noise, alpha, sigma):
+        return noise - x_start
+
+    def x0_mse_factor(self, snr):
+        # x0 error = sigma / (alpha + sigma) u error = u error / (sqrt(snr) + 1)
+        return 1.0 / (snr.sqrt() + 1.0) ** 2
+
+
+class EDMPreconditioning(MeanType):
+    """EDM's preconditioning (Karras et al. 2022, "Elucidating the Design Space", Table 1 and
+    eq. 7): D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s)) in the VE form x = x0 + s eps,
+
+        c_skip = sd^2 / (s^2 + sd^2),  c_out = s sd / sqrt(s^2 + sd^2),  c_in = 1 / sqrt(s^2 + sd^2)
+
+    with sd = ``sigma_data``. On any process x = alpha x0 + sigma eps (s = sigma / alpha, the VE
+    state x / alpha) this reads, with den = sqrt(sigma^2 + alpha^2 sd^2) (finite at alpha = 0):
+
+        network input  x / den                  (:meth:`scale_input`; = c_in x / alpha)
+        x0 = (alpha sd^2 / den^2) x + (sigma sd / den) F
+        target of F = (sigma x0 - alpha sd^2 eps) / (sd den)
+
+    c_noise, the network's time input, belongs to the process (the ``edm`` process gives
+    log(sigma) / 4 by default). With the MSE loss on this target the weighting is EDM's
+    lambda(s) = 1 / c_out^2 (eq. 8 with Table 1).
+
+    Args:
+        sigma_data: the data's standard deviation, finite > 0 (default 0.5).
+    """
+
+    name = "edm"
+    scales_input = True
+
+    def __init__(self, sigma_data: float = 0.5):
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not (
+            math.isfinite(sigma_data) and sigma_data > 0
+        ):
+            raise ValueError(f"edm sigma_data must be a finite number > 0, got {sigma_data!r}")
+        self.sigma_data = float(sigma_data)
+
+    def _den(self, alpha, sigma):
+        return (sigma**2 + alpha**2 * self.sigma_data**2) ** 0.5
+
+    def scale_input(self, x_t, alpha, sigma):
+        return x_t * _c(_ratio(1.0, self._den(alpha, sigma)), x_t)
+
+    def predict(self, output, x_t, alpha, sigma):
+        den = self._den(alpha, sigma)
+        sd = self.sigma_data
+        c_skip = _ratio(alpha * sd**2, den**2)
+        c_out = _ratio(sigma * sd, den)
+        x0 = axpby(_c(c_skip, x_t), x_t, _c(c_out, x_t), output)
+        return x0, eps_from_xstart(x_t, x0, alpha, sigma)
+
+    def target(self, x_start, noise, alpha, sigma):
+        den = self._den(alpha, sigma)
+        sd = self.sigma_data
+        return axpby(_c(_ratio(sigma, sd * den), x_start), x_start, _c(-_ratio(alpha * sd, den), x_start), noise)
+
+    def x0_mse_factor(self, snr):
+        # c_out^2 = sigma^2 sd^2 / (sigma^2 + alpha^2 sd^2) = sd^2 / (1 + snr sd^2)
+        return self.sigma_data**2 / (1.0 + snr * self.sigma_data**2)
+
+    def __repr__(self) -> str:
+        return f"EDMPreconditioning(sigma_data={self.sigma_data})"
 
 
 class VarianceType(abc.ABC):

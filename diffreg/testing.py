@@ -338,13 +338,18 @@ class ExactDenoiser:
             self.mean_type = mean_type
         else:
             raise TypeError(f"mean_type must be a name or a MeanType, got {mean_type!r}")
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._continuous = not diffusion.process.discrete
+        if self._continuous:  # a continuous process: times come back from the network's time input
+            return
         keep = np.asarray(diffusion.timestep_map, dtype=np.int64)
         inverse = np.full(int(keep[-1]) + 1, -1, dtype=np.int64)
         inverse[keep] = np.arange(len(keep))
         self._inverse = torch.from_numpy(inverse)
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
+        if self._continuous:
+            return f"ExactDenoiser({self.mixture!r}, mean_type={self.mean_type_name!r}, {self.diffusion.process!r})"
         return f"ExactDenoiser({self.mixture!r}, mean_type={self.mean_type_name!r}, T={self.diffusion.num_timesteps})"
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -387,7 +392,15 @@ class ExactDenoiser:
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must hold timesteps, got dtype {t.dtype}")
         flat = _flat(x, self.mixture.dim, "x").to(torch.float64)
-        if t.is_floating_point():  # a fractional level: the process's own interpolation rule
+        if self._continuous:  # the process's time from its network time input (its inverse)
+            if not t.is_floating_point():
+                raise TypeError(f"t must hold the float time input of {self.diffusion.process!r}, got dtype {t.dtype}")
+            process = self.diffusion.process
+            times = process.t_from_model_time(t.detach().to("cpu", torch.float64).numpy())
+            a, b = process.alpha_sigma(np.clip(times, 0.0, process.t_max))
+            c = torch.from_numpy(np.asarray(a, dtype=np.float64))[:, None].to(x.device)
+            s = torch.from_numpy(np.asarray(b, dtype=np.float64))[:, None].to(x.device)
+        elif t.is_floating_point():  # a fractional level: the process's own interpolation rule
             process = self.diffusion.process
             model_t = t.detach().to("cpu", torch.float64).numpy() / process.time_scale
             times = np.interp(model_t, self.diffusion.timestep_map, np.arange(self.diffusion.num_timesteps))
@@ -398,6 +411,8 @@ class ExactDenoiser:
             idx = self.index(t.to(x.device))
             _, sqrt_a, sqrt_1ma = self._on(x.device)
             c, s = sqrt_a[idx][:, None], sqrt_1ma[idx][:, None]
+        if self.mean_type.scales_input:  # the network saw a preconditioned input (EDM's c_in x)
+            flat = flat / self.mean_type.scale_input(torch.ones_like(flat[:, :1]), c, s)
         x0, eps = self.mixture._posterior(flat, c, s)
         out = self.mean_type.target(x0, eps, c, s)  # the optimal prediction of any linear target
         return out.reshape(x.shape).to(x.dtype)
@@ -517,9 +532,9 @@ def exact_ode_solution(
     mixture: GaussianMixture,
     diffusion: Diffusion,
     x_T: torch.Tensor,
-    t_start: int | None = None,
+    t_start: float | None = None,
     *,
-    t_end: int | None = None,
+    t_end: float | None = None,
     rtol: float = 1e-10,
     atol: float = 1e-10,
 ) -> torch.Tensor:
@@ -541,12 +556,20 @@ def exact_ode_solution(
     large-sigma cut-off or special first step is needed. Solved with
     ``scipy.integrate.solve_ivp(method="DOP853")``.
 
+    Any process x = alpha x0 + sigma eps (rectified flow, EDM, continuous VP: a
+    :class:`~diffreg.continuous.ContinuousDiffusion`) has the same ODE in its VE form (it depends
+    on alpha and sigma only through sigma / alpha), so it is solved the same way on the scaled
+    state x / r, r = sqrt(alpha^2 + sigma^2) = r (cos(theta) x0 + sin(theta) eps) with
+    theta = atan2(sigma, alpha), and scaled back by the end level's r.
+
     Args:
         mixture: the data distribution (the exact denoiser is its posterior mean).
-        diffusion: gives abar at ``t_start``; un-respaced (or respaced, if ``t_start`` is kept).
+        diffusion: gives abar at ``t_start``; un-respaced (or respaced, if ``t_start`` is kept);
+            or a continuous diffusion, whose process gives alpha and sigma at any time.
         x_T: ``[N, D]`` or ``[N, ...]`` with D values per example: the state at ``t_start``.
-        t_start: an original timestep of ``diffusion`` (default: its last, as in sampling).
-        t_end: an original timestep below ``t_start`` to stop at (default: none, integrate to
+        t_start: an original timestep of ``diffusion`` (default: its last, as in sampling); a
+            float time of a continuous process (default: its ``t_max``).
+        t_end: a timestep (time) below ``t_start`` to stop at (default: none, integrate to
             sigma = 0 and return data).
         rtol, atol: solver tolerances, at most 1e-9.
 
@@ -566,22 +589,31 @@ def exact_ode_solution(
         raise ValueError(f"rtol and atol must be in (0, 1e-9], got {rtol} and {atol}")
     flat = _flat(x_T, mixture.dim, "x_T").detach().to(device="cpu", dtype=torch.float64)
     n, dim = flat.shape
+    process = diffusion.process
+    continuous = not process.discrete
     if t_start is None:
-        t_start = int(diffusion.timestep_map[-1])
-    lookup = ExactDenoiser(mixture, diffusion)
+        t_start = process.t_max if continuous else int(diffusion.timestep_map[-1])
+    lookup = None if continuous else ExactDenoiser(mixture, diffusion)
 
-    def theta(t: int) -> float:
-        a = float(diffusion.alphas_cumprod[int(lookup.index(torch.tensor([int(t)]))[0])])
-        return math.atan2(math.sqrt(max(1.0 - a, 0.0)), math.sqrt(a))
+    def angle(t: float) -> tuple[float, float]:
+        """theta = atan2(sigma, alpha) and the scale r = sqrt(alpha^2 + sigma^2) at time t."""
+        if continuous:
+            a, b = (float(v[0]) for v in process.alpha_sigma(np.array([float(t)])))
+        else:
+            assert lookup is not None
+            abar = float(diffusion.alphas_cumprod[int(lookup.index(torch.tensor([int(t)]))[0])])
+            a, b = math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
+        return math.atan2(b, a), math.hypot(a, b)
 
-    theta_start = theta(t_start)
-    theta_end = 0.0
+    theta_start, r_start = angle(t_start)
+    theta_end, r_end = 0.0, 1.0
     if t_end is not None:
-        if not int(t_end) < int(t_start):
+        if not t_end < t_start:
             raise ValueError(f"t_end must be below t_start, got t_end={t_end} and t_start={t_start}")
-        theta_end = theta(t_end)
+        theta_end, r_end = angle(t_end)
+    flat = flat / r_start  # x = r (cos(theta) x0 + sin(theta) eps) for any process
     if theta_start == theta_end or n == 0:
-        return flat.reshape(x_T.shape).to(x_T.device)
+        return (flat * r_end).reshape(x_T.shape).to(x_T.device)
 
     def velocity(theta: float, y: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(y).reshape(n, dim)
@@ -593,7 +625,7 @@ def exact_ode_solution(
     sol = solve_ivp(velocity, (theta_start, theta_end), flat.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"exact_ode_solution: the ODE solver failed: {sol.message}")
-    out = torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(x_T.shape)
+    out = torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(x_T.shape) * r_end
     return out.to(x_T.device)
 
 
@@ -915,6 +947,9 @@ def check_sampler(
     distribution_samples: int = 10000,
     swd_threshold: float = 0.045,
     device: str | torch.device = "cpu",
+    process: str | Mapping[str, Any] | None = None,
+    parameterization: str = "eps",
+    grid: Any = None,
     **options: Any,
 ) -> SamplerReport:
     """Check a sampler (kind ``sampler``) with the exact model of a 2-D :class:`GaussianMixture`
@@ -945,6 +980,14 @@ def check_sampler(
       0.021 (0.021-0.026 over seeds; 0.035-0.037 at 50 steps); an independent data set of 10000:
       0.011 on average, 0.023 at most over 60 seeds; DDPM with its noise scaled by 1.5: 0.07-0.08,
       by 2: 0.16. (With 2000 samples the data-vs-data distance alone reaches 0.05: too noisy.)
+
+    - ``process=``: another process instead of the linear T = 1000 one, as a ``schedule`` config
+      (a name or ``{"name": ..., **options}``, e.g. ``"rectified_flow"`` or ``{"name": "edm"}``);
+      the exact model then predicts in ``parameterization`` form (e.g. ``"flow"`` or ``"edm"``),
+      the other parameterizations the process accepts must give the same samples, x_T is drawn
+      with the process's ``prior_std``, and the levels are ``grid``'s (default ``trailing``).
+      Where the grids of ``convergence_steps`` share no intermediate level (e.g. ``karras``), the
+      declared order is checked on the final samples.
 
     Keyword arguments other than those listed are the sampler's options (for example ``eta``).
 
@@ -989,8 +1032,23 @@ def check_sampler(
     report = SamplerReport(str(name), float(order), int(nfe), bool(stochastic))
     device = torch.device(device)
     T = 1000
-    betas = _linear_betas(T)
-    bases = {m: _diffusion(betas, m) for m in ("eps", "x0", "v")}
+    if process is None:
+        betas = _linear_betas(T)
+        bases = {m: _diffusion(betas, m) for m in ("eps", "x0", "v")}
+        main = "eps"
+    else:
+        bases = {}
+        for m in dict.fromkeys((parameterization, "eps", "x0", "v", "flow", "edm")):
+            try:
+                bases[m] = Diffusion.from_config({"schedule": process, "parameterization": m})
+            except ValueError:
+                if m == parameterization:
+                    raise
+        main = parameterization
+    the_process = bases[main].process
+    t_top = the_process.t_max
+    prior_std = float(getattr(the_process, "prior_std", 1.0))
+    grid_kw: dict[str, Any] = {"spacing": "trailing"} if process is None and grid is None else {"grid": grid}
     mixture = GaussianMixture.example(2)
 
     def run(
@@ -1005,7 +1063,7 @@ def check_sampler(
     ) -> torch.Tensor:
         base = bases[mean_type]
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(tuple(shape), generator=gen, dtype=dtype).to(device)
+        noise = (torch.randn(tuple(shape), generator=gen, dtype=dtype) * prior_std).to(device)
         exact = mix.denoiser(base, mean_type)
 
         def model(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -1019,12 +1077,12 @@ def check_sampler(
                 tuple(shape),
                 sampler=name,
                 steps=steps,
-                spacing="trailing",
                 noise=noise,
                 generator=gen,
                 clip_denoised=False,
                 dtype=dtype,
                 callback=callback,
+                **grid_kw,
                 **options,
             )
         except Exception as exc:
@@ -1039,9 +1097,15 @@ def check_sampler(
     if len(steps_list) < 2:
         raise ValueError(f"convergence_steps needs at least 2 different step counts, got {convergence_steps}")
     # the sampler's own grids (a sampler with a sigma grid chooses its timesteps)
-    grids = [sorted(bases["eps"].grid_times(s, None, instance).tolist()) for s in steps_list]
-    shared = sorted(set.intersection(*(set(g) for g in grids)) - {0, T - 1})
-    if not shared and all(g == spaced_timesteps(T, s, "trailing") for g, s in zip(grids, steps_list, strict=True)):
+    grids = [
+        sorted(round(v, 9) for v in bases[main].grid_times(s, grid, instance).tolist()) for s in steps_list
+    ]
+    shared = sorted(set.intersection(*(set(g) for g in grids)) - {0, round(t_top, 9)})
+    if (
+        process is None
+        and not shared
+        and all(g == spaced_timesteps(T, s, "trailing") for g, s in zip(grids, steps_list, strict=True))
+    ):
         raise ValueError(
             f"the trailing grids of convergence_steps {steps_list} share no timestep other than the first; "
             "use multiples of the smallest count"
@@ -1053,7 +1117,7 @@ def check_sampler(
 
     steps0 = steps_list[0]
     calls: list[int] = []
-    flat = run("eps", (8, 2), steps0, seed=1, calls=calls)
+    flat = run(main, (8, 2), steps0, seed=1, calls=calls)
     report.model_calls = len(calls)
     if not 1 <= len(calls) <= steps0 * nfe:
         _fail(
@@ -1068,30 +1132,30 @@ def check_sampler(
         _fail(f"{where}: the samples are on {flat.device}, expected {device}")
     if not bool(torch.isfinite(flat).all()):
         _fail(f"{where}: the samples are not finite: {flat.tolist()}")
-    if not torch.equal(flat, run("eps", (8, 2), steps0, seed=1)):
+    if not torch.equal(flat, run(main, (8, 2), steps0, seed=1)):
         _fail(f"{where}: not reproducible: the same noise and generator gave different samples")
     mix4 = GaussianMixture.example(4)
-    image = run("eps", (8, 1, 2, 2), steps0, seed=2, mix=mix4)
+    image = run(main, (8, 1, 2, 2), steps0, seed=2, mix=mix4)
     if image.shape != (8, 1, 2, 2) or image.dtype != torch.float32 or not bool(torch.isfinite(image).all()):
         _fail(f"{where}: sampling shape [8, 1, 2, 2] gave {image.dtype} {list(image.shape)} (or non-finite values)")
-    flat4 = run("eps", (8, 4), steps0, seed=2, mix=mix4)
+    flat4 = run(main, (8, 4), steps0, seed=2, mix=mix4)
     if not torch.allclose(image.reshape(8, 4), flat4, rtol=0, atol=1e-5):
         _fail(f"{where}: samples of shape [8, 1, 2, 2] differ from the same samples drawn as [8, 4]")
-    for mean_type in ("x0", "v"):
+    for mean_type in [m for m in bases if m != main]:
         other = run(mean_type, (8, 2), steps0, seed=1)
         err = float((other - flat).abs().max())
         if not err <= 1e-3:
             _fail(
-                f"{where}: with the {mean_type} parameterization the samples differ from eps's by {err:.3g} "
+                f"{where}: with the {mean_type} parameterization the samples differ from {main}'s by {err:.3g} "
                 "(the exact models agree, so a sampler must use the Prediction, not the raw model output)"
             )
 
     if not stochastic:
         n = 64
-        x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        reference = exact_ode_solution(mixture, bases["eps"], x_T, t_start=T - 1)
+        x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * prior_std
+        reference = exact_ode_solution(mixture, bases[main], x_T, t_start=t_top)
         reference_stop = (
-            exact_ode_solution(mixture, bases["eps"], x_T, t_start=T - 1, t_end=stop) if stop is not None else None
+            exact_ode_solution(mixture, bases[main], x_T, t_start=t_top, t_end=stop) if stop is not None else None
         )
         errors, final_errors = [], []
         for steps, grid in zip(steps_list, grids, strict=True):
@@ -1109,7 +1173,7 @@ def check_sampler(
                 if i + 1 < len(_visit) and _visit[i + 1] == stop:
                     _states[stop] = x.detach().clone()
 
-            out = run("eps", (n, 2), steps, seed=3, dtype=torch.float64, callback=record)
+            out = run(main, (n, 2), steps, seed=3, dtype=torch.float64, callback=record)
             if out.dtype != torch.float64:
                 _fail(f"{where}: sampling in float64 returned {out.dtype}; a step must keep x's dtype")
             final_errors.append(float(((out.cpu() - reference) ** 2).mean().sqrt()))
@@ -1124,13 +1188,15 @@ def check_sampler(
         for what, errs in ((f"the state at timestep {stop}", errors), ("the final samples", final_errors)):
             if not all(math.isfinite(e) and e > 0 for e in errs):
                 _fail(f"{where}: error of {what} to the exact ODE solution is not finite and positive: {errs}")
-        report.slope = _slope(visited_steps, errors) if errors else None
         report.final_slope = _slope(visited_steps, final_errors)
+        # no shared intermediate level (e.g. karras grids): the order is measured on the final samples
+        report.slope = _slope(visited_steps, errors) if errors else (report.final_slope if process is not None else None)
         table = ", ".join(f"{s}: {e:.3g}" for s, e in zip(visited_steps, errors, strict=False))
         final_table = ", ".join(f"{s}: {e:.3g}" for s, e in zip(visited_steps, final_errors, strict=True))
         if report.slope is not None and not report.slope >= order - order_tolerance:
             _fail(
-                f"{where}: declares order {order:g}, but the error of its state at timestep {stop} to the exact "
+                f"{where}: declares order {order:g}, but the error of "
+                f"{'its state at timestep ' + str(stop) if stop is not None else 'its final samples'} to the exact "
                 f"probability-flow ODE solution shrinks at order {report.slope:.2f} (< {order:g} - "
                 f"{order_tolerance:g}); RMS error by steps: {table}"
             )
@@ -1148,7 +1214,7 @@ def check_sampler(
             )
     else:
         n = int(distribution_samples)
-        samples = run("eps", (n, 2), distribution_steps, seed=4)
+        samples = run(main, (n, 2), distribution_steps, seed=4)
         data = mixture.sample(max(20000, 2 * n), torch.Generator().manual_seed(5))
         report.swd = sliced_wasserstein(samples, data)
         report.swd_reference = sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(6)), data)

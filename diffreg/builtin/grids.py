@@ -20,16 +20,23 @@ from diffreg.validation import check_finite_number
 class Spacing(Grid):
     """Evenly spaced timesteps (diffusers' ``timestep_spacing``; see
     :func:`~diffreg.schedule.spaced_timesteps`): on a discrete process, integer timesteps of its
-    tables; on a continuous one, ``steps`` times evenly spaced from ``t_max`` down to (not
-    including) ``t_min`` for ``trailing``/``leading``, and from ``t_max`` to ``t_min`` for
-    ``linspace``."""
+    tables. On a continuous process (data at ``clean.t``, levels in [t_min, t_max]), evenly in t:
+    ``trailing`` t_max - k (t_max - t_clean) / steps for k = 0..steps-1 (the uniform Euler grid
+    of flow matching: 1, 1 - 1/N, ..., 1/N); ``linspace`` from t_max to t_min inclusive
+    (diffusers' ``FlowMatchEulerDiscreteScheduler`` grid for t_min = 1/1000); ``leading``
+    t_min + k (t_max - t_min) / steps, descending."""
 
     def __init__(self, spacing: str, offset: int = 0):
         self.spacing = spacing
         self.offset = offset
 
     def max_steps(self, process):
-        return int(process.t_max) + 1 if process.discrete else None
+        if process.discrete:
+            return int(process.t_max) + 1
+        if self.spacing == "trailing":  # the last level (t_max - t_clean) / steps must stay >= t_min
+            t_clean = process.clean.t
+            return max(1, int((process.t_max - t_clean) / (process.t_min - t_clean) * (1 + 1e-12)))
+        return None
 
     def times(self, process, steps):
         if process.discrete:
@@ -41,8 +48,11 @@ class Spacing(Grid):
                 )
             return ts
         if self.spacing == "linspace":
-            return np.linspace(process.t_max, process.t_min, steps)
-        return np.linspace(process.t_max, process.t_min, steps + 1)[:-1]
+            return np.linspace(process.t_max, process.t_min, steps) if steps > 1 else np.array([process.t_max])
+        if self.spacing == "leading":
+            return (process.t_min + np.arange(steps, dtype=np.float64) * ((process.t_max - process.t_min) / steps))[::-1]
+        t = np.linspace(process.t_max, process.clean.t, steps + 1)[:-1]
+        return np.maximum(t, process.t_min)  # rounding at the most steps
 
 
 class _LogSnrGrid(Grid):

@@ -1,4 +1,6 @@
-"""Built-in noise schedules: ``linear``, ``cosine``, ``scaled_linear``, ``sigmoid``, ``explicit``."""
+"""Built-in noise schedules: ``linear``, ``cosine``, ``scaled_linear``, ``sigmoid``, ``explicit``
+(discrete, guided-diffusion's tables), and the continuous processes ``rectified_flow``, ``edm``
+and ``vp`` (:mod:`diffreg.processes`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffreg import hookimpl
+from diffreg.processes import EDM, ContinuousVP, RectifiedFlow
 from diffreg.schedule import NoiseSchedule, betas_for_alpha_bar, cosine_alpha_bar
 
 
@@ -108,3 +111,6 @@ def diffreg_register_schedules(register):
     register("scaled_linear", ScaledLinearSchedule, paper="Rombach et al. 2022")
     register("sigmoid", SigmoidSchedule, paper="Xu et al. 2022 (GeoDiff)")
     register("explicit", ExplicitSchedule)
+    register("rectified_flow", RectifiedFlow, paper="Liu et al. 2023; Esser et al. 2024 (SD3 shift)", continuous=True)
+    register("edm", EDM, paper="Karras et al. 2022, Table 1", continuous=True)
+    register("vp", ContinuousVP, paper="Song et al. 2021 (VP SDE); Nichol & Dhariwal 2021 (cosine)", continuous=True)

@@ -134,6 +134,8 @@ class SamplingContext:
             else None
         )
         self._step_tables: DiffusionTables | None = None
+        mean_type = diffusion.parameterization.mean_type
+        self._scale_input = mean_type.scale_input if mean_type.scales_input else None
         self.check_finite = check_finite
         self._out_sums: list[torch.Tensor] = []
         self._out_steps: list[int] = []
@@ -180,7 +182,11 @@ class SamplingContext:
         """
         t_in = self.model_input_time(at, x.shape[0])
         dtype = self.model_dtype if model is self.model else model_dtype(model)
-        x_in = x if dtype is None else x.to(dtype)
+        x_in = x
+        if self._scale_input is not None:  # a preconditioning's input scaling (EDM's c_in)
+            level = self.levels[at] if isinstance(at, int) else at
+            x_in = self._scale_input(x, level.alpha, level.sigma)
+        x_in = x_in if dtype is None else x_in.to(dtype)
         out = check_output(model(x_in, t_in, **kwargs))
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
@@ -307,7 +313,14 @@ class SamplingContext:
         if self._step_tables is None:
             from diffreg.schedule import DiffusionTables
 
-            abar = (self.levels.alpha[:-1] ** 2)[::-1]
+            lv = self.levels
+            if not np.allclose(lv.alpha**2 + lv.sigma**2, 1.0, rtol=0, atol=1e-9):
+                raise SamplingError(
+                    f"the reverse-process variance (guided-diffusion's tables, used by ddpm) is defined on "
+                    f"variance-preserving processes; {self.process!r} is not: use ddim with eta=1 (the same "
+                    "posterior on any process) or euler_ancestral"
+                )
+            abar = (lv.alpha[:-1] ** 2)[::-1]
             try:
                 self._step_tables = DiffusionTables(1.0 - abar / np.append(1.0, abar[:-1]))
             except ValueError as exc:

@@ -197,6 +197,8 @@ def sample_loop_progressive(
     if step_noise is not None and len(step_noise) != ctx.num_steps:
         raise ValueError(f"step_noise has {len(step_noise)} entries, expected one per step ({ctx.num_steps})")
     x = noise.to(device=device, dtype=dtype) if noise is not None else draw_noise(shape, generator, device, dtype)
+    if noise is None and getattr(process, "prior_std", 1.0) != 1.0:  # x_T = sigma_max z (VE processes)
+        x = x.mul_(process.prior_std)
     return SamplingRun(ctx, sampler_obj, x, progress, callback, stats)
 
 
