@@ -338,7 +338,7 @@ class ContinuousVP(ContinuousProcess):
         log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)  # alpha^2 = sigmoid(2 lambda)
         if self.kind == "linear":  # DPM-Solver's inverse_lambda: solve the quadratic for t
             db = self.beta_max - self.beta_min
-            t = 2.0 * -log_alpha / (self.beta_min + np.sqrt(self.beta_min**2 + 2.0 * db * -log_alpha))
+            t = 4.0 * -log_alpha / (self.beta_min + np.sqrt(self.beta_min**2 + 4.0 * db * -log_alpha))
         else:
             t = 2.0 * (1 + self.s) / math.pi * np.arccos(np.exp(log_alpha + math.log(self._cos0))) - self.s
         return np.clip(t, self.t_min, self.t_max)
