@@ -37,6 +37,9 @@ FORMAT_VERSION = 2
 #: safetensors dtypes loaded as floating-point weights.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 BUNDLED_DIGITS = "digits.safetensors"
+#: Checkpoints shipped in ``diffreg/assets``, by name: ``load_checkpoint("flow-digits")``,
+#: ``diffreg sample flow-digits`` (a file of that name in the working directory wins).
+BUNDLED = {"digits": BUNDLED_DIGITS, "flow-digits": "flow_digits.safetensors"}
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -47,9 +50,20 @@ class LoadedCheckpoint(NamedTuple):
     config: CheckpointConfig
 
 
-def bundled_checkpoint_path() -> Path:
-    """Path of the digits model shipped inside the package."""
-    return Path(str(resources.files("diffreg") / "assets" / BUNDLED_DIGITS))
+def bundled_checkpoint_path(name: str = "digits") -> Path:
+    """Path of a model shipped inside the package: ``"digits"`` (guided-diffusion style, the
+    default) or ``"flow-digits"`` (rectified flow). Raises ValueError for another name."""
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    return Path(str(resources.files("diffreg") / "assets" / BUNDLED[name]))
+
+
+def resolve_bundled(path: Any) -> Any:
+    """A bundled model's name (:data:`BUNDLED`) -> its path, unless a file of that name exists;
+    anything else unchanged."""
+    if isinstance(path, (str, os.PathLike)) and str(path) in BUNDLED and not Path(path).exists():
+        return bundled_checkpoint_path(str(path))
+    return path
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -318,6 +332,8 @@ def load_checkpoint(
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint path must be a str or a path, got {type(path).__name__}")
     from diffreg.convert.layout import load_foreign  # diffusers folders load; other foreign files are named
+
+    path = resolve_bundled(path)
 
     foreign = load_foreign(path, device, dtype)
     if foreign is not None:

@@ -513,14 +513,15 @@ def sample(
     threads,
     progress,
 ) -> None:
-    """Draw samples from CHECKPOINT (default: the bundled digits model; a diffusers pipeline or
-    UNet folder works too); write every sample to an .npz, then a picture of them."""
+    """Draw samples from CHECKPOINT (default: the bundled digits model; `flow-digits` names the
+    bundled flow-matching one; a diffusers pipeline or UNet folder works too); write every sample
+    to an .npz, then a picture of them."""
     from tqdm.auto import tqdm
 
-    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint
+    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, resolve_bundled
     from diffreg.sampling import per_sample_generators
 
-    path = checkpoint or bundled_checkpoint_path()
+    path = resolve_bundled(checkpoint) if checkpoint else bundled_checkpoint_path()
     resolve_device(device)
     outputs = _check_outputs(output, npz_path, {"the checkpoint": path})  # before any work: a bad path costs nothing
     picture_format(outputs[0])

@@ -72,7 +72,9 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
     Kind("schedule", "diffreg_register_schedules", "diffreg.schedule:NoiseSchedule", "0.1", """
     Noise schedules: ``factory(num_timesteps: int, **options)`` returns a :class:`diffreg.NoiseSchedule`
     whose ``betas`` is a float64 array of shape ``[num_timesteps]`` with every value in ``(0, 1]``
-    (subclass it and implement ``compute_betas``).
+    (subclass it and implement ``compute_betas``), or a continuous process, a
+    :class:`diffreg.processes.ContinuousProcess` (alpha and sigma at any real t, no betas;
+    ``num_timesteps`` is ignored): built-ins ``rectified_flow``, ``edm``, ``vp``.
 
     Example::
 

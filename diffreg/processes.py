@@ -134,8 +134,16 @@ class ContinuousProcess(Process, NoiseSchedule):
         return float(_log_snr(alpha, sigma)[0])
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "num_timesteps")
-        return f"{self.name}({options})"
+        # the options that differ from their defaults, by the factory's own names
+        import inspect
+
+        shown = []
+        for key, param in inspect.signature(type(self).__init__).parameters.items():
+            if param.kind is param.KEYWORD_ONLY:
+                value = getattr(self, {"model_input": "model_input_kind"}.get(key, key), param.default)
+                if value != param.default:
+                    shown.append(f"{key}={value!r}")
+        return f"{self.name}({', '.join(shown)})"
 
 
 def _range(t_min: float, t_max: float, low: float, high: float, what: str) -> tuple[float, float]:

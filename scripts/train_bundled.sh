@@ -7,8 +7,17 @@
 #   diffreg sample out/digits.safetensors
 #   python scripts/evaluate_bundled.py out/digits.safetensors
 # To replace the shipped model on purpose, copy the file over diffreg/assets/digits.safetensors.
+# `scripts/train_bundled.sh flow` retrains the flow-matching model from configs/flow_digits.toml
+# (-> out/flow_digits.safetensors; the shipped one is diffreg/assets/flow_digits.safetensors):
+#   python scripts/evaluate_bundled.py out/flow_digits.safetensors --samplers euler,dpmpp_2m
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = flow ]; then
+    shift
+    OUTPUT="${OUTPUT:-out/flow_digits.safetensors}"
+    mkdir -p "$(dirname "$OUTPUT")"
+    exec diffreg train --config configs/flow_digits.toml --output "$OUTPUT" --store-dtype float16 "$@"
+fi
 OUTPUT="${OUTPUT:-out/digits.safetensors}"
 mkdir -p "$(dirname "$OUTPUT")"
 diffreg train --config configs/digits.toml --output "$OUTPUT" --store-dtype float16 "$@"

@@ -129,6 +129,13 @@ def test_flow_and_edm_predictions_invert_their_targets_on_every_process(name, pr
     torch.testing.assert_close(pred_eps, eps, rtol=0, atol=1e-9 * float(sigma.max() / sigma.min()))
 
 
+@pytest.mark.parametrize(("name", "options"), [("flow", {}), ("edm", {}), ("edm", {"sigma_data": 1.0})])
+def test_flow_and_edm_pass_the_parameterization_kit_on_a_discrete_process(name, options):
+    from diffreg.testing import check_parameterization
+
+    check_parameterization(name, **options)  # round trips, and the exact model's posterior mean
+
+
 def test_flow_target_is_the_velocity_and_edm_matches_table_1():
     flow = registry.create("parameterization", "flow")
     x0, eps = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
@@ -371,3 +378,32 @@ def test_a_flow_model_trained_on_a_2d_toy_samples_it(tmp_path):
     swd = sliced_wasserstein(samples, data)
     noise_swd = sliced_wasserstein(torch.randn(2000, 2, generator=torch.Generator().manual_seed(3)), data)
     assert swd < 0.1 and swd < noise_swd / 5
+
+
+@pytest.mark.parametrize(
+    "diffusion_toml",
+    [
+        'schedule = "rectified_flow"\nparameterization = "flow"\nloss = "flow_matching"\ntimestep_sampler = {name = "logit_normal"}\n',
+        'schedule = "edm"\nparameterization = "edm"\nloss = "edm"\ntimestep_sampler = {name = "log_normal"}\n',
+    ],
+)
+def test_train_from_toml_then_sample_with_every_sampler_from_the_cli(tmp_path, monkeypatch, diffusion_toml):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.toml").write_text(
+        "steps = 3\nbatch_size = 8\n[diffusion]\n" + diffusion_toml
+        + '[model]\nname = "unet"\nmodel_channels = 8\nchannel_mult = [1]\nattention_resolutions = []\nnum_heads = 1\n'
+    )
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--config", "t.toml", "--output", "m.safetensors", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for sampler in SAMPLERS:
+        result = runner.invoke(
+            main, ["sample", "m.safetensors", "--sampler", sampler, "--num-samples", "2", "--steps", "3", "--no-progress"]
+        )
+        assert result.exit_code == 0, (sampler, result.output)
+    result = runner.invoke(main, ["sample", "m.safetensors", "--sampler", "ddpm", "--num-samples", "2", "--no-progress"])
+    assert result.exit_code != 0 and "ddim with eta=1" in result.output

@@ -559,7 +559,7 @@ def test_unknown_name_message_names_the_kind_and_lists_known_names(builtins_only
         builtins_only.get("schedule", "nonexistent")
     message = str(info.value)
     assert message.startswith("unknown schedule 'nonexistent'")
-    assert "cosine, explicit, linear, scaled_linear, sigmoid" in message
+    assert "cosine, edm, explicit, linear, rectified_flow, scaled_linear, sigmoid, vp" in message
 
 
 def test_unknown_name_message_suggests_the_closest_name(builtins_only):
