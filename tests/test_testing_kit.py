@@ -253,7 +253,9 @@ def test_builtin_schedules_pass_check_schedule(name, options):
 
 
 def test_every_builtin_schedule_is_covered():
-    assert set(builtin_registry().names("schedule")) == {"linear", "cosine", "scaled_linear", "sigmoid", "explicit"}
+    # check_schedule is the discrete (betas) contract; the continuous processes are checked in test_flow_edm.py
+    continuous = {"rectified_flow", "edm", "vp"}
+    assert set(builtin_registry().names("schedule")) == {"linear", "cosine", "scaled_linear", "sigmoid", "explicit"} | continuous
 
 
 @pytest.mark.parametrize("name", ["eps", "x0", "v"])
