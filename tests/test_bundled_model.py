@@ -39,3 +39,23 @@ def test_bundled_model_samples_are_read_as_the_requested_digit(digit_classifier)
     accuracy = float(np.mean(digit_classifier.predict(pixels) == labels.numpy()))
     assert accuracy >= 0.9
 
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("euler", 50), ("heun", 10)])
+def test_bundled_flow_model_samples_are_read_as_the_requested_digit(digit_classifier, sampler, steps):
+    model, diffusion, cfg = diffreg.load_checkpoint("flow-digits")
+    assert diffusion.process.name == "rectified_flow" and diffusion.parameterization.mean_type.name == "flow"
+    n = 100
+    labels = torch.arange(n) % 10
+    x = diffusion.sample(
+        model,
+        (n, 1, 8, 8),
+        sampler=sampler,
+        steps=steps,
+        generator=per_sample_generators(0, n),
+        model_kwargs={"y": labels},
+        guidance_scale=cfg.data.get("guidance_scale", 1.0),
+    )
+    pixels = ((x.clamp(-1, 1) + 1) / 2 * 16).reshape(n, 64).numpy()
+    accuracy = float(np.mean(digit_classifier.predict(pixels) == labels.numpy()))
+    assert accuracy >= 0.9

@@ -20,8 +20,8 @@ from diffreg.builtin.schedules import CosineSchedule, LinearSchedule
 from diffreg.checkpoint import read_metadata
 from diffreg.errors import AmbiguousComponentError, CheckpointError, MissingProviderError, UnknownComponentError
 
-LINEAR_EDM = registering_source("edm", hook="diffreg_register_schedules", base="diffreg.builtin.schedules.LinearSchedule")
-EDM = registering_source("edm", hook="diffreg_register_schedules", base="diffreg.builtin.schedules.CosineSchedule")
+LINEAR_EDM = registering_source("karras_vp", hook="diffreg_register_schedules", base="diffreg.builtin.schedules.LinearSchedule")
+EDM = registering_source("karras_vp", hook="diffreg_register_schedules", base="diffreg.builtin.schedules.CosineSchedule")
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def _uninstall(dist) -> None:
     registry.reset()
 
 
-def _save(path, schedule="edm"):
+def _save(path, schedule="karras_vp"):
     cfg = {"diffusion": {"schedule": schedule, "num_timesteps": 50}, "model": {"name": "mlp", "hidden": 8, "depth": 1}}
     model = registry.create("model", "mlp", hidden=8, depth=1)
     return diffreg.save_checkpoint(path, model, cfg)
@@ -50,7 +50,7 @@ def test_header_records_provider_and_version_of_every_component(plugin_dist, tmp
     plugin_dist("edmplug", EDM, distribution="diffreg-edm", version="0.2.0")
     path = _save(tmp_path / "m.safetensors")
     recorded = json.loads(read_metadata(path)[provenance.HEADER_KEY])
-    assert recorded["diffusion.schedule"] == {"name": "edm", "provider": "diffreg-edm", "version": "0.2.0"}
+    assert recorded["diffusion.schedule"] == {"name": "karras_vp", "provider": "diffreg-edm", "version": "0.2.0"}
     assert recorded["model"] == {"name": "mlp", "provider": "diffreg", "version": diffreg.__version__}
     assert set(recorded) == {"model", *(f"diffusion.{f}" for f in diffreg.DiffusionConfig._kinds)}
 
@@ -62,7 +62,7 @@ def test_loading_after_uninstall_names_file_field_and_package(plugin_dist, tmp_p
     with pytest.raises(MissingProviderError) as info:
         diffreg.load_checkpoint(path)
     assert str(info.value) == (
-        f"{path}: diffusion.schedule: schedule 'edm' was provided by 'diffreg-edm 0.2.0', which is not "
+        f"{path}: diffusion.schedule: schedule 'karras_vp' was provided by 'diffreg-edm 0.2.0', which is not "
         "installed (or is disabled); pip install 'diffreg-edm==0.2.0'"
     )
     assert isinstance(info.value, UnknownComponentError)
@@ -74,9 +74,9 @@ def test_a_second_plugin_with_the_same_name_does_not_break_old_checkpoints(plugi
     plugin_dist("otheredm", LINEAR_EDM, distribution="other-edm")
     registry.reset()
     with pytest.raises(AmbiguousComponentError):
-        registry.get("schedule", "edm")
+        registry.get("schedule", "karras_vp")
     _, diffusion, config = diffreg.load_checkpoint(path)
-    assert config.diffusion.schedule.name == "diffreg-edm:edm"
+    assert config.diffusion.schedule.name == "diffreg-edm:karras_vp"
     np.testing.assert_array_equal(diffusion.betas, CosineSchedule(50).betas)  # diffreg-edm's, not other-edm's
 
 
