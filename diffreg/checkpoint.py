@@ -317,7 +317,8 @@ def load_checkpoint(
 
     Returns:
         :class:`LoadedCheckpoint` ``(model, diffusion, config)``; ``config.sampling`` holds the
-        checkpoint's sampling defaults (clipping, dynamic thresholding; files written before they
+        checkpoint's sampling defaults (clipping, dynamic thresholding, guidance, and the default sampler, steps
+        and grid, e.g. one from ``diffreg optimize-steps``; files written before they
         were recorded get ``clip=True``).
 
     Raises:

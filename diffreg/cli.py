@@ -361,6 +361,38 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     return grid if grid is not None else own
 
 
+def _recorded_choice(recorded: Any, sampler: str | None, sampler_obj: Any, options: dict, steps: int | None, grid: Any):
+    """``diffreg sample``'s sampler, steps and grid once the checkpoint's sampling defaults
+    (``recorded``, a :class:`~diffreg.config.SamplingConfig`) are known: the flags win; with no
+    ``--sampler`` the recorded sampler (its options under ``--option``'s); with no grid chosen
+    (``--grid``, ``--spacing``, ``sigmas=``) the recorded grid, unless ``--steps`` asks for another
+    length than it has; then the recorded steps, else 50.
+
+    Returns:
+        ``(sampler name, sampler object, steps, grid)``.
+    """
+    if sampler is None:
+        if recorded.sampler is not None:
+            sampler = recorded.sampler.name
+            sampler_obj = resolve_sampler(sampler, {**recorded.sampler.options, **options})
+            grid = grid if grid is not None else getattr(sampler_obj, "grid", None)
+        else:
+            sampler = "ddim"
+    levels = recorded.grid_levels()
+    recorded_steps = recorded.steps if recorded.steps is not None else levels
+    if grid is None and recorded.grid is not None and (steps is None or levels is None or steps == levels):
+        grid = recorded.grid.to_dict()
+    elif grid is None and recorded.grid is not None:
+        click.echo(
+            f"note: --steps {steps} differs from the {levels} levels of the checkpoint's grid; using the default grid",
+            err=True,
+        )
+        recorded_steps = None
+    if steps is None:
+        steps = recorded_steps if recorded_steps is not None else 50
+    return sampler, sampler_obj, steps, grid
+
+
 _threads_option = click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -374,16 +406,24 @@ _threads_option = click.option(
 @main.command()
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option(
-    "--sampler", default="ddim", show_default=True, help="Any registered sampler (see `diffreg list sampler`)."
+    "--sampler",
+    default=None,
+    help="Any registered sampler (see `diffreg list sampler`). Default: the checkpoint's, else ddim.",
 )
-@click.option("--steps", default=50, show_default=True, type=int, help="Sampling steps (1..T).")
+@click.option(
+    "--steps",
+    default=None,
+    type=int,
+    help="Sampling steps (1..T). Default: the checkpoint's (its optimized grid's length), else 50.",
+)
 @click.option(
     "--grid",
     "grid_spec",
     default=None,
     help="Noise levels to visit: a registered grid (trailing, leading, linspace, karras, exponential; "
     "`diffreg list grid`), JSON options like '{\"name\": \"karras\", \"rho\": 5}', or a JSON list of "
-    "timesteps. Default: the sampler's own, else trailing.",
+    "timesteps. Default: the sampler's own, else the checkpoint's (e.g. from `diffreg optimize-steps`), else "
+    "trailing.",
 )
 @click.option(
     "--spacing",
@@ -533,7 +573,8 @@ def sample(
     sampler_options = _parse_options(options)
     if eta is not None:
         sampler_options["eta"] = eta
-    sampler_obj = resolve_sampler(sampler, sampler_options)  # unknown names and options fail now
+    # unknown names and options fail now (the checkpoint's own sampler, if any, once it is read)
+    sampler_obj = resolve_sampler(sampler or "ddim", sampler_options)
     grid = _grid_choice(grid_spec, spacing, sampler_obj)
     if dtype_name == "float16" and str(device).startswith("cpu"):
         click.echo(
@@ -546,6 +587,7 @@ def sample(
     shape = cfg.sample_shape
     if shape is None:
         raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
+    sampler, sampler_obj, steps, grid = _recorded_choice(cfg.sampling, sampler, sampler_obj, sampler_options, steps, grid)
     num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
     labels = parse_labels(class_label, num_classes, num_samples, getattr(model, "null_class", num_classes))
     unconditional = labels is None or class_label.strip().lower() == "none"
@@ -618,6 +660,8 @@ def sample(
             return
     elapsed = time.perf_counter() - start
     grid_name = grid if isinstance(grid, str) else json.dumps(grid) if grid is not None else "trailing"
+    if isinstance(grid, dict) and grid.get("name") == "explicit" and len(grid_name) > 60:
+        grid_name = f"explicit ({stats.get('steps', steps)} levels)"
     arrays = {"arr_0": x.numpy()}
     recorded = recorded_labels(class_label, labels)
     if recorded is not None:
@@ -706,6 +750,131 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
             node = child
         node[last] = value
     return data
+
+
+# -- optimize-steps ---------------------------------------------------------------------------------
+
+
+@main.command(name="optimize-steps")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--sampler", default="dpmpp_2m", show_default=True, help="A deterministic registered sampler (not adaptive)."
+)
+@click.option("--nfe", required=True, type=click.IntRange(min=1), help="Model evaluations per sampling call.")
+@click.option(
+    "--draws",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=4),
+    help="Starting points x_T (even): half are fitted, half report the held-out error.",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option(
+    "--reference-steps",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Levels of the reference solve (uniform in log-SNR). Default: 100 with unipc, 1000 with ddim.",
+)
+@click.option(
+    "--max-evals",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Sampling calls the search may make. Default: 8 per free level + 8.",
+)
+@click.option(
+    "--output",
+    default="grid.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON with the grid, its held-out error beside the default, karras and exponential grids; '' for none.",
+)
+@click.option(
+    "--save-to-checkpoint",
+    "save_to",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a copy of CHECKPOINT whose sampling defaults are this sampler, its steps and the grid.",
+)
+@click.option("--option", "options", multiple=True, help="Sampler option KEY=VALUE (JSON value), repeatable.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@_threads_option
+@_user_errors
+def optimize_steps_command(
+    checkpoint, sampler, nfe, draws, seed, reference_steps, max_evals, output, save_to, options, device, threads
+) -> None:
+    """Search the noise levels of SAMPLER at NFE model evaluations for CHECKPOINT (default: the
+    bundled digits model): the grid closest to a many-step solve of the same model, fitted on half
+    of DRAWS starting points and reported on the other half. See docs/samplers.md."""
+    import attrs
+
+    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, save_checkpoint
+    from diffreg.fileio import atomic_write
+    from diffreg.optimize import check_optimizable, default_reference, optimize_steps
+
+    path = checkpoint or bundled_checkpoint_path()
+    resolve_device(device)
+    if draws % 2:
+        raise ValueError(f"--draws {draws}: give an even number (half fitted, half held out)")
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
+
+    outputs = {
+        flag: None if value is None or str(value) in ("", ".") else Path(value)
+        for flag, value in (("--output", output), ("--save-to-checkpoint", save_to))
+    }
+    refuse_inputs_as_outputs(outputs, {"the checkpoint": path})
+    for written in outputs.values():
+        if written is not None:
+            check_writable(written)  # before any work: a bad path costs nothing
+    out_path, save_path = outputs["--output"], outputs["--save-to-checkpoint"]
+    sampler_options = _parse_options(options)
+    check_optimizable(sampler, resolve_sampler(sampler, sampler_options))  # before loading anything
+    ref_name, ref_default = default_reference()
+    reference = (ref_name, reference_steps or ref_default)
+    set_threads(threads)
+    model, diffusion, cfg = load_checkpoint(path, device=device)
+    shape = cfg.sample_shape
+    if shape is None:
+        raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
+    guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if num_classes else None
+    start = time.perf_counter()
+    result = optimize_steps(
+        diffusion,
+        model,
+        shape,
+        sampler=sampler,
+        nfe=nfe,
+        draws=draws,
+        seed=seed,
+        num_classes=num_classes,
+        sampler_options=sampler_options,
+        reference=reference,
+        max_evals=max_evals,
+        device=device,
+        guidance_scale=guidance_scale,
+        guidance=cfg.sampling.guidance_spec() if num_classes and guidance_scale is not None else None,
+        progress=lambda message: click.echo(f"[{time.perf_counter() - start:5.0f} s] {message}", err=True),
+        **cfg.sampling.driver_options(),
+    )
+    click.echo(
+        f"{result.sampler}, {result.nfe} NFE ({result.steps} steps); held-out error on {draws // 2} draws "
+        f"(RMS to a {reference[0]} solve on {reference[1]} levels):"
+    )
+    for name, err in result.held_out.items():
+        used = result.nfe if name == "optimized" else result.baseline_nfe[name]
+        click.echo(f"  {name:<12} {err:.4g}  ({used} NFE)")
+    click.echo("grid: " + json.dumps([round(t, 4) for t in result.times]))
+    if out_path is not None:
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        atomic_write(out_path, lambda tmp: tmp.write_text(text))
+        click.echo(f"wrote {out_path}")
+    if save_path is not None:
+        spec = result.sampler if not result.sampler_options else {"name": result.sampler, **result.sampler_options}
+        sampling = attrs.evolve(cfg.sampling, grid=result.grid_spec(), sampler=spec, steps=result.steps)
+        save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
+        click.echo(
+            f"wrote {save_path}: `diffreg sample {save_path}` uses {result.sampler} on this grid by default"
+        )
 
 
 # -- train --------------------------------------------------------------------------------------------

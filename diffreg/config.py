@@ -390,6 +390,15 @@ def _check_threshold(instance, attribute, value):
         )
 
 
+def _coerce_grid(value: Any) -> ComponentSpec | None:
+    """``sampling.grid``: a name, a table with ``name``, or a list of process times (explicit)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ComponentSpec("explicit", {"times": list(value)})
+    return ComponentSpec.coerce(value, "sampling.grid")
+
+
 @attrs.frozen
 class SamplingConfig(_DictMixin):
     """Sampling defaults a checkpoint recommends, chosen from its training data; the command line
@@ -405,8 +414,15 @@ class SamplingConfig(_DictMixin):
         guidance: the guidance method for a class-conditional model (kind ``guidance``: a name
             or ``{"name": "cfg_rescale", "phi": 0.7}``), or ``None`` (``cfg``); its scale is
             ``data.guidance_scale``. See docs/guidance.md.
+        grid: the default grid (kind ``grid``): a name, ``{"name": ..., **options}``, or a list of
+            process times (stored as ``{"name": "explicit", "times": [...]}``, e.g. the result of
+            ``diffreg optimize-steps``), or ``None`` (the sampler's own, else ``trailing``).
+        sampler: the default sampler (a name or ``{"name": ..., **options}``), or ``None`` (``ddim``).
+        steps: the default step count, an int >= 1, or ``None``; an explicit grid's length when
+            the grid is explicit (a different value is refused).
 
-    Use :meth:`driver_options` to pass them to :meth:`diffreg.Diffusion.sample`.
+    Use :meth:`driver_options` and :meth:`sample_options` to pass them to
+    :meth:`diffreg.Diffusion.sample`.
     """
 
     clip: bool = attrs.field(default=True, validator=_check_clip)
@@ -414,6 +430,31 @@ class SamplingConfig(_DictMixin):
     guidance: ComponentSpec | None = attrs.field(
         default=None, converter=lambda v: None if v is None else ComponentSpec.coerce(v, "sampling.guidance")
     )
+    grid: ComponentSpec | None = attrs.field(default=None, converter=lambda v: _coerce_grid(v))
+    sampler: ComponentSpec | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else ComponentSpec.coerce(v, "sampling.sampler")
+    )
+    steps: int | None = attrs.field(default=None)
+
+    @steps.validator
+    def _check_steps(self, attribute, value):
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TIMESTEPS:
+            raise ConfigError(f"sampling.steps must be an int in 1..{MAX_TIMESTEPS:,} or null, got {value!r}")
+        levels = self.grid_levels()
+        if levels is not None and levels != value:
+            raise ConfigError(
+                f"sampling.steps is {value} but the explicit sampling.grid has {levels} levels; give steps={levels} "
+                "or leave it out"
+            )
+
+    def grid_levels(self) -> int | None:
+        """The number of levels of an explicit ``grid`` (``times`` or ``sigmas``), else ``None``."""
+        if self.grid is None or self.grid.name != "explicit":
+            return None
+        values = self.grid.options.get("times", self.grid.options.get("sigmas"))
+        return len(values) if isinstance(values, list) else None
 
     @classmethod
     def coerce(cls, value: SamplingConfig | Mapping[str, Any] | None) -> SamplingConfig:
@@ -430,10 +471,28 @@ class SamplingConfig(_DictMixin):
         return {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
 
     def to_dict(self) -> dict[str, Any]:
-        """As the other configs; ``guidance`` only when set (files stay as before otherwise)."""
+        """As the other configs; ``guidance``, ``grid``, ``sampler`` and ``steps`` only when set
+        (files stay as before otherwise)."""
         out = super().to_dict()
-        if out.get("guidance") is None:
-            out.pop("guidance", None)
+        for key in ("guidance", "grid", "sampler", "steps"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+    def sample_options(self) -> dict[str, Any]:
+        """The recorded sampler, its options, ``steps`` and ``grid`` as keyword arguments of
+        :meth:`diffreg.Diffusion.sample` (only those recorded; an explicit grid brings its length
+        as ``steps``): ``diffusion.sample(model, shape, **cfg.sampling.sample_options(),
+        **cfg.sampling.driver_options())``."""
+        out: dict[str, Any] = {}
+        if self.sampler is not None:
+            out["sampler"] = self.sampler.name
+            out.update(self.sampler.options)
+        steps = self.steps if self.steps is not None else self.grid_levels()
+        if steps is not None:
+            out["steps"] = steps
+        if self.grid is not None:
+            out["grid"] = self.grid.to_dict()
         return out
 
     def guidance_spec(self) -> dict[str, Any] | None:

@@ -1,0 +1,149 @@
+"""Step schedules optimized per model and NFE (diffreg/optimize.py, `diffreg optimize-steps`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import diffreg
+from diffreg.cli import main
+from diffreg.config import SamplingConfig
+from diffreg.errors import ConfigError
+from diffreg.optimize import optimize_steps
+from diffreg.testing import GaussianMixture, exact_ode_solution
+
+pytest.importorskip("diffreg_solvers")
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def _rms_to_exact(diffusion, model, mixture, times, x_T):
+    """RMS distance (per element) to the exact probability-flow ODE solution (scipy DOP853)."""
+    exact = exact_ode_solution(mixture, diffusion, x_T, diffusion.num_timesteps - 1)
+    x = diffusion.sample(
+        model, x_T.shape, sampler="dpmpp_2m", grid=list(times), steps=len(times), noise=x_T, clip_denoised=False,
+        dtype=torch.float64,
+    )
+    return float(((x - exact) ** 2).mean().sqrt())
+
+
+def test_optimized_grid_beats_the_default_and_log_snr_grids_on_fresh_draws():
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = mixture.denoiser(diffusion, "eps")
+    result = optimize_steps(
+        diffusion, model, (2,), sampler="dpmpp_2m", nfe=5, draws=64, seed=0, max_evals=24,
+        dtype=torch.float64, clip_denoised=False,
+    )
+    assert result.steps == 5 and result.nfe == 5 and len(result.times) == 5
+    assert result.times[0] == 999.0 and np.all(np.diff(result.times) < 0)
+    # the module's own held-out figures (distance to its many-step reference) ...
+    assert result.held_out["optimized"] < 0.5 * result.held_out["trailing"]
+    # ... and, independently, the distance to the exact ODE solution on draws neither half saw
+    x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    optimized = _rms_to_exact(diffusion, model, mixture, result.times, x_T)
+    for grid in ("trailing", "karras", "exponential"):
+        baseline = _rms_to_exact(diffusion, model, mixture, diffusion.grid_times(5, grid), x_T)
+        assert optimized < 0.7 * baseline, (grid, optimized, baseline)
+
+
+def test_optimize_steps_saves_a_grid_that_sample_uses_by_default(run, tiny_checkpoint, tmp_path):
+    result = run(
+        "optimize-steps", tiny_checkpoint, "--sampler", "dpmpp_2m", "--nfe", 3, "--draws", 8, "--max-evals", 4,
+        "--reference-steps", 12, "--output", "g.json", "--save-to-checkpoint", "opt.safetensors", "--threads", 1,
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "g.json").read_text())
+    times = saved["grid"]["times"]
+    assert saved["grid"]["name"] == "explicit" and len(times) == 3 and times[0] == 99.0
+    assert set(saved["held_out_error"]) == {"optimized", "trailing", "karras", "exponential"}
+    # the checkpoint round-trips the grid, the sampler and the steps
+    _, diffusion, cfg = diffreg.load_checkpoint(tmp_path / "opt.safetensors")
+    assert cfg.sampling.grid.name == "explicit" and cfg.sampling.grid.options["times"] == times
+    assert cfg.sampling.sampler.name == "dpmpp_2m" and cfg.sampling.steps == 3
+    # `diffreg sample` uses them when no --sampler, --steps or --grid is given ...
+    result = run("sample", "opt.safetensors", "--num-samples", 4, "--output", "", "--npz", "a.npz", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "4 samples with dpmpp_2m (3 steps, 3 NFE, grid " in result.output and "explicit" in result.output
+    # ... and they are the samples of that sampler on those times, given explicitly
+    result = run(
+        "sample", tiny_checkpoint, "--sampler", "dpmpp_2m", "--steps", 3, "--grid", json.dumps(times),
+        "--num-samples", 4, "--output", "", "--npz", "b.npz", "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    # a different --steps falls back to the default grid, saying so
+    result = run("sample", "opt.safetensors", "--steps", 4, "--num-samples", 2, "--output", "", "--npz", "",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "differs from the 3 levels of the checkpoint's grid" in result.output
+    assert "(4 steps, 4 NFE, grid trailing" in result.output
+    # the Python spelling of the same defaults
+    assert cfg.sampling.sample_options() == {"sampler": "dpmpp_2m", "steps": 3, "grid": saved["grid"]}
+    x = diffusion.grid_times(3, cfg.sampling.sample_options()["grid"])
+    np.testing.assert_allclose(x, times)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--sampler", "dpm_solver_3s", "--nfe", 3), "nfe 3 is below the minimum for sampler 'dpm_solver_3s'"),
+        (("--sampler", "dpmpp_2m", "--nfe", 1), "nfe 1 is below the minimum for sampler 'dpmpp_2m': 2 (two steps"),
+        (("--sampler", "ddpm", "--nfe", 5), "sampler 'ddpm' is stochastic"),
+        (("--sampler", "euler_ancestral", "--nfe", 5), "(or give eta=0 to make it deterministic)"),
+        (("--sampler", "adaptive", "--nfe", 5), "chooses its own step sizes by error control"),
+        (("--sampler", "dpmpp_2m", "--nfe", 5, "--draws", 7), "--draws 7: give an even number"),
+    ],
+)
+def test_bad_optimize_steps_input_gets_a_clear_error(run, tiny_checkpoint, args, message):
+    fast = ("--max-evals", 1, "--reference-steps", 4, "--output", "")
+    result = run("optimize-steps", tiny_checkpoint, *fast, *(args if "--draws" in args else (*args, "--draws", 4)))
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_optimize_steps_refuses_a_file_that_is_not_a_checkpoint(run, tmp_path):
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint")
+    result = run("optimize-steps", tmp_path / "notes.safetensors", "--nfe", 5)
+    assert result.exit_code == 1 and "is not a readable safetensors file" in result.output
+
+
+def test_optimize_steps_refuses_a_process_without_a_finite_log_snr_range(monkeypatch):
+    from diffreg.optimize import check_process
+
+    with pytest.raises(ValueError, match="no noise-level process"):
+        check_process(object())
+    process = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000}).process
+    monkeypatch.setattr(process, "log_snr_range", lambda: (-np.inf, np.inf))
+    with pytest.raises(ValueError, match="no finite log-SNR range"):
+        check_process(process)
+
+
+def test_sampling_config_grid_round_trips_and_checks_steps():
+    cfg = SamplingConfig.from_dict({"grid": [999.0, 500.5, 20.0], "sampler": "unipc", "clip": False})
+    assert cfg.to_dict() == {
+        "clip": False, "dynamic_threshold": None, "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]},
+        "sampler": "unipc",
+    }
+    assert SamplingConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.sample_options() == {"sampler": "unipc", "steps": 3, "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]}}
+    assert SamplingConfig().to_dict() == {"clip": True, "dynamic_threshold": None}  # older files unchanged
+    with pytest.raises(ConfigError, match="sampling.steps is 4 but the explicit sampling.grid has 3 levels"):
+        SamplingConfig(grid=[999.0, 500.5, 20.0], steps=4)
+    with pytest.raises(ConfigError, match="sampling.steps must be an int"):
+        SamplingConfig(steps=0)
