@@ -87,7 +87,7 @@ def test_optimize_steps_saves_a_grid_that_sample_uses_by_default(run, tiny_check
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     # a different --steps falls back to the default grid, saying so
-    result = run("sample", "opt.safetensors", "--steps", 4, "--num-samples", 2, "--output", "", "--npz", "",
+    result = run("sample", "opt.safetensors", "--steps", 4, "--num-samples", 2, "--output", "", "--npz", "c.npz",
                  "--no-progress")
     assert result.exit_code == 0, result.output
     assert "differs from the 3 levels of the checkpoint's grid" in result.output
