@@ -1,4 +1,4 @@
-"""The ``diffreg`` command: sample, train, info, plugins, list."""
+"""The ``diffreg`` command: sample, train, ema, info, plugins, list."""
 
 from __future__ import annotations
 
@@ -937,6 +937,40 @@ def train(
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
+
+
+# -- ema ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--sigma-rel",
+    required=True,
+    type=float,
+    help="Relative EMA length (std of the averaging profile over the training time; EDM2 uses 0.05-0.15).",
+)
+@click.option("--step", type=click.IntRange(min=1), help="Training step of the EMA (default: the last snapshot's).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
+@_user_errors
+def ema(checkpoint, sigma_rel, step, output) -> None:
+    """Reconstruct a post-hoc EMA of any length from the snapshots a run kept beside CHECKPOINT
+    (<stem>.phema/, written with posthoc_ema_every > 0; Karras et al. 2024, EDM2) and write it as a
+    checkpoint with CHECKPOINT's configuration."""
+    from diffreg.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from diffreg.ema import reconstruct, snapshot_dir
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
+
+    refuse_inputs_as_outputs({"--output": output}, {"CHECKPOINT": checkpoint})
+    check_writable(output)
+    state, info = reconstruct(snapshot_dir(checkpoint), sigma_rel, step)
+    model, _, _ = load_checkpoint(checkpoint)
+    model.load_state_dict(state)
+    save_checkpoint(output, model, read_config(checkpoint))
+    click.echo(
+        f"EMA sigma_rel {sigma_rel:g} (gamma {info['gamma']:.3f}) at step {info['step']} from "
+        f"{info['snapshots']} snapshot(s) -> {output}"
+    )
 
 
 # -- convert ------------------------------------------------------------------------------------------

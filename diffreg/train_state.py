@@ -1,11 +1,13 @@
 """The training state: what ``diffreg train --resume`` needs to continue exactly, in one
 safetensors file (nothing pickled), and the checks that it fits the run that resumes from it.
 
-Layout: ``model/<name>`` and ``ema/<name>`` (weights), ``optim/<index>/<name>`` (AdamW's
-``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), and per rank ``rng/generator``,
-``rng/torch``, ``timestep_sampler/<name>`` (rank 0) or ``rank<r>/...`` (rank r > 0 under
-torchrun). Metadata: ``step``, ``ema_updates``, ``running_loss``, ``param_groups``,
-``train_config``, ``world_size``, ``data_fingerprint``.
+Layout: ``model/<name>`` and ``ema/<name>`` (weights), ``phema/<i>/<name>`` (post-hoc EMA
+averages, when kept), ``optim/<index>/<name>`` (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq`` per
+parameter), ``scaler/scale`` and ``scaler/growth_tracker`` (fp16), and per rank ``rng/torch``,
+``timestep_sampler/<name>`` (rank 0) or ``rank<r>/...`` (rank r > 0 under torchrun).
+Metadata: ``step``, ``ema_updates``, ``running_loss``, ``param_groups``, ``train_config``,
+``world_size``, ``data_fingerprint``, ``data_epoch`` and ``data_offset`` (where the index stream
+resumes: ``divmod(step * batch_size, N)``), ``data_size``, ``skipped_steps``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def rank_prefix(rank: int) -> str:
 
 
 def rank_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """This process's own state: its data generator, torch's global RNG, the timestep sampler."""
-    state = {"rng/generator": trainer.generator.get_state(), "rng/torch": torch.get_rng_state()}
+    """This process's own state: torch's global RNG (model dropout), the timestep sampler. (The
+    data order, flips, label dropout, timesteps and noise are functions of (seed, step, chunk).)"""
+    state = {"rng/torch": torch.get_rng_state()}
     for key, value in trainer.timestep_sampler.state_dict().items():
         state[f"timestep_sampler/{key}"] = torch.as_tensor(value)
     return state
@@ -83,6 +86,13 @@ def write_state(trainer: Trainer, path: Path, ranks: list[dict[str, torch.Tensor
         tensors[f"model/{key}"] = value.detach().cpu().contiguous()
     for key, value in trainer.ema.model.state_dict().items():
         tensors[f"ema/{key}"] = value.detach().cpu().contiguous()
+    if trainer.phema is not None:
+        for key, value in trainer.phema.state_tensors().items():
+            tensors[f"phema/{key}"] = value
+    if trainer.scaler.is_enabled():
+        scaler = trainer.scaler.state_dict()
+        tensors["scaler/scale"] = torch.tensor([float(scaler["scale"])], dtype=torch.float64)
+        tensors["scaler/growth_tracker"] = torch.tensor([int(scaler["_growth_tracker"])], dtype=torch.int64)
     optim = trainer.optimizer.state_dict()
     for index, state in optim["state"].items():
         for name, value in state.items():
@@ -101,6 +111,10 @@ def write_state(trainer: Trainer, path: Path, ranks: list[dict[str, torch.Tensor
         "train_config": trainer.cfg.to_json(),
         "world_size": str(trainer.world_size),
         "data_fingerprint": trainer.data_fingerprint(),
+        "data_epoch": str(trainer.data_position()[0]),
+        "data_offset": str(trainer.data_position()[1]),
+        "data_size": str(trainer.data.size),
+        "skipped_steps": str(trainer.skipped_steps),
     }
     with naming(shown):
         save_file(tensors, str(path), metadata=metadata)
@@ -166,7 +180,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         saved_cfg = TrainConfig.from_json(meta["train_config"])
     except Exception as exc:
         raise CheckpointError(f"{shown} has a damaged training configuration: {exc}") from exc
-    ignore = {"steps", "save_every"}
+    ignore = {"steps", "save_every", "data_workers"}
     differ = [
         f.name
         for f in attrs.fields(TrainConfig)
@@ -174,12 +188,22 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     ]
     if differ:
         raise CheckpointError(f"cannot resume from {shown}: the configuration differs in {', '.join(differ)}")
+    cfg = trainer.cfg
+    if cfg.lr_schedule == "cosine" and not cfg.lr_decay_steps and saved_cfg.steps != cfg.steps:
+        raise CheckpointError(
+            f"cannot resume from {shown}: its cosine schedule decays over steps = {saved_cfg.steps}, this run has "
+            f"steps = {cfg.steps}; set lr_decay_steps = {saved_cfg.steps} to keep the schedule (or {cfg.steps} to stretch it)"
+        )
     try:
         tensors = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{shown} is damaged and cannot resume: {type(exc).__name__}: {exc}") from exc
     prefix = rank_prefix(trainer.rank)
-    needed = ["model/", "ema/", prefix + "rng/generator", prefix + "rng/torch"]
+    needed = ["model/", "ema/", prefix + "rng/torch"]
+    if trainer.phema is not None:
+        needed.append("phema/")
+    if trainer.scaler.is_enabled():
+        needed += ["scaler/scale", "scaler/growth_tracker"]
     missing = [n for n in needed if not any(k.startswith(n) for k in tensors)]
     missing += [k for k in ("step", "ema_updates", "param_groups", "running_loss") if k not in meta]
     try:
@@ -200,6 +224,21 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     if world != str(trainer.world_size):
         problems.append(f"it was saved by {world} process(es), this run has {trainer.world_size}")
     fingerprint = meta.get("data_fingerprint")
+    position = [meta.get("data_epoch"), meta.get("data_offset"), meta.get("data_size")]
+    if step >= 0 and None not in position:
+        expected = [*map(str, divmod(step * trainer.cfg.batch_size, trainer.data.size)), str(trainer.data.size)]
+        if position != expected:
+            problems.append(
+                f"its data position (epoch, offset, size) {tuple(position)} is not where step {step} of this run "
+                f"reads {tuple(expected)}"
+            )
+    try:
+        skipped_steps = int(meta.get("skipped_steps", "0"))
+        if not 0 <= skipped_steps <= max(step, 0):
+            raise ValueError
+    except ValueError:
+        skipped_steps = 0
+        problems.append(f"skipped step count {meta.get('skipped_steps')!r} is not an integer in 0..{step}")
     if fingerprint is not None and fingerprint != trainer.data_fingerprint():
         where = trainer.cfg.data.options.get("path")
         problems.append(
@@ -225,7 +264,16 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     # -- weights
     problems += _check_tensors("model", section("model/"), trainer.model.state_dict())
     problems += _check_tensors("EMA", section("ema/"), trainer.ema.model.state_dict())
+    if trainer.phema is not None:
+        problems += _check_tensors("post-hoc EMA", section("phema/"), trainer.phema.state_tensors())
+    if trainer.scaler.is_enabled():
+        scale = tensors["scaler/scale"]
+        if scale.numel() != 1 or not scale.is_floating_point() or not (math.isfinite(float(scale)) and float(scale) > 0):
+            problems.append(f"loss scale {scale.tolist()!r} is not a finite number > 0")
     # -- optimizer: the configuration's hyper-parameters govern; the file must agree with them
+    if step > 0:  # the learning rate of the last update the state holds
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = trainer.cfg.lr_at(step - 1)
     current_groups = trainer.optimizer.state_dict()["param_groups"]
     try:
         groups = json.loads(meta["param_groups"])
@@ -271,7 +319,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
             problems.append(f"optimizer step of parameter {index} is {s.tolist()!r}, the state's step is {step}")
     # -- this rank's RNG and timestep sampler
     own = rank_state(trainer)
-    for key in ("rng/generator", "rng/torch"):
+    for key in ("rng/torch",):
         saved, current = tensors[prefix + key], own[key]
         if saved.dtype != current.dtype or tuple(saved.shape) != tuple(current.shape):
             problems.append(
@@ -290,10 +338,16 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         trainer.model.load_state_dict(section("model/"))
         trainer.ema.model.load_state_dict(section("ema/"))
         trainer.optimizer.load_state_dict({"state": optim_state, "param_groups": current_groups})
-        trainer.generator.set_state(tensors[prefix + "rng/generator"])
         torch.set_rng_state(tensors[prefix + "rng/torch"])
+        if trainer.phema is not None:
+            trainer.phema.load_state_tensors(section("phema/"))
+        if trainer.scaler.is_enabled():
+            trainer.scaler.load_state_dict(
+                {**trainer.scaler.state_dict(), "scale": float(tensors["scaler/scale"]),
+                 "_growth_tracker": int(tensors["scaler/growth_tracker"])}
+            )
         trainer.timestep_sampler.load_state_dict({k: v.numpy() for k, v in sampler_state.items()})
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{shown} is damaged and cannot resume: {type(exc).__name__}: {exc}") from exc
     trainer.running_loss = running_loss
-    trainer.step, trainer.ema.updates = step, ema_updates
+    trainer.step, trainer.ema.updates, trainer.skipped_steps = step, ema_updates, skipped_steps

@@ -1,143 +1,52 @@
-"""Training: a configuration (TOML) and a plain loop with AdamW, EMA and checkpoints.
+"""Training: a plain loop with AdamW, EMA and checkpoints, from a :class:`TrainConfig` (TOML).
 
-``diffreg train --config configs/digits.toml`` is a thin wrapper around :func:`train`.
+``diffreg train --config configs/digits.toml`` is a thin wrapper around :func:`train`. One
+optimizer step takes ``batch_size`` examples (global), ``grad_accum`` micro-batches per process;
+data streams through :mod:`diffreg.data_loading`; precision fp32, bf16 autocast or fp16 with
+dynamic loss scaling; learning-rate warm-up and schedule; EMA and optional post-hoc EMA
+(:mod:`diffreg.ema`); the training state (:mod:`diffreg.train_state`) resumes exactly.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import attrs
 import torch
 from tqdm.auto import tqdm
 
 from diffreg import registry
 from diffreg.checkpoint import save_checkpoint
-from diffreg.config import (
-    CheckpointConfig,
-    ComponentSpec,
-    DiffusionConfig,
-    SamplingConfig,
-    _coerce_diffusion,
-    _DictMixin,
-)
-from diffreg.data import load_dataset
+from diffreg.config import CheckpointConfig, ComponentSpec, SamplingConfig
+from diffreg.data_loading import IndexStream, RankBatches, TrainingData, seed_for
 from diffreg.diffusion import Diffusion
+from diffreg.ema import EMA, PowerEMA, snapshot_dir, write_snapshot
 from diffreg.errors import ConfigError
-from diffreg.validation import check_guidance_scale
+from diffreg.train_config import TrainConfig
+from diffreg.train_distributed import finish_distributed, init_distributed, update_sampler
+
+__all__ = ["EMA", "TrainConfig", "Trainer", "build_model_spec", "check_outputs", "finish_distributed", "state_path", "train"]
+
+_distributed = init_distributed  # the name cli.py imports
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(instance, attribute, value):
-    if not _number(value) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
-def _non_negative(instance, attribute, value):
-    if not _number(value) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
-
-
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
-
-
-def _non_negative_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be an integer >= 0, got {value!r}")
-
-
-def _int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
-
-
-def _bool(instance, attribute, value):
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
-
-
-def _unit(instance, attribute, value):
-    if not _number(value) or not 0 <= value < 1:
-        raise ConfigError(f"{attribute.name} must be in [0, 1), got {value!r}")
-
-
-def _optional_guidance_scale(instance, attribute, value):
-    if value is not None:
-        try:
-            check_guidance_scale(value, attribute.name)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{exc} (or absent)") from None
-
-
-@attrs.frozen
-class TrainConfig(_DictMixin):
-    """A training run. Read from TOML with :meth:`from_toml`; every field has a default.
-
-    Fields: ``diffusion`` (a :class:`~diffreg.DiffusionConfig` table), ``model`` (a component:
-    name and options; ``in_channels``, ``out_channels``, ``image_size`` and ``num_classes`` are
-    filled from the data and the variance type when absent), ``data`` (``{"name": "digits",
-    ...options}``), ``class_conditional``, ``label_dropout`` (probability of the null label, for
-    classifier-free guidance), ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``ema_decay``
-    (with warm-up: the decay used at step k is min(ema_decay, (1 + k) / (10 + k))),
-    ``grad_clip`` (max gradient norm, 0 = off), ``seed``, ``guidance_scale`` (the classifier-free
-    guidance scale recommended for sampling, stored in the checkpoint as the CLI's default),
-    ``save_every`` (write the checkpoint and the training state every N steps; 0 = at the end
-    only), ``bf16`` (run the model under bfloat16 autocast).
-
-    Data: ``digits`` (``image_size``), ``moons`` / ``swiss_roll`` / ``gaussian_mixture`` (2-D, for
-    the ``mlp`` model), ``folder`` (``path``: a folder of images, one sub-folder per class or
-    flat; ``image_size``, ``channels``), ``npz`` (``path``: ``arr_0`` images NHWC uint8 or floats
-    in [-1, 1], optional ``arr_1`` labels).
-    """
-
-    _nested: ClassVar[dict[str, type]] = {"diffusion": DiffusionConfig}
-
-    diffusion: DiffusionConfig = attrs.field(factory=DiffusionConfig, converter=_coerce_diffusion)
-    model: ComponentSpec = attrs.field(
-        default=ComponentSpec("unet"), converter=lambda v: ComponentSpec.coerce(v, "model")
-    )
-    data: ComponentSpec = attrs.field(
-        default=ComponentSpec("digits"), converter=lambda v: ComponentSpec.coerce(v, "data")
-    )
-    class_conditional: bool = attrs.field(default=True, validator=_bool)
-    label_dropout: float = attrs.field(default=0.1, validator=_unit)
-    steps: int = attrs.field(default=4000, validator=_positive_int)
-    batch_size: int = attrs.field(default=128, validator=_positive_int)
-    lr: float = attrs.field(default=5e-4, validator=_positive)
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
-    ema_decay: float = attrs.field(default=0.999, validator=_unit)
-    grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
-    seed: int = attrs.field(default=0, validator=_int)
-    guidance_scale: float | None = attrs.field(default=None, validator=_optional_guidance_scale)
-    save_every: int = attrs.field(default=0, validator=_non_negative_int)
-    bf16: bool = attrs.field(default=False, validator=_bool)
-    format_version: int = 1
-
-
-def build_model_spec(
-    cfg: TrainConfig, diffusion: Diffusion, data: torch.Tensor, num_classes: int | None
-) -> ComponentSpec:
-    """The model's full options: the configured ones, plus what the data and the variance imply."""
+def build_model_spec(cfg: TrainConfig, diffusion: Diffusion, data: Any, num_classes: int | None) -> ComponentSpec:
+    """The model's full options: the configured ones, plus what the data and the variance imply.
+    ``data``: the examples' shape ``[C, H, W]`` / ``[D]`` (a tuple) or a tensor ``[N, ...]``."""
+    shape = tuple(data.shape[1:]) if hasattr(data, "shape") else tuple(data)
     options = dict(cfg.model.options)
-    channels = data.shape[1]
+    channels = shape[0]
     component = registry.get("model", cfg.model.name)
     accepted = registry.accepted_options(component)
     implied: dict[str, Any] = {}
-    if data.ndim == 4:
+    if len(shape) == 3:
         implied.update(
             in_channels=channels,
             out_channels=diffusion.parameterization.output_channels(channels),
-            image_size=data.shape[-1],
+            image_size=shape[-1],
         )
     else:
         implied.update(dim=channels, out_dim=diffusion.parameterization.output_channels(channels))
@@ -153,50 +62,43 @@ def build_model_spec(
     return ComponentSpec(cfg.model.name, options)
 
 
-class EMA:
-    """Exponential moving average of a model's parameters, with warm-up (the decay at update k is
-    min(decay, (1 + k) / (10 + k)), so early averages are not dominated by the initialization)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        """Move the average towards ``model``'s parameters (buffers are copied)."""
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # type: ignore[arg-type]
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+#: data options that are augmentations, not loader arguments
+AUGMENTATIONS = ("hflip",)
 
 
-def _load_data(spec: ComponentSpec):
-    """Load the configured data; a bad option is a ConfigError naming the dataset and option."""
+def load_training_data(spec: ComponentSpec, workers: int = 0) -> TrainingData:
+    """The configured data: image folders and npz/npy files streamed lazily, the small built-in
+    datasets whole. A bad option is a ConfigError naming the dataset and option."""
     import inspect
 
     from diffreg import data as data_module
+    from diffreg.data_loading import ArrayFileDataset, ImageFolderDataset
 
-    loaders: dict[str, Any] = {
-        "digits": data_module.load_digits,
-        "folder": data_module.load_image_folder,
-        "npz": data_module.load_npz,
-    }
+    streamed: dict[str, Any] = {"folder": ImageFolderDataset, "npz": ArrayFileDataset}
+    loaders: dict[str, Any] = {"digits": data_module.load_digits, **streamed}
     loader = loaders.get(spec.name, data_module.toy_2d)
-    accepted = [p for p in inspect.signature(loader).parameters if p != "name"]
+    signature = inspect.signature(loader.__init__ if isinstance(loader, type) else loader)
+    accepted = [p for p in signature.parameters if p not in ("name", "self")] + list(AUGMENTATIONS)
     unknown = [k for k in spec.options if k not in accepted]
     if spec.name in data_module.DATASETS and unknown:
         raise ConfigError(f"data {spec.name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    hflip = spec.options.get("hflip", False)
+    if not isinstance(hflip, bool):
+        raise ConfigError(f"data option hflip must be true or false, got {hflip!r}")
+    options = {k: v for k, v in spec.options.items() if k not in AUGMENTATIONS}
     try:
-        x, y, num_classes = load_dataset(spec.name, **spec.options)
+        if spec.name in streamed:
+            data = TrainingData(dataset=streamed[spec.name](**options), workers=workers)
+        else:
+            x, y, num_classes = data_module.load_dataset(spec.name, **options)
+            if x.shape[0] < 1:
+                raise ConfigError(f"data {spec.name!r} has no examples")
+            data = TrainingData(x=x, y=y, num_classes=num_classes)
     except TypeError as exc:
         raise ConfigError(f"data {spec.name!r}: bad options {spec.options}: {exc}") from exc
-    if x.shape[0] < 1:
-        raise ConfigError(f"data {spec.name!r} has no examples")
-    return x, y, num_classes
+    if hflip and len(data.example_shape) != 3:
+        raise ConfigError(f"data option hflip flips images; {spec.name!r} holds vectors of shape {data.example_shape}")
+    return data
 
 
 STATE_SUFFIX = ".state.safetensors"
@@ -208,99 +110,176 @@ def state_path(output: str | os.PathLike[str]) -> Path:
     return output.with_name(output.name.removesuffix(".safetensors") + STATE_SUFFIX)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) of a torchrun launch, initialising the process group once."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def finish_distributed() -> None:
-    """Under torchrun: wait for every rank (rank 0 may still be writing), then close the process
-    group, so no rank exits while another still talks to it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 class Trainer:
-    """One training run: data, diffusion, model, EMA, AdamW, timestep sampler and RNG state.
+    """One training run: data, diffusion, model, EMA (and post-hoc EMA), AdamW, learning-rate
+    schedule, loss scaler, timestep sampler and RNG state.
 
-    Every source of randomness (data order, label dropout, timesteps, noise) comes from one
-    ``torch.Generator`` seeded with ``seed + rank``, so a run resumed from its training state
-    continues exactly as the uninterrupted run would (bitwise on the same machine).
+    Randomness is a function of the run, not of the process count: the data order is
+    :class:`~diffreg.data_loading.IndexStream` (seeded ``(seed, epoch)``); label dropout, flips,
+    timesteps and noise of micro-batch chunk ``c`` of step ``s`` come from generators seeded
+    ``(seed, s, c)`` (chunk ``a * world + rank`` for accumulation round ``a``). So a resumed run
+    continues exactly (bitwise on the same machine), and 2 processes equal 1 process with
+    ``grad_accum = 2`` at the same global batch (up to the order of floating-point sums). Model
+    dropout draws from torch's global RNG (saved per rank).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel
-    (gloo on CPU, NCCL on GPU); each rank draws its own batches and only rank 0 writes files.
+    (gloo on CPU, NCCL on GPU) and only rank 0 writes files.
     """
 
     def __init__(self, cfg: TrainConfig, *, device: str | torch.device = "cpu"):
-        self.cfg = cfg
         from diffreg.validation import resolve_device
 
+        self.cfg = cfg
         self.device = resolve_device(device)
-        self.rank, self.world_size = _distributed()
+        self.rank, self.world_size = init_distributed()
+        if cfg.batch_size % (self.world_size * cfg.grad_accum):
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} (the global batch) is not divisible by {self.world_size} process(es) "
+                f"x grad_accum {cfg.grad_accum}"
+            )
+        self.micro = cfg.batch_size // (self.world_size * cfg.grad_accum)
         torch.manual_seed(cfg.seed + self.rank)
-        x_all, y_all, num_classes = _load_data(cfg.data)
-        self.num_classes = num_classes
-        self.conditional = cfg.class_conditional and num_classes is not None
+        self.data = load_training_data(cfg.data, workers=cfg.data_workers)
+        self.hflip = bool(cfg.data.options.get("hflip", False))
+        self.num_classes = self.data.num_classes
+        self.conditional = cfg.class_conditional and self.num_classes is not None
         self.diffusion = Diffusion.from_config(cfg.diffusion)
-        self.model_spec = build_model_spec(cfg, self.diffusion, x_all, num_classes)
+        self.model_spec = build_model_spec(cfg, self.diffusion, self.data.example_shape, self.num_classes)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = registry.create("model", self.model_spec.name, **self.model_spec.options).to(self.device)
+        torch.manual_seed(cfg.seed + self.rank)
         self.ema = EMA(self.model, cfg.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.phema = PowerEMA(self.model, cfg.posthoc_ema_sigma_rels) if cfg.posthoc_ema_every else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fp16)
         self.timestep_sampler = self.diffusion.create_timestep_sampler()
-        self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
-        self.x_all, self.y_all = x_all.to(self.device), y_all.to(self.device)
+        self.stream = IndexStream(self.data.size, cfg.seed)
+        if self.data.x is not None:
+            self.data.x, self.data.y = self.data.x.to(self.device), self.data.y.to(self.device)
         self.step = 0
+        self.skipped_steps = 0  # fp16 steps skipped for non-finite gradients (all of the run)
+        self.consecutive_skipped = 0
         self.running_loss: float | None = None
-        self._data_fingerprint: str | None = None
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.network: torch.nn.Module = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.network = DistributedDataParallel(self.model)
 
-    # -- one step ---------------------------------------------------------------------------------
+    # -- data ----------------------------------------------------------------------------------
 
-    def train_step(self) -> float:
-        """One optimisation step; returns the loss. Raises FloatingPointError naming the step."""
-        cfg, g, device = self.cfg, self.generator, self.device
-        idx = torch.randint(0, self.x_all.shape[0], (cfg.batch_size,), generator=g).to(device)
-        x_start = self.x_all[idx]
+    @property
+    def x_all(self) -> torch.Tensor | None:
+        """The examples when held in memory (``None`` when streamed)."""
+        return self.data.x
+
+    def data_position(self) -> tuple[int, int]:
+        """``(epoch, offset)`` of the next example the run reads (global position step * batch_size)."""
+        return divmod(self.step * self.cfg.batch_size, self.data.size)
+
+    def _next_micro(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:  # from the current step: built lazily, so load_state sets it first
+            order = RankBatches(
+                self.stream, batch_size=self.cfg.batch_size, micro=self.micro, grad_accum=self.cfg.grad_accum,
+                world=self.world_size, rank=self.rank, start_step=self.step,
+            )
+            self._batches = self.data.batches(order, self.device)
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stop the data loader's workers."""
+        self._batches = None
+
+    def micro_inputs(self, x: torch.Tensor, y: torch.Tensor, chunk: int):
+        """The random inputs of micro-batch ``chunk`` of this step: ``(x_start, model_kwargs, t,
+        weights, noise)``, drawn from generators seeded ``(seed, step, chunk)`` (CPU for flips,
+        label dropout and timesteps; the device's for the noise)."""
+        seed = seed_for(self.cfg.seed, self.step, chunk)
+        g = torch.Generator().manual_seed(seed)
+        n = x.shape[0]
+        if self.hflip:
+            flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
         kwargs = {}
         if self.conditional:
-            y = self.y_all[idx]
-            drop = torch.rand(cfg.batch_size, generator=g).to(device) < cfg.label_dropout
+            drop = torch.rand(n, generator=g).to(x.device) < self.cfg.label_dropout
             kwargs["y"] = torch.where(drop, torch.full_like(y, self.num_classes or 0), y)
-        t, weights = self.timestep_sampler.sample(cfg.batch_size, device, generator=g)
-        noise = torch.randn(x_start.shape, generator=g).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        t, weights = self.timestep_sampler.sample(n, self.device, generator=g)
+        device_g = g if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn(x.shape, generator=device_g, device=self.device)
+        return x, kwargs, t, weights, noise
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def micro_loss(self, x_start, kwargs, t, weights, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, per-example losses)`` of one micro-batch: the importance-weighted mean divided by
+        ``grad_accum`` (so k micro-batches sum to the mean over the k-times larger batch)."""
+        dtype = torch.float16 if self.cfg.fp16 else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.cfg.bf16 or self.cfg.fp16):
             losses = self.diffusion.training_losses(self.network, x_start, t, model_kwargs=kwargs, noise=noise)
-        self.timestep_sampler.update_with_losses(t, losses["loss"])
-        loss = (losses["loss"].float() * weights).mean()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"training loss became {value} at step {self.step}; stopping (lower lr, check the data "
-                "or resume from the last checkpoint)"
-            )
+        per_example = losses["loss"].float()
+        return (per_example * weights).mean() / self.cfg.grad_accum, per_example
+
+    def train_step(self, micro: list[tuple] | None = None) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the loss (this rank's).
+
+        ``micro``: the micro-batches' ``(x_start, model_kwargs, t, weights, noise)`` to use instead
+        of the data stream (for tests and custom loops).
+
+        Raises FloatingPointError naming the step: a non-finite loss or gradient norm (fp32, bf16),
+        or ``max_skipped_steps`` consecutive steps skipped for overflow (fp16).
+        """
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        ts, ls = [], []
+        for a in range(cfg.grad_accum):
+            inputs = micro[a] if micro is not None else self.micro_inputs(*self._next_micro(), a * self.world_size + self.rank)
+            sync = a == cfg.grad_accum - 1 or self.world_size == 1
+            with self.network.no_sync() if not sync else _nothing():  # type: ignore[operator]
+                loss, per_example = self.micro_loss(*inputs)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+            ts.append(inputs[2])
+            ls.append(per_example)
+        update_sampler(self.timestep_sampler, ts, ls, world=self.world_size, device=self.device)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if cfg.fp16:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+            self.skipped_steps += skipped
+            self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+            if self.consecutive_skipped >= cfg.max_skipped_steps:
+                raise FloatingPointError(
+                    f"fp16: {self.consecutive_skipped} consecutive steps skipped for non-finite gradients up to step "
+                    f"{self.step} (loss scale now {self.scaler.get_scale():g}); the run diverged: lower lr, use bf16, "
+                    "or resume from the last checkpoint"
+                )
+            value = float(total)
+        else:
+            value, norm_value = torch.stack([total.float(), norm.float()]).tolist()
+            if not (math.isfinite(value) and math.isfinite(norm_value)):
+                what = f"training loss became {value}" if not math.isfinite(value) else f"gradient norm became {norm_value}"
+                raise FloatingPointError(
+                    f"{what} at step {self.step}; stopping (lower lr, check the data or resume from the last checkpoint)"
+                )
+            self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        self.running_loss = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
+        if self.phema is not None:
+            self.phema.update(self.model, self.step)
+        if math.isfinite(value):
+            self.running_loss = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
         return value
 
     # -- files ---------------------------------------------------------------------------------
@@ -309,7 +288,7 @@ class Trainer:
         """What the model checkpoint will carry: diffusion, full model options, data."""
         data_info: dict[str, Any] = {
             "dataset": self.cfg.data.name,
-            "shape": list(self.x_all.shape[1:]),
+            "shape": list(self.data.example_shape),
             "num_classes": self.num_classes if self.conditional else None,
         }
         if self.cfg.guidance_scale is not None and self.conditional:
@@ -318,16 +297,12 @@ class Trainer:
             diffusion=self.cfg.diffusion,
             model=self.model_spec,
             data=data_info,
-            sampling=SamplingConfig.for_data(self.x_all),  # clip images in [-1, 1] only
+            sampling=SamplingConfig(clip=self.data.clip_by_default()),  # clip images in [-1, 1] only
         )
 
     def data_fingerprint(self) -> str:
-        """:func:`diffreg.train_state.data_fingerprint` of this run's data (computed once)."""
-        if self._data_fingerprint is None:
-            from diffreg.train_state import data_fingerprint
-
-            self._data_fingerprint = data_fingerprint(self.x_all, self.y_all)
-        return self._data_fingerprint
+        """The data's fingerprint (:meth:`diffreg.data_loading.TrainingData.fingerprint`)."""
+        return self.data.fingerprint()
 
     def save(self, output: str | os.PathLike[str], checkpoint_dtype: torch.dtype | None = None) -> Path:
         """Write the EMA model checkpoint to ``output`` and the training state beside it
@@ -349,6 +324,13 @@ class Trainer:
                 write_state(self, tmp_state, ranks, shown=state)
         return Path(output)
 
+    def save_snapshot(self, output: str | os.PathLike[str]) -> Path | None:
+        """Write the post-hoc EMA averages at this step beside ``output`` (rank 0;
+        :func:`diffreg.ema.write_snapshot`)."""
+        if self.phema is None or self.rank != 0:
+            return None
+        return write_snapshot(snapshot_dir(output), self.phema, self.step)
+
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Everything :meth:`load_state` needs to continue exactly (weights, EMA, optimizer, step,
         every rank's RNG and timestep-sampler state, a fingerprint of the data), atomically, in one
@@ -364,8 +346,8 @@ class Trainer:
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
         """Restore :meth:`save_state` after checking it fits this run (configuration except
-        ``steps`` and ``save_every``, data fingerprint, process count, counters, optimizer and RNG
-        state): :func:`diffreg.train_state.load_state`.
+        ``steps``, ``save_every`` and ``data_workers``, data fingerprint, process count, counters,
+        optimizer, loss scaler and RNG state): :func:`diffreg.train_state.load_state`.
 
         Raises:
             FileNotFoundError: no state file. CheckpointError: not a training-state file, damaged,
@@ -374,6 +356,15 @@ class Trainer:
         from diffreg.train_state import load_state
 
         load_state(self, path)
+        self._batches = None
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def check_outputs(
@@ -433,9 +424,13 @@ def train(
     Before any work the outputs are checked (:func:`check_outputs`: writable, not an input, and
     with ``resume`` a state behind ``cfg.steps``).
 
-    Returns the checkpoint path. Raises :class:`FloatingPointError` naming the step if the loss
-    becomes non-finite (the run stops; the last periodic checkpoint is kept); ``OSError`` naming
-    the file if a save fails (the checkpoint and its state stay the previous pair).
+    With ``cfg.posthoc_ema_every``, post-hoc EMA snapshots are written every that many steps to
+    ``<output stem>.phema/`` (:mod:`diffreg.ema`).
+
+    Returns the checkpoint path. Raises :class:`FloatingPointError` naming the step if the loss or
+    the gradient norm becomes non-finite (fp32, bf16), or after ``max_skipped_steps``
+    consecutive overflowing steps (fp16): the run stops; the last periodic checkpoint is kept.
+    ``OSError`` naming the file if a save fails (the checkpoint and its state stay the previous pair).
     """
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_outputs(cfg, output, resume=resume)
@@ -450,16 +445,25 @@ def train(
         dynamic_ncols=True,
     )
     trainer.model.train()
-    while trainer.step < cfg.steps:
-        trainer.train_step()
-        bar.update(1)
-        if trainer.step % 20 == 0:
-            bar.set_postfix(loss=f"{trainer.running_loss:.4f}")
-        if log is not None and (trainer.step % 500 == 0 or trainer.step == cfg.steps):
-            log(f"step {trainer.step} loss {trainer.running_loss:.4f}")
-        if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
-            trainer.save(output, checkpoint_dtype)
-    bar.close()
+    try:
+        while trainer.step < cfg.steps:
+            trainer.train_step()
+            bar.update(1)
+            if trainer.step % 20 == 0:
+                postfix = {"loss": f"{trainer.running_loss:.4f}"}
+                if cfg.fp16:
+                    postfix["skipped"] = str(trainer.skipped_steps)
+                bar.set_postfix(postfix)
+            if log is not None and (trainer.step % 500 == 0 or trainer.step == cfg.steps):
+                skipped = f" skipped {trainer.skipped_steps}" if cfg.fp16 else ""
+                log(f"step {trainer.step} loss {trainer.running_loss:.4f} lr {cfg.lr_at(trainer.step - 1):.3g}{skipped}")
+            if cfg.posthoc_ema_every and trainer.step % cfg.posthoc_ema_every == 0:
+                trainer.save_snapshot(output)
+            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+                trainer.save(output, checkpoint_dtype)
+    finally:
+        trainer.close()
+        bar.close()
     path = trainer.save(output, checkpoint_dtype)
     finish_distributed()
     return path

@@ -188,7 +188,7 @@ def _first(tensors, prefix):
         (None, lambda m: m.update(step="-1"), "step '-1' is not an integer >= 0"),
         (None, lambda m: m.update(running_loss="NaN"), "running loss 'NaN' is not a finite number"),
         (None, lambda m: m.update(world_size="2"), "saved by 2 process(es), this run has 1"),
-        (lambda t: t.__setitem__("rng/generator", t["rng/generator"][:100]), None, "RNG state rng/generator is"),
+        (lambda t: t.__setitem__("rng/torch", t["rng/torch"][:100]), None, "RNG state rng/torch is"),
         (lambda t: t.__setitem__("optim/0/exp_avg_sq", -torch.ones_like(t["optim/0/exp_avg_sq"])), None,
          "optimizer exp_avg_sq of parameter 0 holds non-finite or negative values"),
         (lambda t: t.__setitem__("optim/0/exp_avg", t["optim/0/exp_avg"].double()), None,
