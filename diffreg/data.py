@@ -148,7 +148,7 @@ def decode_image(f, image_size: int, channels: int) -> np.ndarray:
             img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
         except OSError as exc:
             raise ValueError(f"{str(f)!r} is not a readable image ({exc})") from exc
-        return np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
+        return np.array(img, dtype=np.uint8).reshape(image_size, image_size, channels)
 
 
 def load_image_folder(

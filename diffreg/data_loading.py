@@ -238,8 +238,14 @@ class ArrayFileDataset(Dataset):
 def make_loader(dataset: Dataset, batches: RankBatches, *, workers: int, device: torch.device) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` in the order of ``batches``: ``workers`` processes
     (0: in this process), pinned memory on CUDA, two batches prefetched per worker. The order does
-    not depend on ``workers`` (the loader returns batches in the sampler's order)."""
-    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    not depend on ``workers`` (the loader returns batches in the sampler's order). The loader gets
+    its own generator (workers draw no random numbers), so torch's global RNG, which model dropout
+    uses and the training state saves, is not touched."""
+    options: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "generator": torch.Generator().manual_seed(0),
+    }
     if workers > 0:
         options.update(prefetch_factor=2, persistent_workers=False)
     return DataLoader(dataset, batch_sampler=batches, **options)

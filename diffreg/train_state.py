@@ -210,7 +210,14 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         step = int(meta.get("step", "0"))
     except ValueError:
         step = -1
-    if step > 0 and not any(k.startswith("optim/") for k in tensors):
+    try:  # fp16 steps skipped for overflow: AdamW took step - skipped_steps steps
+        skipped_steps, bad_skipped = int(meta.get("skipped_steps", "0")), False
+        if not 0 <= skipped_steps <= max(step, 0):
+            raise ValueError
+    except ValueError:
+        skipped_steps, bad_skipped = 0, True
+    optim_steps = step - skipped_steps
+    if optim_steps > 0 and not any(k.startswith("optim/") for k in tensors):
         missing.insert(2, "optim/")
     if missing:
         raise CheckpointError(f"{shown} is incomplete: no {', '.join(missing)}; it cannot resume exactly")
@@ -232,12 +239,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
                 f"its data position (epoch, offset, size) {tuple(position)} is not where step {step} of this run "
                 f"reads {tuple(expected)}"
             )
-    try:
-        skipped_steps = int(meta.get("skipped_steps", "0"))
-        if not 0 <= skipped_steps <= max(step, 0):
-            raise ValueError
-    except ValueError:
-        skipped_steps = 0
+    if bad_skipped:
         problems.append(f"skipped step count {meta.get('skipped_steps')!r} is not an integer in 0..{step}")
     if fingerprint is not None and fingerprint != trainer.data_fingerprint():
         where = trainer.cfg.data.options.get("path")
@@ -298,7 +300,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
             problems.append(f"unexpected optimizer entry optim/{key}")
             continue
         optim_state.setdefault(int(index), {})[name] = value
-    if step > 0 and sorted(optim_state) != list(range(len(params))):
+    if optim_steps > 0 and sorted(optim_state) != list(range(len(params))):
         problems.append(f"optimizer state covers {len(optim_state)} of {len(params)} parameters")
     for index, entry in sorted(optim_state.items()):
         param = params[index]
@@ -315,8 +317,9 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
             elif not torch.isfinite(t).all() or (name == "exp_avg_sq" and (t < 0).any()):
                 problems.append(f"optimizer {name} of parameter {index} holds non-finite or negative values")
         s = entry["step"]
-        if s.numel() != 1 or not s.is_floating_point() or float(s) != step:
-            problems.append(f"optimizer step of parameter {index} is {s.tolist()!r}, the state's step is {step}")
+        if s.numel() != 1 or not s.is_floating_point() or float(s) != optim_steps:
+            taken = f"step is {step}" + (f" less {skipped_steps} skipped" if skipped_steps else "")
+            problems.append(f"optimizer step of parameter {index} is {s.tolist()!r}, the state's {taken}")
     # -- this rank's RNG and timestep sampler
     own = rank_state(trainer)
     for key in ("rng/torch",):
