@@ -162,8 +162,13 @@ def _member_memmap(path: str, name: str) -> np.ndarray | None:
             shape, fortran, dtype = read_header(fh)  # the dtype's description only: nothing unpickled
             offset = fh.tell()
     if dtype.hasobject:
-        raise ValueError(f"{path!r}: {name} is an object array (pickled Python objects), which diffreg never loads")
+        return None  # the whole-file reader refuses it with its message (nothing is unpickled)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _has_member(path: str, name: str) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return name + ".npy" in archive.namelist()
 
 
 class ArrayFileDataset(Dataset):
@@ -195,7 +200,7 @@ class ArrayFileDataset(Dataset):
                 labels = _member_memmap(self.path, "arr_1")
             except zipfile.BadZipFile as exc:
                 raise ValueError(f"{self.path!r} is not an .npz archive of arrays ({exc})") from exc
-            if data is None:  # compressed or missing: the in-memory reader's checks and messages
+            if data is None or (labels is None and _has_member(self.path, "arr_1")):  # compressed, object, missing
                 from diffreg.data import read_npz_arrays
 
                 data, labels = read_npz_arrays(self.path)
