@@ -10,132 +10,38 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from diffreg.prediction import Prediction, Scale, _c
 from diffreg.schedule import axpby
+from diffreg.variance import (
+    FixedLargeVariance,
+    FixedSmallVariance,
+    LearnedRangeVariance,
+    LearnedVariance,
+    VarianceType,
+)
 
-if TYPE_CHECKING:
-    from diffreg.schedule import DiffusionTables
-
-
-class Prediction:
-    """The per-step prediction every sampler consumes, made from raw network output.
-
-    ``pred_xstart`` and ``pred_eps`` have ``x_t``'s shape ``[N, C, ...]`` and dtype; ``pred_eps``
-    may be given as a zero-argument function, computed on first access (samplers that need only
-    x0 then skip it). ``pred_v`` (Salimans & Ho 2022: alpha eps - sigma x0) is a view computed
-    from both when ``alpha`` and ``sigma`` (the level's scales) are known. ``log_variance`` (and
-    ``variance``, when already computed) is the reverse-process variance of a grid step:
-    ``[N, 1, ...]`` for fixed types (a Python float inside sampling loops), ``x_t``'s shape for
-    learned ones. It may instead be given as ``variances``, a zero-argument function returning
-    ``(variance, log_variance)``, computed on first access (deterministic samplers never pay for it).
-
-    Raises:
-        TypeError: neither ``log_variance`` nor ``variances`` given.
-    """
-
-    __slots__ = (
-        "_log_variance",
-        "_model_eps",
-        "_pred_eps",
-        "_variance",
-        "_variances",
-        "alpha",
-        "pred_xstart",
-        "sigma",
-    )
-
-    def __init__(
-        self,
-        pred_xstart: torch.Tensor,
-        pred_eps: torch.Tensor | Callable[[], torch.Tensor],
-        log_variance: torch.Tensor | float | None = None,
-        variance: torch.Tensor | float | None = None,
-        *,
-        variances: Callable[[], tuple[Any, Any]] | None = None,
-        alpha: Any = None,
-        sigma: Any = None,
-        model_eps: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-    ):
-        if log_variance is None and variances is None:
-            raise TypeError("Prediction needs log_variance or variances")
-        self.pred_xstart = pred_xstart
-        self._pred_eps = pred_eps
-        self._log_variance = log_variance
-        self._variance = variance
-        self._variances = variances
-        self.alpha = alpha
-        self.sigma = sigma
-        self._model_eps = model_eps
-
-    @property
-    def model_eps(self) -> torch.Tensor:
-        """eps as the model's output implies it, before clipping, thresholding or ``denoised_fn``
-        changed x0 (diffusers' ``use_clipped_model_output=False``); ``pred_eps`` where nothing did."""
-        if self._model_eps is None:
-            return self.pred_eps
-        if callable(self._model_eps):
-            self._model_eps = self._model_eps()
-        return self._model_eps
-
-    @property
-    def pred_eps(self) -> torch.Tensor:
-        """The predicted noise (computed on first access when given as a function)."""
-        if callable(self._pred_eps):
-            self._pred_eps = self._pred_eps()
-        return self._pred_eps
-
-    @property
-    def pred_v(self) -> torch.Tensor:
-        """v = alpha eps - sigma x0 (Salimans & Ho 2022, eq. 10).
-
-        Raises:
-            ValueError: the level's scales are unknown (a Prediction built without them).
-        """
-        if self.alpha is None or self.sigma is None:
-            raise ValueError("pred_v needs the level's alpha and sigma")
-        x0 = self.pred_xstart
-        return axpby(_c(self.alpha, x0), self.pred_eps, _c(-self.sigma, x0), x0)
-
-    def _resolve_variances(self) -> None:
-        if self._variances is not None:
-            self._variance, self._log_variance = self._variances()
-            self._variances = None
-
-    @property
-    def log_variance(self) -> torch.Tensor | float:
-        """The reverse-process log-variance (computed on first access when given lazily)."""
-        self._resolve_variances()
-        assert self._log_variance is not None
-        return self._log_variance
-
-    @property
-    def variance(self) -> torch.Tensor | float | None:
-        """The reverse-process variance, or ``None`` where only its log is known."""
-        self._resolve_variances()
-        return self._variance
-
-    def replace(self, **changes) -> Prediction:
-        """A copy with some fields changed (``pred_xstart``, ``pred_eps``, ``log_variance``, ``variance``)."""
-        fields: dict[str, Any] = {
-            "pred_xstart": self.pred_xstart,
-            "pred_eps": self._pred_eps,
-            "log_variance": self._log_variance,
-            "variance": self._variance,
-            "variances": self._variances,
-            "alpha": self.alpha,
-            "sigma": self.sigma,
-            "model_eps": self._model_eps,
-        }
-        fields.update(changes)
-        return Prediction(**fields)
-
-
-Scale = float | torch.Tensor
+__all__ = [
+    "EDMPreconditioning",
+    "EpsPrediction",
+    "FixedLargeVariance",
+    "FixedSmallVariance",
+    "FlowPrediction",
+    "LearnedRangeVariance",
+    "LearnedVariance",
+    "MeanType",
+    "ModelParameterization",
+    "Prediction",
+    "VPrediction",
+    "VarianceType",
+    "XStartPrediction",
+    "eps_from_xstart",
+    "xstart_from_eps",
+]
 
 
 def _ratio(a: Scale, b: Scale) -> Scale:
@@ -145,11 +51,6 @@ def _ratio(a: Scale, b: Scale) -> Scale:
     if b == 0.0:
         return math.copysign(math.inf, a) if a != 0.0 else math.nan
     return a / b
-
-
-def _c(value: Scale, like: torch.Tensor) -> Scale:
-    """A coefficient in ``like``'s dtype: Python floats as they are, float64 tensors cast."""
-    return value.to(like.dtype) if isinstance(value, torch.Tensor) else value
 
 
 class MeanType(abc.ABC):
@@ -370,95 +271,6 @@ class EDMPreconditioning(MeanType):
 
     def __repr__(self) -> str:
         return f"EDMPreconditioning(sigma_data={self.sigma_data})"
-
-
-class VarianceType(abc.ABC):
-    """The reverse-process variance (kind ``variance``).
-
-    ``learned`` types read ``model_var_values`` from the second half of the network output (which
-    doubles the output channels); fixed types ignore it.
-    """
-
-    name: str = ""
-    learned: bool = False
-
-    @abc.abstractmethod
-    def variance(
-        self,
-        tables: DiffusionTables,
-        model_var_values: torch.Tensor | None,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(model_variance, model_log_variance)``: ``[N, 1, ...]`` for fixed types (they
-        broadcast against ``x_t``; Python floats when ``t`` is an int), ``x_t``'s shape for learned
-        ones."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class FixedSmallVariance(VarianceType):
-    """sigma_t^2 = beta_tilde_t, the posterior variance (Ho et al. 2020, section 3.2)."""
-
-    name = "fixed_small"
-
-    def variance(self, tables, model_var_values, x_t, t):
-        return (
-            tables.gather("posterior_variance", t, x_t),
-            tables.gather("posterior_log_variance_clipped", t, x_t),
-        )
-
-
-class FixedLargeVariance(VarianceType):
-    """sigma_t^2 = beta_t, with beta_tilde_1 at t = 0 so the decoder NLL stays finite.
-
-    Same as guided-diffusion's ``ModelVarType.FIXED_LARGE``.
-    """
-
-    name = "fixed_large"
-
-    def variance(self, tables, model_var_values, x_t, t):
-        tables.derive("fixed_large_variance", _fixed_large_variance)
-        tables.derive("fixed_large_log_variance", lambda tb: np.log(tb.fixed_large_variance))
-        return (
-            tables.gather("fixed_large_variance", t, x_t),
-            tables.gather("fixed_large_log_variance", t, x_t),
-        )
-
-
-def _fixed_large_variance(tables) -> np.ndarray:
-    first = tables.posterior_variance[1] if tables.num_timesteps > 1 else tables.betas[0]
-    return np.append(first, tables.betas[1:])
-
-
-class LearnedVariance(VarianceType):
-    """The network outputs the log-variance directly (guided-diffusion's ``ModelVarType.LEARNED``)."""
-
-    name = "learned"
-    learned = True
-
-    def variance(self, tables, model_var_values, x_t, t):
-        return torch.exp(model_var_values), model_var_values
-
-
-class LearnedRangeVariance(VarianceType):
-    """The network outputs v in [-1, 1]; log sigma^2 interpolates log beta_tilde and log beta.
-
-    log sigma^2 = frac log beta_t + (1 - frac) log beta_tilde_t with frac = (v + 1) / 2
-    (Nichol & Dhariwal 2021, eq. 15), beta_tilde clipped at t = 0 as in guided-diffusion.
-    """
-
-    name = "learned_range"
-    learned = True
-
-    def variance(self, tables, model_var_values, x_t, t):
-        min_log = tables.gather("posterior_log_variance_clipped", t, x_t)
-        max_log = tables.gather("log_betas", t, x_t)
-        frac = (model_var_values + 1) / 2
-        model_log_variance = frac * max_log + (1 - frac) * min_log
-        return torch.exp(model_log_variance), model_log_variance
-
 
 class ModelParameterization:
     """A mean type and a variance type: how raw network output becomes a :class:`Prediction`.
