@@ -8,7 +8,6 @@ Sampling methods delegate to the registered samplers through :mod:`diffreg.sampl
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from diffreg import registry
 from diffreg.config import DiffusionConfig
-from diffreg.gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from diffreg.likelihood import LikelihoodMethods
 from diffreg.loss import Loss, TimestepSampler
 from diffreg.parameterization import (
     ModelParameterization,
@@ -27,6 +26,7 @@ from diffreg.parameterization import (
     predict_xstart_from_eps,
 )
 from diffreg.process import DiscreteProcess
+from diffreg.sampling_methods import SamplingMethods
 from diffreg.schedule import DiffusionTables, axpby, space_timesteps
 from diffreg.validation import check_tensor
 
@@ -52,7 +52,7 @@ def _check_t(t: torch.Tensor, x: torch.Tensor, num_timesteps: int) -> torch.Tens
     return t.long()
 
 
-class Diffusion:
+class Diffusion(LikelihoodMethods, SamplingMethods):
     """A Gaussian diffusion process composed from named parts.
 
     Build with :meth:`from_config`; construct directly only to supply your own ``betas``.
@@ -387,7 +387,7 @@ class Diffusion:
             sigma=sigma,
         )
 
-    # -- training and likelihood ----------------------------------------------------------------
+    # -- training -------------------------------------------------------------------------------
 
     def training_losses(
         self,
@@ -412,211 +412,3 @@ class Diffusion:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         return self.loss(self, model, x_start, x_t, t, noise, model_kwargs or {})
-
-    def vb_terms_bpd(
-        self,
-        model: Model,
-        x_start: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: Mapping[str, Any] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One term of the variational bound, in bits per dimension (Ho et al. 2020, eq. 5):
-        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, the discretized decoder NLL at t = 0.
-
-        Returns dict with ``output`` ``[N]`` (bits/dim) and ``pred_xstart``.
-        """
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
-        kl = mean_flat(kl) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-        )
-        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
-        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
-
-    # guided-diffusion's private name, kept for code ported from it
-    _vb_terms_bpd = vb_terms_bpd
-
-    def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, ``[N]``; not trained, ~0 for a good
-        schedule."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        kl = normal_kl(qt_mean, qt_log_variance, torch.zeros_like(qt_mean), torch.zeros_like(qt_mean))
-        return mean_flat(kl) / math.log(2.0)
-
-    _prior_bpd = prior_bpd
-
-    @torch.no_grad()
-    def calc_bpd_loop(
-        self,
-        model: Model,
-        x_start: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: Mapping[str, Any] | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The full variational bound, in bits per dimension, with its per-t terms.
-
-        Args:
-            x_start: ``[N, C, ...]`` data in [-1, 1].
-            noise: if given, the same eps (shape of ``x_start``) is used at every t, making the
-                evaluation reproducible; otherwise fresh noise per t (as guided-diffusion).
-
-        Returns:
-            dict with ``total_bpd`` ``[N]``, ``prior_bpd`` ``[N]``, and ``[N, T]`` tensors ``vb``,
-            ``xstart_mse`` and ``mse`` (eps MSE), as guided-diffusion's ``calc_bpd_loop``: column
-            0 is t = T-1, the last column t = 0.
-        """
-        if noise is not None and noise.shape != x_start.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_start.shape)}")
-        batch = x_start.shape[0]
-        vb, xstart_mse, mse = [], [], []
-        for step in reversed(range(self.num_timesteps)):
-            t = torch.full((batch,), step, dtype=torch.long, device=x_start.device)
-            eps = torch.randn_like(x_start) if noise is None else noise
-            x_t = self.q_sample(x_start, t, noise=eps)
-            out = self.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-            vb.append(out["output"])
-            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            pred_eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-            mse.append(mean_flat((pred_eps - eps) ** 2))
-        vb_t = torch.stack(vb, dim=1)
-        prior = self.prior_bpd(x_start)
-        return {
-            "total_bpd": vb_t.sum(dim=1) + prior,
-            "prior_bpd": prior,
-            "vb": vb_t,
-            "xstart_mse": torch.stack(xstart_mse, dim=1),
-            "mse": torch.stack(mse, dim=1),
-        }
-
-    # -- sampling (see diffreg.sampling) --------------------------------------------------------
-
-    def p_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2).
-
-        Options (guided-diffusion's names): ``clip_denoised=True``, ``denoised_fn=None``,
-        ``cond_fn=None``, ``model_kwargs=None``, ``noise=None`` (the step's z, drawn if None),
-        ``generator=None``. ``t`` is int64 ``[N]``; no noise is added where ``t == 0``.
-        ``cond_fn(x, t, **model_kwargs)`` shifts the mean by variance * gradient (Dhariwal &
-        Nichol 2021, Algorithm 1). Returns dict with ``sample`` and ``pred_xstart`` (``x``'s shape).
-        """
-        from diffreg.sampling import single_step
-
-        return single_step.p_sample(self, model, x, t, **options)
-
-    def ddim_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12).
-
-        Options: as :meth:`p_sample`, plus ``eta=0.0`` (stochasticity in [0, 1], eq. 16).
-        ``cond_fn`` conditions the score (Dhariwal & Nichol 2021, Algorithm 2). Returns dict with
-        ``sample`` and ``pred_xstart``.
-        """
-        from diffreg.sampling import single_step
-
-        return single_step.ddim_sample(self, model, x, t, **options)
-
-    def ddim_reverse_sample(self, model, x, t, **options) -> dict[str, torch.Tensor]:
-        """One deterministic DDIM inversion step x_t -> x_{t+1} (Song et al. 2021, eq. 13 run
-        forward). Options: ``clip_denoised=True``, ``denoised_fn=None``, ``model_kwargs=None``,
-        ``eta=0.0`` (only 0 is defined). Returns dict with ``sample`` and ``pred_xstart``.
-        """
-        from diffreg.sampling import single_step
-
-        return single_step.ddim_reverse_sample(self, model, x, t, **options)
-
-    def p_sample_loop(self, model, shape, noise=None, **options) -> torch.Tensor:
-        """Ancestral sampling over every timestep of this process (guided-diffusion's
-        ``p_sample_loop``); ``noise`` is x_T. Options as :func:`diffreg.sampling.sample_loop`."""
-        from diffreg.sampling import sample_loop
-
-        return sample_loop(self, model, shape, sampler="ddpm", noise=noise, **options)
-
-    def p_sample_loop_progressive(self, model, shape, noise=None, **options):
-        """Like :meth:`p_sample_loop` but yields a dict (``sample``, ``pred_xstart``, ``t``, ``i``)
-        after every step."""
-        from diffreg.sampling import sample_loop_progressive
-
-        return sample_loop_progressive(self, model, shape, sampler="ddpm", noise=noise, **options)
-
-    def ddim_sample_loop(self, model, shape, noise=None, eta=0.0, **options) -> torch.Tensor:
-        """DDIM sampling over every timestep of this process (respace first for fewer steps)."""
-        from diffreg.sampling import sample_loop
-
-        return sample_loop(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
-
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, eta=0.0, **options):
-        """Like :meth:`ddim_sample_loop`, yielding a dict after every step."""
-        from diffreg.sampling import sample_loop_progressive
-
-        return sample_loop_progressive(self, model, shape, sampler="ddim", noise=noise, eta=eta, **options)
-
-    def ddim_reverse_sample_loop(self, model, x, **options) -> torch.Tensor:
-        """Deterministic DDIM inversion of data ``x`` to noise x_T over every timestep of this
-        process (respace first for fewer steps)."""
-        from diffreg.sampling import single_step
-
-        return single_step.ddim_reverse_sample_loop(self, model, x, **options)
-
-    def grid_times(self, steps: int | None = None, grid: Any = None, sampler: Any = None) -> np.ndarray:
-        """The process times a sampling call visits: every timestep for ``steps=None``, else
-        ``steps`` levels of ``grid`` (a registered name such as ``trailing`` or ``karras``, a dict
-        with ``name`` and options, a list of times, or a :class:`~diffreg.sampling.Grid`; default:
-        the sampler's own ``grid``, else ``trailing``). float64, strictly decreasing.
-
-        Raises:
-            UnknownComponentError: an unknown grid; ValueError / TypeError: a bad ``steps``.
-        """
-        from diffreg.sampling import resolve_grid
-
-        if steps is None and grid is None:
-            return self.process.integer_times()
-        if grid is None:
-            grid = getattr(sampler, "grid", None) or "trailing"
-        grid_obj = resolve_grid(grid)
-        if steps is None:
-            explicit = getattr(grid_obj, "times_", None)
-            explicit = explicit if explicit is not None else getattr(grid_obj, "sigmas", None)
-            steps = len(explicit) if explicit is not None else self.num_timesteps
-        return grid_obj(self.process, steps)
-
-    def sample(
-        self,
-        model,
-        shape,
-        sampler: Any = "ddim",
-        steps: int | None = 50,
-        spacing: str | None = None,
-        grid: Any = None,
-        **options,
-    ) -> torch.Tensor:
-        """Sample with any registered sampler (a name, or a built :class:`~diffreg.Sampler`) over
-        ``steps`` noise levels of ``grid`` (see :meth:`grid_times`; ``spacing`` is the older
-        spelling of the three spacing grids ``leading``, ``trailing``, ``linspace``;
-        ``steps=None``: every timestep).
-
-        ``options`` are the driver's (``noise``, ``generator``, ``model_kwargs``,
-        ``guidance_scale``, ``progress``, ...; see :func:`diffreg.sampling.sample_loop`) and the
-        sampler's own (e.g. ``eta``). Returns float32 samples of ``shape``.
-
-        Raises:
-            ValueError: ``steps`` outside [1, T], an unknown spacing, both ``spacing`` and
-            ``grid``; UnknownComponentError for an unknown sampler or grid; ComponentOptionError
-            for an option neither accepts.
-        """
-        from diffreg.sampling import resolve_sampler, sample_loop, split_options
-
-        if spacing is not None:
-            if grid is not None:
-                raise ValueError(f"give grid= or spacing= (its older spelling), not both: {grid!r} and {spacing!r}")
-            if spacing not in ("leading", "trailing", "linspace"):
-                raise ValueError(f"unknown spacing {spacing!r}; accepted: leading, trailing, linspace")
-            grid = spacing
-        driver_options, sampler_options = split_options(options)
-        sampler_obj = resolve_sampler(sampler, sampler_options)
-        times = self.grid_times(steps, grid, sampler_obj)
-        return sample_loop(self, model, shape, sampler=sampler_obj, times=times, **driver_options)
