@@ -5,7 +5,8 @@ Used by :class:`diffreg.registry.Registry`: :func:`discover` lists the entry poi
 applies ``DIFFREG_LOAD_PLUGINS`` / ``DIFFREG_DISABLE_PLUGINS`` before anything is imported,
 :func:`run_plugin_code` turns whatever plugin code raises (``SystemExit`` included) into
 :class:`SkipPlugin` except a real Ctrl-C, and :func:`make_register` is the ``register`` callable
-the hooks receive, which validates names, factories and class metadata.
+the hooks receive, which validates names, factories and class metadata. The records the
+registry keeps (:class:`Component`, :class:`PluginInfo`, :class:`PluginFailure`) live here too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import attrs
 import pluggy
 
 from diffreg import hookspecs
@@ -28,6 +30,60 @@ ENTRY_POINT_GROUP = "diffreg"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.\-]*")  # component names (fullmatch)
 PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # plugin names (fullmatch)
 _loading = threading.local()  # .plugin: the plugin whose code this thread is running
+
+BUILTIN_PLUGIN = "diffreg"
+
+
+@attrs.frozen
+class Component:
+    """One registered component: what :func:`diffreg.registry.get` returns.
+
+    Attributes: ``kind`` (one of :data:`diffreg.registry.KINDS`), ``name`` (bare name), ``plugin``
+    (the plugin's name: its entry-point name, or ``"diffreg"`` for built-ins), ``factory``,
+    ``distribution`` and ``version`` (the installed distribution it came from, or ``None`` for an
+    ad-hoc plugin), ``metadata`` (as passed to ``register``, plus the kind's class attributes).
+    """
+
+    kind: str
+    name: str
+    plugin: str
+    factory: Callable[..., Any] = attrs.field(eq=False)
+    distribution: str | None = None
+    version: str | None = None
+    metadata: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+
+    @property
+    def qualified_name(self) -> str:
+        """``<plugin>:<name>``, which always resolves to this component."""
+        return f"{self.plugin}:{self.name}"
+
+    @property
+    def builtin(self) -> bool:
+        """Whether this component comes with diffreg itself."""
+        return self.plugin == BUILTIN_PLUGIN
+
+
+@attrs.frozen
+class PluginInfo:
+    """A loaded plugin: its name, distribution, version, module, the components it registered, and
+    its other names (``aliases``: a second entry point to the same module, a test's name for it)."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    module: str
+    components: tuple[Component, ...]
+    aliases: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class PluginFailure:
+    """A plugin that was skipped, and why (``reason`` is one line meant for a person)."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    reason: str
 
 
 class Entry(NamedTuple):

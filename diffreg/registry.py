@@ -47,7 +47,11 @@ from diffreg.errors import (
 )
 from diffreg.options import accepted_options, check_options
 from diffreg.plugin_loading import (
+    BUILTIN_PLUGIN,
     PLUGIN_NAME_RE,
+    Component,
+    PluginFailure,
+    PluginInfo,
     SkipPlugin,
     check_hook_functions,
     discover,
@@ -62,60 +66,7 @@ from diffreg.plugin_loading import (
 
 __all__ = ["Component", "PluginFailure", "PluginInfo", "Registry", "accepted_options", "check_options"]
 
-BUILTIN_PLUGIN = "diffreg"
 KINDS: tuple[str, ...] = tuple(hookspecs.KINDS)
-
-
-@attrs.frozen
-class Component:
-    """One registered component: what :func:`get` returns.
-
-    Attributes: ``kind`` (one of :data:`KINDS`), ``name`` (bare name), ``plugin`` (the plugin's
-    name: its entry-point name, or ``"diffreg"`` for built-ins), ``factory``, ``distribution`` and
-    ``version`` (the installed distribution it came from, or ``None`` for an ad-hoc plugin),
-    ``metadata`` (as passed to ``register``, plus the kind's class attributes).
-    """
-
-    kind: str
-    name: str
-    plugin: str
-    factory: Callable[..., Any] = attrs.field(eq=False)
-    distribution: str | None = None
-    version: str | None = None
-    metadata: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
-
-    @property
-    def qualified_name(self) -> str:
-        """``<plugin>:<name>``, which always resolves to this component."""
-        return f"{self.plugin}:{self.name}"
-
-    @property
-    def builtin(self) -> bool:
-        """Whether this component comes with diffreg itself."""
-        return self.plugin == BUILTIN_PLUGIN
-
-
-@attrs.frozen
-class PluginInfo:
-    """A loaded plugin: its name, distribution, version, module, the components it registered, and
-    its other names (``aliases``: a second entry point to the same module, a test's name for it)."""
-
-    name: str
-    distribution: str | None
-    version: str | None
-    module: str
-    components: tuple[Component, ...]
-    aliases: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class PluginFailure:
-    """A plugin that was skipped, and why (``reason`` is one line meant for a person)."""
-
-    name: str
-    distribution: str | None
-    version: str | None
-    reason: str
 
 
 class Registry:
