@@ -145,7 +145,8 @@ def decode_image(f, image_size: int, channels: int) -> np.ndarray:
 
     with open_image(f) as img:
         try:
-            img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
         except OSError as exc:
             raise ValueError(f"{str(f)!r} is not a readable image ({exc})") from exc
         return np.array(img, dtype=np.uint8).reshape(image_size, image_size, channels)

@@ -21,11 +21,14 @@ import hashlib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffreg.config import ComponentSpec
 
 #: Files up to this total size are fingerprinted by their full content; above, by names, sizes
 #: and the first and last MiB of each array (reading a large dataset through at every resume
@@ -77,8 +80,17 @@ class RankBatches(Sampler[list[int]]):
     for each step, ``grad_accum`` lists of ``micro`` indices (round ``a`` = chunk
     ``a * world + rank``). Endless; a ``batch_sampler`` for ``DataLoader``."""
 
-    def __init__(self, stream: IndexStream, *, batch_size: int, micro: int, grad_accum: int, world: int, rank: int,
-                 start_step: int = 0):
+    def __init__(
+        self,
+        stream: IndexStream,
+        *,
+        batch_size: int,
+        micro: int,
+        grad_accum: int,
+        world: int,
+        rank: int,
+        start_step: int = 0,
+    ):
         self.stream, self.batch_size, self.micro = stream, batch_size, micro
         self.grad_accum, self.world, self.rank, self.start_step = grad_accum, world, rank, start_step
 
@@ -155,10 +167,17 @@ def _member_memmap(path: str, name: str) -> np.ndarray | None:
         with open(path, "rb") as fh:
             fh.seek(info.header_offset)
             local = fh.read(30)  # the zip local file header: name and extra field lengths at 26, 28
-            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+            start = (
+                info.header_offset
+                + 30
+                + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little")
+            )
             fh.seek(start)
             version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(fh)  # the dtype's description only: nothing unpickled
             offset = fh.tell()
     if dtype.hasobject:
@@ -263,8 +282,15 @@ class TrainingData:
     Attributes: ``example_shape`` (``[C, H, W]`` or ``[D]``), ``num_classes`` (or None), ``size``.
     """
 
-    def __init__(self, *, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                 num_classes: int | None = None, dataset: Any = None, workers: int = 0):
+    def __init__(
+        self,
+        *,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        num_classes: int | None = None,
+        dataset: Any = None,
+        workers: int = 0,
+    ):
         self.x, self.y, self.dataset, self.workers = x, y, dataset, workers
         if dataset is not None:
             self.example_shape, self.num_classes, self.size = dataset.example_shape, dataset.num_classes, len(dataset)
@@ -311,3 +337,42 @@ class TrainingData:
         loader = make_loader(self.dataset, order, workers=self.workers, device=device)
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+#: data options that are augmentations, not loader arguments
+AUGMENTATIONS = ("hflip",)
+
+
+def load_training_data(spec: ComponentSpec, workers: int = 0) -> TrainingData:
+    """The configured data: image folders and npz/npy files streamed lazily, the small built-in
+    datasets whole. A bad option is a ConfigError naming the dataset and option."""
+    import inspect
+
+    from diffreg import data as data_module
+    from diffreg.errors import ConfigError
+
+    streamed: dict[str, Any] = {"folder": ImageFolderDataset, "npz": ArrayFileDataset}
+    loaders: dict[str, Any] = {"digits": data_module.load_digits, **streamed}
+    loader = loaders.get(spec.name, data_module.toy_2d)
+    signature = inspect.signature(loader.__init__ if isinstance(loader, type) else loader)
+    accepted = [p for p in signature.parameters if p not in ("name", "self")] + list(AUGMENTATIONS)
+    unknown = [k for k in spec.options if k not in accepted]
+    if spec.name in data_module.DATASETS and unknown:
+        raise ConfigError(f"data {spec.name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    hflip = spec.options.get("hflip", False)
+    if not isinstance(hflip, bool):
+        raise ConfigError(f"data option hflip must be true or false, got {hflip!r}")
+    options = {k: v for k, v in spec.options.items() if k not in AUGMENTATIONS}
+    try:
+        if spec.name in streamed:
+            data = TrainingData(dataset=streamed[spec.name](**options), workers=workers)
+        else:
+            x, y, num_classes = data_module.load_dataset(spec.name, **options)
+            if x.shape[0] < 1:
+                raise ConfigError(f"data {spec.name!r} has no examples")
+            data = TrainingData(x=x, y=y, num_classes=num_classes)
+    except TypeError as exc:
+        raise ConfigError(f"data {spec.name!r}: bad options {spec.options}: {exc}") from exc
+    if hflip and len(data.example_shape) != 3:
+        raise ConfigError(f"data option hflip flips images; {spec.name!r} holds vectors of shape {data.example_shape}")
+    return data

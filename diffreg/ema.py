@@ -60,7 +60,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         gamma = 0, a plain average of all steps).
     """
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < 12**-0.5:
-        raise ValueError(f"sigma_rel must be a number in (0, 0.2887) (1/sqrt(12) is a plain average), got {sigma_rel!r}")
+        raise ValueError(
+            f"sigma_rel must be a number in (0, 0.2887) (1/sqrt(12) is a plain average), got {sigma_rel!r}"
+        )
     inv = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
@@ -141,7 +143,9 @@ def write_snapshot(folder: Path, phema: PowerEMA, step: int) -> Path:
     return path
 
 
-def reconstruct(folder: str | os.PathLike[str], sigma_rel: float, step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def reconstruct(
+    folder: str | os.PathLike[str], sigma_rel: float, step: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The post-hoc EMA of length ``sigma_rel`` at ``step`` (default: the last snapshot's) from the
     snapshots in ``folder`` taken at or before ``step``: ``(state_dict, info)`` with float tensors
     accumulated in float64 and cast to their stored dtype (buffers from the last snapshot), and
@@ -158,14 +162,18 @@ def reconstruct(folder: str | os.PathLike[str], sigma_rel: float, step: int | No
     gamma = sigma_rel_to_gamma(sigma_rel)
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"no post-hoc EMA snapshots: {str(root)!r} does not exist (train with posthoc_ema_every > 0)")
+        raise FileNotFoundError(
+            f"no post-hoc EMA snapshots: {str(root)!r} does not exist (train with posthoc_ema_every > 0)"
+        )
     files = sorted((int(m.group(1)), root / m.group(0)) for m in map(_SNAPSHOT_NAME.fullmatch, os.listdir(root)) if m)
     if not files:
         raise FileNotFoundError(f"no post-hoc EMA snapshots (step-*.safetensors) in {str(root)!r}")
     step = files[-1][0] if step is None else step
     files = [(s, f) for s, f in files if s <= step]
     if not files or step < 1:
-        raise ValueError(f"step {step} is before the first snapshot; snapshots are at steps >= {files[0][0] if files else '?'}")
+        raise ValueError(
+            f"step {step} is before the first snapshot; snapshots are at steps >= {files[0][0] if files else '?'}"
+        )
     entries = []  # (t, gamma, file, index)
     for s, f in files:
         meta = read_metadata(f)
@@ -177,7 +185,7 @@ def reconstruct(folder: str | os.PathLike[str], sigma_rel: float, step: int | No
     dtypes: dict[str, torch.dtype] = {}
     for coefficient, (_, _, f, i) in zip(x, entries, strict=True):
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            for key in fh.keys():  # safe_open has no __iter__
                 if not key.startswith(f"{i}/"):
                     continue
                 name, value = key[len(f"{i}/") :], fh.get_tensor(key)

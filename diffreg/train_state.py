@@ -192,7 +192,8 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     if cfg.lr_schedule == "cosine" and not cfg.lr_decay_steps and saved_cfg.steps != cfg.steps:
         raise CheckpointError(
             f"cannot resume from {shown}: its cosine schedule decays over steps = {saved_cfg.steps}, this run has "
-            f"steps = {cfg.steps}; set lr_decay_steps = {saved_cfg.steps} to keep the schedule (or {cfg.steps} to stretch it)"
+            f"steps = {cfg.steps}; set lr_decay_steps = {saved_cfg.steps} to keep the schedule "
+            f"(or {cfg.steps} to stretch it)"
         )
     try:
         tensors = load_file(str(path))
@@ -270,7 +271,8 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         problems += _check_tensors("post-hoc EMA", section("phema/"), trainer.phema.state_tensors())
     if trainer.scaler.is_enabled():
         scale = tensors["scaler/scale"]
-        if scale.numel() != 1 or not scale.is_floating_point() or not (math.isfinite(float(scale)) and float(scale) > 0):
+        finite = scale.numel() == 1 and scale.is_floating_point() and math.isfinite(float(scale))
+        if not (finite and float(scale) > 0):
             problems.append(f"loss scale {scale.tolist()!r} is not a finite number > 0")
     # -- optimizer: the configuration's hyper-parameters govern; the file must agree with them
     if step > 0:  # the learning rate of the last update the state holds

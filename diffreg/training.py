@@ -9,6 +9,7 @@ dynamic loss scaling; learning-rate warm-up and schedule; EMA and optional post-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -21,14 +22,23 @@ from tqdm.auto import tqdm
 from diffreg import registry
 from diffreg.checkpoint import save_checkpoint
 from diffreg.config import CheckpointConfig, ComponentSpec, SamplingConfig
-from diffreg.data_loading import IndexStream, RankBatches, TrainingData, seed_for
+from diffreg.data_loading import IndexStream, RankBatches, load_training_data, seed_for
 from diffreg.diffusion import Diffusion
 from diffreg.ema import EMA, PowerEMA, snapshot_dir, write_snapshot
 from diffreg.errors import ConfigError
 from diffreg.train_config import TrainConfig
 from diffreg.train_distributed import finish_distributed, init_distributed, update_sampler
 
-__all__ = ["EMA", "TrainConfig", "Trainer", "build_model_spec", "check_outputs", "finish_distributed", "state_path", "train"]
+__all__ = [
+    "EMA",
+    "TrainConfig",
+    "Trainer",
+    "build_model_spec",
+    "check_outputs",
+    "finish_distributed",
+    "state_path",
+    "train",
+]
 
 _distributed = init_distributed  # the name cli.py imports
 
@@ -60,45 +70,6 @@ def build_model_spec(cfg: TrainConfig, diffusion: Diffusion, data: Any, num_clas
                 )
             options.setdefault(key, value)
     return ComponentSpec(cfg.model.name, options)
-
-
-#: data options that are augmentations, not loader arguments
-AUGMENTATIONS = ("hflip",)
-
-
-def load_training_data(spec: ComponentSpec, workers: int = 0) -> TrainingData:
-    """The configured data: image folders and npz/npy files streamed lazily, the small built-in
-    datasets whole. A bad option is a ConfigError naming the dataset and option."""
-    import inspect
-
-    from diffreg import data as data_module
-    from diffreg.data_loading import ArrayFileDataset, ImageFolderDataset
-
-    streamed: dict[str, Any] = {"folder": ImageFolderDataset, "npz": ArrayFileDataset}
-    loaders: dict[str, Any] = {"digits": data_module.load_digits, **streamed}
-    loader = loaders.get(spec.name, data_module.toy_2d)
-    signature = inspect.signature(loader.__init__ if isinstance(loader, type) else loader)
-    accepted = [p for p in signature.parameters if p not in ("name", "self")] + list(AUGMENTATIONS)
-    unknown = [k for k in spec.options if k not in accepted]
-    if spec.name in data_module.DATASETS and unknown:
-        raise ConfigError(f"data {spec.name!r} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
-    hflip = spec.options.get("hflip", False)
-    if not isinstance(hflip, bool):
-        raise ConfigError(f"data option hflip must be true or false, got {hflip!r}")
-    options = {k: v for k, v in spec.options.items() if k not in AUGMENTATIONS}
-    try:
-        if spec.name in streamed:
-            data = TrainingData(dataset=streamed[spec.name](**options), workers=workers)
-        else:
-            x, y, num_classes = data_module.load_dataset(spec.name, **options)
-            if x.shape[0] < 1:
-                raise ConfigError(f"data {spec.name!r} has no examples")
-            data = TrainingData(x=x, y=y, num_classes=num_classes)
-    except TypeError as exc:
-        raise ConfigError(f"data {spec.name!r}: bad options {spec.options}: {exc}") from exc
-    if hflip and len(data.example_shape) != 3:
-        raise ConfigError(f"data option hflip flips images; {spec.name!r} holds vectors of shape {data.example_shape}")
-    return data
 
 
 STATE_SUFFIX = ".state.safetensors"
@@ -237,9 +208,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         ts, ls = [], []
         for a in range(cfg.grad_accum):
-            inputs = micro[a] if micro is not None else self.micro_inputs(*self._next_micro(), a * self.world_size + self.rank)
+            if micro is not None:
+                inputs = micro[a]
+            else:
+                inputs = self.micro_inputs(*self._next_micro(), chunk=a * self.world_size + self.rank)
             sync = a == cfg.grad_accum - 1 or self.world_size == 1
-            with self.network.no_sync() if not sync else _nothing():  # type: ignore[operator]
+            with self.network.no_sync() if not sync else contextlib.nullcontext():  # type: ignore[operator]
                 loss, per_example = self.micro_loss(*inputs)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -269,9 +243,12 @@ class Trainer:
         else:
             value, norm_value = torch.stack([total.float(), norm.float()]).tolist()
             if not (math.isfinite(value) and math.isfinite(norm_value)):
-                what = f"training loss became {value}" if not math.isfinite(value) else f"gradient norm became {norm_value}"
+                what = f"training loss became {value}"
+                if math.isfinite(value):
+                    what = f"gradient norm became {norm_value}"
                 raise FloatingPointError(
-                    f"{what} at step {self.step}; stopping (lower lr, check the data or resume from the last checkpoint)"
+                    f"{what} at step {self.step}; stopping (lower lr, check the data or resume from the last "
+                    "checkpoint)"
                 )
             self.optimizer.step()
         self.ema.update(self.model)
@@ -357,14 +334,6 @@ class Trainer:
 
         load_state(self, path)
         self._batches = None
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_outputs(
@@ -456,7 +425,8 @@ def train(
                 bar.set_postfix(postfix)
             if log is not None and (trainer.step % 500 == 0 or trainer.step == cfg.steps):
                 skipped = f" skipped {trainer.skipped_steps}" if cfg.fp16 else ""
-                log(f"step {trainer.step} loss {trainer.running_loss:.4f} lr {cfg.lr_at(trainer.step - 1):.3g}{skipped}")
+                lr = cfg.lr_at(trainer.step - 1)
+                log(f"step {trainer.step} loss {trainer.running_loss:.4f} lr {lr:.3g}{skipped}")
             if cfg.posthoc_ema_every and trainer.step % cfg.posthoc_ema_every == 0:
                 trainer.save_snapshot(output)
             if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:

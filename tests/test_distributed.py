@@ -100,7 +100,8 @@ def test_two_processes_with_the_loss_aware_sampler_match_one_process_on_the_same
     common = ["train", "--config", "t.toml", "--no-progress", "--steps", 8]
     _torchrun(*common, "--output", "two.safetensors", cwd=tmp_path)
     one = subprocess.run(
-        [sys.executable, "-m", "diffreg.cli", *map(str, common), "--set", "grad_accum=2", "--output", "one.safetensors"],
+        [sys.executable, "-m", "diffreg.cli", *map(str, common), "--set", "grad_accum=2",
+         "--output", "one.safetensors"],
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert one.returncode == 0, one.stdout + one.stderr
@@ -109,6 +110,7 @@ def test_two_processes_with_the_loss_aware_sampler_match_one_process_on_the_same
     assert (counts == 2).all()  # warmed up: steps 5-8 sampled t from the learned, non-uniform distribution
     for key in ("timestep_sampler/loss_counts", "rank1/timestep_sampler/loss_counts"):
         assert torch.equal(two[key], counts)
-    torch.testing.assert_close(two["timestep_sampler/loss_history"], one["timestep_sampler/loss_history"], rtol=1e-4, atol=1e-6)
+    history = "timestep_sampler/loss_history"
+    torch.testing.assert_close(two[history], one[history], rtol=1e-4, atol=1e-6)
     for key in (k for k in one if k.startswith(("model/", "ema/"))):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)

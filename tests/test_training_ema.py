@@ -108,11 +108,17 @@ def test_training_keeps_snapshots_and_diffreg_ema_reconstructs_them(tmp_path, mo
     from diffreg.cli import main
     from diffreg.training import TrainConfig, train
 
-    cfg = TrainConfig.from_dict({
-        "steps": 6, "batch_size": 8, "posthoc_ema_every": 2, "posthoc_ema_sigma_rels": [0.05, 0.2],
-        "data": {"name": "moons", "n": 64}, "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
-        "model": {"name": "mlp", "hidden": 16, "depth": 1},
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "steps": 6,
+            "batch_size": 8,
+            "posthoc_ema_every": 2,
+            "posthoc_ema_sigma_rels": [0.05, 0.2],
+            "data": {"name": "moons", "n": 64},
+            "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
+            "model": {"name": "mlp", "hidden": 16, "depth": 1},
+        }
+    )
     train(cfg, tmp_path / "m.safetensors", progress=False)
     snaps = sorted(p.name for p in (tmp_path / "m.phema").iterdir())
     assert snaps == [f"step-{s:09d}.safetensors" for s in (2, 4, 6)]

@@ -66,7 +66,9 @@ def test_two_ranks_read_the_global_batch_of_one_process_accumulating_two_micro_b
 
     def per_step(world, accum, steps=5):
         orders = [
-            RankBatches(stream, batch_size=6, micro=6 // (world * accum), grad_accum=accum, world=world, rank=r).tensors()
+            RankBatches(
+                stream, batch_size=6, micro=6 // (world * accum), grad_accum=accum, world=world, rank=r
+            ).tensors()
             for r in range(world)
         ]
         out = []
@@ -104,10 +106,14 @@ def test_uncompressed_npz_is_memory_mapped_and_compressed_is_read(tmp_path):
     np.savez(tmp_path / "plain.npz", images, labels)
     np.savez_compressed(tmp_path / "small.npz", images, labels)
     np.save(tmp_path / "images.npy", images)
-    x, y, _ = load_npz(str(tmp_path / "plain.npz"))
+    x, _, _ = load_npz(str(tmp_path / "plain.npz"))
     plain = ArrayFileDataset(str(tmp_path / "plain.npz"))
     assert isinstance(plain.data, np.memmap) and plain.num_classes == 3 and plain.example_shape == (3, 4, 5)
-    for dataset in (plain, ArrayFileDataset(str(tmp_path / "small.npz")), ArrayFileDataset(str(tmp_path / "images.npy"))):
+    for dataset in (
+        plain,
+        ArrayFileDataset(str(tmp_path / "small.npz")),
+        ArrayFileDataset(str(tmp_path / "images.npy")),
+    ):
         for i in range(7):
             xi, yi = dataset[i]
             assert torch.equal(xi, x[i])
@@ -164,7 +170,10 @@ def test_an_image_folder_larger_than_the_memory_limit_trains(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_LIMITED, str(tmp_path / "imgs"), str(tmp_path / "m"), str(n), str(size)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0 and "trained" in result.stdout, result.stdout + result.stderr
     assert (tmp_path / "m").exists()
@@ -181,7 +190,13 @@ def test_k_micro_batches_equal_one_batch_k_times_larger():
     weights = torch.linspace(0.5, 2.0, 8)  # unequal importance weights, as a loss-aware sampler gives
     big.train_step([(x_start, kwargs, t, weights, noise)])
     parts = [
-        (x_start[i : i + 2], {k: v[i : i + 2] for k, v in kwargs.items()}, t[i : i + 2], weights[i : i + 2], noise[i : i + 2])
+        (
+            x_start[i : i + 2],
+            {k: v[i : i + 2] for k, v in kwargs.items()},
+            t[i : i + 2],
+            weights[i : i + 2],
+            noise[i : i + 2],
+        )
         for i in range(0, 8, 2)
     ]
     small.train_step(parts)
@@ -260,7 +275,7 @@ def test_fp16_run_that_keeps_overflowing_is_stopped_naming_the_step():
     _poison(trainer, at_steps=set(range(100)))
     trainer.train_step()
     trainer.train_step()
-    with pytest.raises(FloatingPointError, match="3 consecutive steps skipped .* up to step 2"):
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps skipped .* up to step 2"):
         trainer.train_step()
 
 
@@ -301,7 +316,11 @@ def test_streamed_folder_with_flips_accumulation_and_cosine_resumes_bit_exactly(
         "lr_decay_steps": 8,
         "data_workers": 1,
         "data": {"name": "folder", "path": str(folder), "image_size": 8, "hflip": True},
-        "diffusion": {"num_timesteps": 20, "schedule": "cosine", "timestep_sampler": {"name": "loss_second_moment", "history_per_term": 1}},
+        "diffusion": {
+            "num_timesteps": 20,
+            "schedule": "cosine",
+            "timestep_sampler": {"name": "loss_second_moment", "history_per_term": 1},
+        },
         "model": UNET,
     }
     train(TrainConfig.from_dict({**base, "steps": 6}), tmp_path / "a.safetensors", progress=False)
@@ -319,11 +338,22 @@ def test_streamed_folder_with_flips_accumulation_and_cosine_resumes_bit_exactly(
 
 def test_hflip_flips_about_half_of_the_images(tmp_path):
     folder = _image_folder(tmp_path / "imgs")
-    trainer = Trainer(TrainConfig.from_dict({
-        "batch_size": 10, "data_workers": 0, "model": UNET, "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
-        "data": {"name": "folder", "path": str(folder), "image_size": 8, "hflip": True},
-    }))
+    trainer = Trainer(
+        TrainConfig.from_dict(
+            {
+                "batch_size": 10,
+                "data_workers": 0,
+                "model": UNET,
+                "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
+                "data": {"name": "folder", "path": str(folder), "image_size": 8, "hflip": True},
+            }
+        )
+    )
     x, y = trainer._next_micro()
     flipped = [trainer.micro_inputs(x, y, chunk=c)[0] for c in range(20)]
-    share = np.mean([[torch.equal(f[i], x[i].flip(-1)) and not torch.equal(f[i], x[i]) for i in range(10)] for f in flipped])
-    assert 0.35 < share < 0.65 and all(torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1)) for f in flipped for i in range(10))
+    share = np.mean(
+        [[torch.equal(f[i], x[i].flip(-1)) and not torch.equal(f[i], x[i]) for i in range(10)] for f in flipped]
+    )
+    assert 0.35 < share < 0.65 and all(
+        torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1)) for f in flipped for i in range(10)
+    )
