@@ -357,3 +357,13 @@ def test_hflip_flips_about_half_of_the_images(tmp_path):
     assert 0.35 < share < 0.65 and all(
         torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1)) for f in flipped for i in range(10)
     )
+
+
+def test_the_image_folder_recipe_reads_and_builds(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "configs" / "image_folder.toml").read_text()
+    cfg = TrainConfig.from_toml(text)
+    assert cfg.grad_accum == 2 and cfg.fp16 and cfg.data.options["hflip"] and cfg.posthoc_ema_every == 4000
+    assert TrainConfig.from_toml(cfg.to_toml()) == cfg
+    assert cfg.lr_at(0) == pytest.approx(1e-7) and cfg.lr_at(cfg.steps - 1) == pytest.approx(1e-5, rel=1e-3)
