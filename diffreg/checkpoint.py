@@ -202,6 +202,9 @@ def _check_classes(cfg: CheckpointConfig, path: Any) -> None:
             f"{str(path)!r}: data.num_classes = {cfg.num_classes} but the model has num_classes = {model_classes}"
         )
     shape = cfg.sample_shape
+    dim = options.get("dim")
+    if shape is not None and cfg.model.name in ("mlp", "diffreg:mlp") and isinstance(dim, int) and shape != (dim,):
+        raise CheckpointError(f"{str(path)!r}: data.shape = {list(shape)} but the model takes vectors of dim {dim}")
     if shape is not None and len(shape) == 3 and "in_channels" in options and "image_size" in options:
         expected = (options["in_channels"], options["image_size"], options["image_size"])
         if shape != expected:

@@ -25,6 +25,11 @@ from diffreg.errors import ConfigError
 from diffreg.validation import check_guidance_scale
 
 
+#: Most values in one sample (``data.shape``'s product): 64 Mi, a 3 x 4096 x 4096 image fits. A
+#: header's shape drives the sampler's allocations, so a hostile one must not ask for terabytes.
+MAX_SAMPLE_VALUES = 1 << 26
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -40,6 +45,11 @@ def _check_data(data: Any) -> None:
         not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(s) and s >= 1 for s in shape)
     ):
         raise ConfigError(f"checkpoint data.shape must be a list of positive ints such as [1, 8, 8], got {shape!r}")
+    if shape is not None and (len(shape) > 8 or math.prod(shape) > MAX_SAMPLE_VALUES):
+        raise ConfigError(
+            f"checkpoint data.shape {list(shape)[:9]!r} is too large: at most 8 dimensions and "
+            f"{MAX_SAMPLE_VALUES:,} values per sample"
+        )
     n = data.get("num_classes")
     if n is not None and not (_is_int(n) and n >= 1):
         raise ConfigError(f"checkpoint data.num_classes must be a positive int or null, got {n!r}")

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
-        except Exception as exc:
+        except (Exception, SystemExit, GeneratorExit) as exc:  # SystemExit/GeneratorExit: from a component's code
             if os.environ.get("DIFFREG_DEBUG"):
                 raise
             raise _one_line(exc) from exc
@@ -91,9 +92,44 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
-def _one_line(exc: Exception) -> click.ClickException:
+def _plugin_at_fault(exc: BaseException) -> tuple[str, str] | None:
+    """``("plugin 'name' (dist version), at file:line", name)`` if the innermost frame of ``exc``'s traceback
+    that belongs to a loaded third-party plugin's package exists (the plugin's code raised it, or
+    called what raised it), else None."""
+    try:
+        plugins = {
+            p.module.split(".")[0]: p
+            for p in registry.plugins()
+            if p.distribution not in (None, "diffreg") and not p.module.startswith("diffreg")
+        }
+    except Exception:  # pragma: no cover - the registry itself is broken: no attribution
+        return None
+    found = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        plugin = plugins.get(str(frame.f_globals.get("__name__", "")).split(".")[0])
+        if plugin is not None:
+            found = (
+                f"plugin {plugin.name!r} ({plugin.distribution} {plugin.version}), at {frame.f_code.co_filename}:{lineno}",
+                plugin.name,
+            )
+    return found
+
+
+def _one_line(exc: BaseException) -> click.ClickException:
     """The library's user-facing errors as they are, OS errors in the OS's own words (permissions,
-    full disk, names too long), running out of memory with the fix, anything else as unexpected."""
+    full disk, names too long), running out of memory with the fix, a plugin's fault (an unexpected
+    exception, ``sys.exit`` or ``GeneratorExit`` from its code) naming the plugin, anything else as
+    unexpected."""
+    if isinstance(exc, (SystemExit, GeneratorExit)):
+        where = _plugin_at_fault(exc)
+        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        origin = where[0] if where else (f"code at {last[0].filename}:{last[0].lineno}" if last else "a component's code")
+        what = f"SystemExit({exc.code!r})" if isinstance(exc, SystemExit) else "GeneratorExit"
+        return click.ClickException(
+            f"{origin} raised {what} before the command finished (what it did not write yet was not written); "
+            "a component must raise an exception, not exit"
+            + (f": report it to the plugin's authors, or leave it out with DIFFREG_DISABLE_PLUGINS={where[1]}" if where else "")
+        )
     if _is_out_of_memory(exc):
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return click.ClickException(
@@ -103,6 +139,12 @@ def _one_line(exc: Exception) -> click.ClickException:
         return click.ClickException(str(exc))
     if isinstance(exc, OSError):
         return click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    where = _plugin_at_fault(exc)
+    if where is not None:
+        return click.ClickException(
+            f"{where[0]}: {type(exc).__name__}: {exc} (a fault in that plugin: report it to its authors, or leave "
+            f"it out with DIFFREG_DISABLE_PLUGINS={where[1]}; DIFFREG_DEBUG=1 shows the traceback)"
+        )
     return click.ClickException(
         f"unexpected {type(exc).__name__}: {exc} (set DIFFREG_DEBUG=1 for the traceback, and please report it)"
     )
@@ -341,7 +383,9 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
             try:
                 grid = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"--grid {grid_spec!r}: not valid JSON ({exc.msg})") from None
+                raise ValueError(f"--grid {grid_spec[:80]!r}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise ValueError(f"--grid {grid_spec[:40]!r}...: lists or tables nested too deeply") from None
         else:
             grid = text
         if spacing is not None:

@@ -246,8 +246,20 @@ def default_threads(environ: Mapping[str, str] | None = None) -> int:
     return max(1, min(cores, idle))
 
 
+#: Most CPU threads accepted: torch's thread pool crashes the process (SIGSEGV) when asked for
+#: about 100,000; no machine has more than a few thousand cores.
+MAX_THREADS = 4096
+
+
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads to ``threads`` (``None``: :func:`default_threads`); returns it."""
+    """Set torch's intra-op threads to ``threads`` (``None``: :func:`default_threads`); returns it.
+
+    Raises:
+        ValueError: ``threads`` (or ``OMP_NUM_THREADS`` behind the default) above :data:`MAX_THREADS`.
+    """
     count = default_threads() if threads is None else int(threads)
+    if count > MAX_THREADS:
+        source = "--threads (or DIFFREG_THREADS)" if threads is not None else "OMP_NUM_THREADS"
+        raise ValueError(f"{source} = {count:,}: at most {MAX_THREADS:,} CPU threads are accepted")
     torch.set_num_threads(count)
     return count

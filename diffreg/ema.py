@@ -179,7 +179,11 @@ def reconstruct(
         meta = read_metadata(f)
         if meta.get("diffreg.kind") != "phema_snapshot":
             raise ValueError(f"{str(f)!r} is not a post-hoc EMA snapshot")
-        entries += [(float(s), float(g), f, i) for i, g in enumerate(json.loads(meta["gammas"]))]
+        try:
+            gammas = [float(g) for g in json.loads(meta["gammas"])]
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{str(f)!r}: its gammas entry is damaged ({type(exc).__name__}: {exc})") from None
+        entries += [(float(s), g, f, i) for i, g in enumerate(gammas)]
     x = posthoc_coefficients([(t, g) for t, g, _, _ in entries], float(step), gamma)
     out: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}

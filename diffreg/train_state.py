@@ -261,7 +261,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         running_loss = json.loads(meta["running_loss"])
         if running_loss is not None and not (isinstance(running_loss, (int, float)) and math.isfinite(running_loss)):
             raise ValueError
-    except ValueError:
+    except (ValueError, RecursionError):
         running_loss = None
         problems.append(f"running loss {meta['running_loss']!r} is not a finite number")
     # -- weights
@@ -283,7 +283,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
         groups = json.loads(meta["param_groups"])
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
             raise ValueError("not a list of tables")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         groups = current_groups
         problems.append(f"optimizer parameter groups are damaged ({exc})")
     if len(groups) != len(current_groups):

@@ -52,6 +52,9 @@ VP_SCHEDULERS = frozenset(
         "KDPM2DiscreteScheduler KDPM2AncestralDiscreteScheduler DDPMParallelScheduler DDIMParallelScheduler"
     ).split()
 )
+#: Largest config.json / scheduler_config.json read (real ones are a few kB; trained_betas of
+#: T = 100,000 about 2 MB).
+MAX_JSON_BYTES = 16 << 20
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 VARIANCE_TYPES = {
     "fixed_small": "fixed_small",
@@ -64,9 +67,15 @@ VARIANCE_TYPES = {
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{str(path)!r} is larger than {MAX_JSON_BYTES:,} bytes: not a diffusers config")
+        data = json.loads(raw.decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{str(path)!r}: its JSON lists or objects are nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a JSON object")
     return data
@@ -104,6 +113,26 @@ def find_components(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any] 
     return unet_dir, scheduler
 
 
+def _check_scheduler_sizes(scheduler: Mapping[str, Any]) -> None:
+    """``num_train_timesteps`` and ``trained_betas`` within diffreg's bound on T, before diffusers
+    allocates tables of that length (``num_train_timesteps = 1e9`` would cost tens of GB)."""
+    from diffreg.config import MAX_TIMESTEPS
+
+    steps = scheduler.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= MAX_TIMESTEPS:
+        raise ConfigError(f"scheduler num_train_timesteps must be an int in 2..{MAX_TIMESTEPS:,}, got {steps!r}")
+    betas = scheduler.get("trained_betas")
+    if betas is not None and (
+        not isinstance(betas, list)
+        or not 2 <= len(betas) <= MAX_TIMESTEPS
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+    ):
+        raise ConfigError(
+            f"scheduler trained_betas must be a list of 2..{MAX_TIMESTEPS:,} numbers, got "
+            f"{type(betas).__name__} {str(betas)[:60]}"
+        )
+
+
 def translate_scheduler(scheduler: Mapping[str, Any], out_channels: int, in_channels: int):
     """A diffusers scheduler config -> ``(diffusion dict, sampling dict, notes)``.
 
@@ -121,9 +150,16 @@ def translate_scheduler(scheduler: Mapping[str, Any], out_channels: int, in_chan
             f"scheduler {name!r} is not one of the discrete-time DDPM-family schedulers diffreg translates "
             f"({', '.join(sorted(VP_SCHEDULERS))})"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        built = getattr(diffusers, name).from_config(dict(scheduler))
+    _check_scheduler_sizes(scheduler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = getattr(diffusers, name).from_config(dict(scheduler))
+    except Exception as exc:  # diffusers checks little: NotImplementedError, RuntimeError, OverflowError, ...
+        raise ConfigError(
+            f"diffusers' {name} cannot be built from this scheduler config ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+        ) from None
     cfg = dict(built.config)
     notes: list[str] = []
     prediction = cfg.get("prediction_type", "epsilon")
@@ -216,12 +252,18 @@ def diffusers_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path
     if scheduler is None:
         scheduler = {"_class_name": "DDPMScheduler"}
         notes.append("no scheduler/scheduler_config.json: diffusers' DDPMScheduler defaults assumed")
-    in_ch = int(unet_config.get("in_channels", 3))
-    out_ch = int(unet_config.get("out_channels", 3))
+    in_ch, out_ch = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
+    size = unet_config.get("sample_size") or 32
+    sizes = size if isinstance(size, list) else [size]
+    for key, values in (("in_channels", [in_ch]), ("out_channels", [out_ch]), ("sample_size", sizes)):
+        if len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise CheckpointError(
+                f"{str(unet_dir / 'config.json')!r}: {key} must be a positive int"
+                f"{' or [height, width]' if key == 'sample_size' else ''}, got {unet_config.get(key)!r}"
+            )
     diffusion, sampling, more = translate_scheduler(scheduler, out_ch, in_ch)
     notes += more
-    size = unet_config.get("sample_size") or 32
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = (sizes[0], sizes[0]) if len(sizes) == 1 else sizes
     num_classes = unet_config.get("num_class_embeds")
     model = {
         "name": "diffusers_unet2d",
@@ -240,6 +282,21 @@ def diffusers_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path
     else:
         config["data"]["sampling"] = sampling
     return config, _weights_file(unet_dir), notes
+
+
+def _weight_shapes(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors a ``.safetensors`` weights file declares, as ``meta`` tensors of their shapes
+    (the header only: nothing is read); ``None`` for other files or an unreadable header (the
+    regular reader then reports)."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    except Exception:
+        return None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -273,12 +330,21 @@ def load_diffusers(path: str | os.PathLike[str], device=None, dtype: torch.dtype
         warnings.warn(f"{path}: {note}", stacklevel=2)
     cfg = CheckpointConfig.from_dict(config)
     diffusion = Diffusion.from_config(cfg.diffusion)
+    from diffreg.convert.openai import key_report
+
+    # shapes first: the network on the meta device (no memory) against the weights' header, so a
+    # config.json whose sizes do not fit its weights allocates nothing
+    with torch.device("meta"):
+        skeleton = registry.create("model", cfg.model.name, **cfg.model.options)
+    header = _weight_shapes(weights)
+    if header is not None:
+        problem = key_report(skeleton.state_dict(), {f"unet.{k}": v for k, v in header.items()})
+        if problem:
+            raise CheckpointError(f"{str(weights)!r} does not fit {str(weights.parent / 'config.json')!r}: {problem}")
     with torch.random.fork_rng(devices=[]):
         model = registry.create("model", cfg.model.name, **cfg.model.options)
     state = {f"unet.{k}": v for k, v in _read_weights(weights).items()}
     expected = model.state_dict()
-    from diffreg.convert.openai import key_report
-
     problem = key_report(expected, state)
     if problem:
         raise CheckpointError(f"{str(weights)!r} does not fit {str(weights.parent / 'config.json')!r}: {problem}")

@@ -15,6 +15,30 @@ import torch
 from torch import nn
 
 INSTALL_HINT = "install it with: pip install 'diffreg[diffusers]'"
+#: Bounds on a UNet2DModel config.json, checked before diffusers builds anything: a hostile config
+#: must not hang the loader (``layers_per_block = 1e6``) or allocate from its numbers alone (a
+#: ``num_class_embeds = 1e10`` embedding); real models are far inside them.
+MAX_CONFIG_INT = 1 << 20
+MAX_LAYERS_PER_BLOCK = 64
+MAX_LIST_LENGTH = 32
+
+
+def check_unet_config(config: Mapping[str, Any]) -> None:
+    """Refuse a UNet2DModel config whose integers exceed :data:`MAX_CONFIG_INT` (channels, classes,
+    sizes), whose ``layers_per_block`` exceeds :data:`MAX_LAYERS_PER_BLOCK`, or whose lists are
+    longer than :data:`MAX_LIST_LENGTH` (block types, channels per block).
+
+    Raises:
+        ValueError: naming the key, the value and the bound.
+    """
+    for key, value in config.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and len(value) > MAX_LIST_LENGTH:
+            raise ValueError(f"diffusers_unet2d: config {key} has {len(value)} entries; at most {MAX_LIST_LENGTH}")
+        bound = MAX_LAYERS_PER_BLOCK if key == "layers_per_block" else MAX_CONFIG_INT
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > bound:
+                raise ValueError(f"diffusers_unet2d: config {key} = {value!r} is out of bounds (at most {bound:,})")
 
 
 def require_diffusers(what: str) -> Any:
@@ -42,7 +66,8 @@ class DiffusersUNet2D(nn.Module):
 
     Raises:
         ImportError: diffusers is not installed (with the command that installs it).
-        ValueError: ``config`` is not a UNet2DModel configuration.
+        ValueError: ``config`` is not a UNet2DModel configuration, is out of the bounds of
+        :func:`check_unet_config`, or diffusers cannot build it.
     """
 
     def __init__(self, config: Mapping[str, Any], diffusers_version: str | None = None):
@@ -55,7 +80,15 @@ class DiffusersUNet2D(nn.Module):
         diffusers = require_diffusers("a diffusers UNet2DModel")
         self.config = {k: v for k, v in config.items() if not k.startswith("_")}
         self.diffusers_version = diffusers_version
-        self.unet = diffusers.UNet2DModel.from_config(self.config)
+        check_unet_config(self.config)
+        try:
+            self.unet = diffusers.UNet2DModel.from_config(self.config)
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:  # diffusers' own checks are partial: IndexError, ZeroDivisionError, ...
+            raise ValueError(
+                f"diffusers_unet2d: diffusers cannot build a UNet2DModel from this config ({type(exc).__name__}: {exc})"
+            ) from None
         size = self.unet.config.sample_size
         self.in_channels = self.unet.config.in_channels
         self.image_size = size if isinstance(size, int) else tuple(size)

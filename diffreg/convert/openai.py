@@ -285,7 +285,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise CheckpointError(
             f"{str(path)!r} could not be read as a PyTorch state dict (torch.load with weights_only=True) "
-            f"or safetensors file: {type(exc).__name__}: {exc}"
+            f"or safetensors file: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         ) from exc
     for wrapper in ("state_dict", "model", "ema"):
         if isinstance(state, Mapping) and set(state) == {wrapper}:
