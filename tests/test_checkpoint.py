@@ -182,7 +182,8 @@ def test_a_header_describing_a_huge_model_is_refused_before_any_allocation(tmp_p
     [
         ("num_res_blocks", 100_000, r"num_res_blocks must be an integer in 1\.\.32, got 100000"),
         ("model_channels", 10**6, r"model_channels must be an integer in 1\.\.2,048, got 1000000"),
-        ("image_size", 2**20, r"image_size must be an integer in 1\.\.4,096"),
+        # data.shape follows image_size here, and its own bound (values per sample) is checked first
+        ("image_size", 2**20, r"data.shape \[1, 1048576, 1048576\] is too large: at most 8 dimensions and 67,108,864"),
         ("channel_mult", [1] * 50, r"channel_mult must be a list of 1\.\.8 integers.*got 50 entries"),
         ("channel_mult", [1, 10**6], r"channel_mult .*entry 1 is 1000000"),
         ("num_classes", 10**9, r"num_classes must be an integer in 1\.\.100,000"),
