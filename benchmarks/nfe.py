@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import warnings
 import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +105,15 @@ def _rms(x: torch.Tensor, exact: torch.Tensor) -> float:
 def _ours(diffusion, model, x_T, name, options, times):
     stats: dict = {}
     x = diffreg.sampling.sample_loop(
-        diffusion, model, tuple(x_T.shape), sampler=registry.create("sampler", name, **options), times=times,
-        noise=x_T, clip_denoised=False, dtype=torch.float64, stats=stats,
+        diffusion,
+        model,
+        tuple(x_T.shape),
+        sampler=registry.create("sampler", name, **options),
+        times=times,
+        noise=x_T,
+        clip_denoised=False,
+        dtype=torch.float64,
+        stats=stats,
     )
     return x, int(stats["nfe"])
 
@@ -126,7 +133,7 @@ class _Counting:
 def _theirs(diffusion, model, x_T, cls, options, steps):
     scheduler = cls(**options)
     scheduler.set_timesteps(steps)
-    if int(round(float(scheduler.timesteps[0]))) != diffusion.num_timesteps - 1:
+    if round(float(scheduler.timesteps[0])) != diffusion.num_timesteps - 1:
         return None, 0  # starts elsewhere: another problem
     counted = _Counting(model)
     x = x_T.clone() * scheduler.init_noise_sigma
@@ -157,7 +164,9 @@ def exact_case(case: dict, nfes, log, optimize_all: bool = True) -> dict:
     diffusers.utils.logging.set_verbosity_error()
 
     mixture = case["mixture"]
-    diffusion = diffreg.Diffusion.from_config({"schedule": case["schedule"], "num_timesteps": 1000})
+    diffusion = diffreg.Diffusion.from_config(
+        {"schedule": case["schedule"], "num_timesteps": 1000, "parameterization": case["out"]}
+    )
     model = mixture.denoiser(diffusion, case["out"])
     x_T = torch.randn(DRAWS, mixture.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     start = time.perf_counter()
@@ -181,8 +190,17 @@ def exact_case(case: dict, nfes, log, optimize_all: bool = True) -> dict:
             if not optimize:
                 continue
             result = optimize_steps(
-                diffusion, model, (mixture.dim,), sampler=name, sampler_options=options, nfe=nfe, draws=128, seed=1,
-                reference=("unipc", 400), max_evals=min(8 * (steps - 1) + 8, 120), dtype=torch.float64,
+                diffusion,
+                model,
+                (mixture.dim,),
+                sampler=name,
+                sampler_options=options,
+                nfe=nfe,
+                draws=128,
+                seed=1,
+                reference=("unipc", 400),
+                max_evals=min(8 * (steps - 1) + 8, 120),
+                dtype=torch.float64,
                 clip_denoised=False,
             )
             x, used = _ours(diffusion, model, x_T, name, options, np.asarray(result.times))
@@ -190,7 +208,7 @@ def exact_case(case: dict, nfes, log, optimize_all: bool = True) -> dict:
             per_grid["optimized"]["nfe"][str(nfe)] = used
         for grid, cell in per_grid.items():
             if cell["error"]:
-                    rows.append({"sampler": f"{label}, {grid}", "source": "diffreg", **cell})
+                rows.append({"sampler": f"{label}, {grid}", "source": "diffreg", **cell})
         log(f"  {label}: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     for label, (cls_name, options) in DIFFUSERS.items():
@@ -264,8 +282,15 @@ def digits_part(nfes, n, log, optimize_nfes) -> dict:
     def quality(times) -> dict:
         stats: dict = {}
         x = diffreg.sampling.sample_loop(
-            diffusion, model, (n, 1, 8, 8), sampler=sampler, times=times, generator=per_sample_generators(0, n),
-            model_kwargs={"y": labels}, stats=stats, **options,
+            diffusion,
+            model,
+            (n, 1, 8, 8),
+            sampler=sampler,
+            times=times,
+            generator=per_sample_generators(0, n),
+            model_kwargs={"y": labels},
+            stats=stats,
+            **options,
         )
         pixels = ((x.clamp(-1, 1) + 1) / 2 * 16).reshape(n, 64).numpy()
         return {
@@ -282,8 +307,16 @@ def digits_part(nfes, n, log, optimize_nfes) -> dict:
     for nfe in optimize_nfes:
         t0 = time.perf_counter()
         result = optimize_steps(
-            diffusion, model, (1, 8, 8), sampler="dpmpp_2m", nfe=nfe, draws=128, seed=1, num_classes=10,
-            max_evals=min(8 * (nfe - 1) + 8, 60), **options,
+            diffusion,
+            model,
+            (1, 8, 8),
+            sampler="dpmpp_2m",
+            nfe=nfe,
+            draws=128,
+            seed=1,
+            num_classes=10,
+            max_evals=min(8 * (nfe - 1) + 8, 60),
+            **options,
         )
         out["search"][str(nfe)] = {k: v for k, v in result.to_dict().items() if k not in ("grid",)}
         out["search"][str(nfe)]["times"] = result.times
@@ -292,8 +325,15 @@ def digits_part(nfes, n, log, optimize_nfes) -> dict:
     ref_times = diffusion.grid_times(100, "exponential")
     stats: dict = {}
     x = diffreg.sampling.sample_loop(
-        diffusion, model, (n, 1, 8, 8), sampler=registry.create("sampler", "unipc"), times=ref_times,
-        generator=per_sample_generators(0, n), model_kwargs={"y": labels}, stats=stats, **options,
+        diffusion,
+        model,
+        (n, 1, 8, 8),
+        sampler=registry.create("sampler", "unipc"),
+        times=ref_times,
+        generator=per_sample_generators(0, n),
+        model_kwargs={"y": labels},
+        stats=stats,
+        **options,
     )
     pixels = ((x.clamp(-1, 1) + 1) / 2 * 16).reshape(n, 64).numpy()
     out["reference_unipc_100"] = {
@@ -339,8 +379,10 @@ def print_tables(results) -> None:
             opt = f"{o['accuracy']:.3f} | {o['frechet']:.3f}" if o else "— | —"
             print(f"| {n} | {a['accuracy']:.3f} | {a['frechet']:.3f} | {opt} |")
         r = d["reference_unipc_100"]
-        print(f"\nreference (unipc, 100 exponential levels): accuracy {r['accuracy']:.3f}, Frechet {r['frechet']:.3f}; "
-              f"real digits half vs half: {d['real_digits_frechet_half_vs_half']:.3f}")
+        print(
+            f"\nreference (unipc, 100 exponential levels): accuracy {r['accuracy']:.3f}, Frechet {r['frechet']:.3f}; "
+            f"real digits half vs half: {d['real_digits_frechet_half_vs_half']:.3f}"
+        )
 
 
 def main() -> None:

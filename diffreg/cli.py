@@ -405,7 +405,9 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
     return grid if grid is not None else own
 
 
-def _recorded_choice(recorded: Any, sampler: str | None, sampler_obj: Any, options: dict, steps: int | None, grid: Any):
+def _recorded_choice(
+    recorded: Any, sampler: str | None, sampler_obj: Any, options: dict, steps: int | None, grid: Any
+) -> tuple[str, Any, int, Any]:
     """``diffreg sample``'s sampler, steps and grid once the checkpoint's sampling defaults
     (``recorded``, a :class:`~diffreg.config.SamplingConfig`) are known: the flags win; with no
     ``--sampler`` the recorded sampler (its options under ``--option``'s); with no grid chosen
@@ -631,7 +633,8 @@ def sample(
     shape = cfg.sample_shape
     if shape is None:
         raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
-    sampler, sampler_obj, steps, grid = _recorded_choice(cfg.sampling, sampler, sampler_obj, sampler_options, steps, grid)
+    defaults = cfg.sampling  # the checkpoint's sampler, steps and grid where the flags give none
+    sampler, sampler_obj, steps, grid = _recorded_choice(defaults, sampler, sampler_obj, sampler_options, steps, grid)
     num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
     labels = parse_labels(class_label, num_classes, num_samples, getattr(model, "null_class", num_classes))
     unconditional = labels is None or class_label.strip().lower() == "none"
@@ -910,7 +913,11 @@ def optimize_steps_command(
     click.echo("grid: " + json.dumps([round(t, 4) for t in result.times]))
     if out_path is not None:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
-        atomic_write(out_path, lambda tmp: tmp.write_text(text))
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text)
+
+        atomic_write(out_path, write)
         click.echo(f"wrote {out_path}")
     if save_path is not None:
         spec = result.sampler if not result.sampler_options else {"name": result.sampler, **result.sampler_options}

@@ -263,8 +263,14 @@ def steps_for_nfe(
     return steps
 
 
-def _pattern_search(objective: Callable[[np.ndarray], float], lam: np.ndarray, lo: float, hi: float,
-                    max_evals: int, history: list[float]) -> tuple[np.ndarray, float]:
+def _pattern_search(
+    objective: Callable[[np.ndarray], float],
+    lam: np.ndarray,
+    lo: float,
+    hi: float,
+    max_evals: int,
+    history: list[float],
+) -> tuple[np.ndarray, float]:
     """Coordinate pattern search over ``lam[1:]`` (log-SNR, increasing, within [lo, hi])."""
     best = objective(lam)
     history.append(best)
@@ -395,7 +401,9 @@ def optimize_steps(
     half = draws // 2
     fit_kwargs = {k: v[:half] for k, v in model_kwargs.items()}
     held_kwargs = {k: v[half:] for k, v in model_kwargs.items()}
-    fit = _Objective(diffusion, model, sampler_obj, x_T[:half], ref_x[:half], fit_kwargs, nfe, batch_size, driver_options)
+    fit = _Objective(
+        diffusion, model, sampler_obj, x_T[:half], ref_x[:half], fit_kwargs, nfe, batch_size, driver_options
+    )
     held = _Objective(
         diffusion, model, sampler_obj, x_T[half:], ref_x[half:], held_kwargs, 10**9, batch_size, driver_options
     )
@@ -420,9 +428,7 @@ def optimize_steps(
     lam0 = np.minimum(lam0, hi)
     budget = max_evals if max_evals is not None else 8 * (steps - 1) + 8
     history: list[float] = []
-    lam, fit_error = _pattern_search(
-        lambda lam: fit(_lam_to_times(process, lam))[0], lam0, lo, hi, budget, history
-    )
+    lam, fit_error = _pattern_search(lambda lam: fit(_lam_to_times(process, lam))[0], lam0, lo, hi, budget, history)
     if fit_error > fit_baselines[start_name]:  # the start is the search's first point
         lam, fit_error = lam0, fit_baselines[start_name]
     times = _lam_to_times(process, lam)

@@ -34,7 +34,13 @@ def _rms_to_exact(diffusion, model, mixture, times, x_T):
     """RMS distance (per element) to the exact probability-flow ODE solution (scipy DOP853)."""
     exact = exact_ode_solution(mixture, diffusion, x_T, diffusion.num_timesteps - 1)
     x = diffusion.sample(
-        model, x_T.shape, sampler="dpmpp_2m", grid=list(times), steps=len(times), noise=x_T, clip_denoised=False,
+        model,
+        x_T.shape,
+        sampler="dpmpp_2m",
+        grid=list(times),
+        steps=len(times),
+        noise=x_T,
+        clip_denoised=False,
         dtype=torch.float64,
     )
     return float(((x - exact) ** 2).mean().sqrt())
@@ -45,8 +51,16 @@ def test_optimized_grid_beats_the_default_and_log_snr_grids_on_fresh_draws():
     diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
     model = mixture.denoiser(diffusion, "eps")
     result = optimize_steps(
-        diffusion, model, (2,), sampler="dpmpp_2m", nfe=5, draws=64, seed=0, max_evals=24,
-        dtype=torch.float64, clip_denoised=False,
+        diffusion,
+        model,
+        (2,),
+        sampler="dpmpp_2m",
+        nfe=5,
+        draws=64,
+        seed=0,
+        max_evals=24,
+        dtype=torch.float64,
+        clip_denoised=False,
     )
     assert result.steps == 5 and result.nfe == 5 and len(result.times) == 5
     assert result.times[0] == 999.0 and np.all(np.diff(result.times) < 0)
@@ -62,8 +76,24 @@ def test_optimized_grid_beats_the_default_and_log_snr_grids_on_fresh_draws():
 
 def test_optimize_steps_saves_a_grid_that_sample_uses_by_default(run, tiny_checkpoint, tmp_path):
     result = run(
-        "optimize-steps", tiny_checkpoint, "--sampler", "dpmpp_2m", "--nfe", 3, "--draws", 8, "--max-evals", 4,
-        "--reference-steps", 12, "--output", "g.json", "--save-to-checkpoint", "opt.safetensors", "--threads", 1,
+        "optimize-steps",
+        tiny_checkpoint,
+        "--sampler",
+        "dpmpp_2m",
+        "--nfe",
+        3,
+        "--draws",
+        8,
+        "--max-evals",
+        4,
+        "--reference-steps",
+        12,
+        "--output",
+        "g.json",
+        "--save-to-checkpoint",
+        "opt.safetensors",
+        "--threads",
+        1,
     )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "g.json").read_text())
@@ -80,15 +110,29 @@ def test_optimize_steps_saves_a_grid_that_sample_uses_by_default(run, tiny_check
     assert "4 samples with dpmpp_2m (3 steps, 3 NFE, grid " in result.output and "explicit" in result.output
     # ... and they are the samples of that sampler on those times, given explicitly
     result = run(
-        "sample", tiny_checkpoint, "--sampler", "dpmpp_2m", "--steps", 3, "--grid", json.dumps(times),
-        "--num-samples", 4, "--output", "", "--npz", "b.npz", "--no-progress",
+        "sample",
+        tiny_checkpoint,
+        "--sampler",
+        "dpmpp_2m",
+        "--steps",
+        3,
+        "--grid",
+        json.dumps(times),
+        "--num-samples",
+        4,
+        "--output",
+        "",
+        "--npz",
+        "b.npz",
+        "--no-progress",
     )
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     # a different --steps falls back to the default grid, saying so
-    result = run("sample", "opt.safetensors", "--steps", 4, "--num-samples", 2, "--output", "", "--npz", "c.npz",
-                 "--no-progress")
+    result = run(
+        "sample", "opt.safetensors", "--steps", 4, "--num-samples", 2, "--output", "", "--npz", "c.npz", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert "differs from the 3 levels of the checkpoint's grid" in result.output
     assert "(4 steps, 4 NFE, grid trailing" in result.output
@@ -137,13 +181,19 @@ def test_optimize_steps_refuses_a_process_without_a_finite_log_snr_range(monkeyp
 def test_sampling_config_grid_round_trips_and_checks_steps():
     cfg = SamplingConfig.from_dict({"grid": [999.0, 500.5, 20.0], "sampler": "unipc", "clip": False})
     assert cfg.to_dict() == {
-        "clip": False, "dynamic_threshold": None, "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]},
+        "clip": False,
+        "dynamic_threshold": None,
+        "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]},
         "sampler": "unipc",
     }
     assert SamplingConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.sample_options() == {"sampler": "unipc", "steps": 3, "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]}}
+    assert cfg.sample_options() == {
+        "sampler": "unipc",
+        "steps": 3,
+        "grid": {"name": "explicit", "times": [999.0, 500.5, 20.0]},
+    }
     assert SamplingConfig().to_dict() == {"clip": True, "dynamic_threshold": None}  # older files unchanged
-    with pytest.raises(ConfigError, match="sampling.steps is 4 but the explicit sampling.grid has 3 levels"):
+    with pytest.raises(ConfigError, match=r"sampling\.steps is 4 but the explicit sampling\.grid has 3 levels"):
         SamplingConfig(grid=[999.0, 500.5, 20.0], steps=4)
-    with pytest.raises(ConfigError, match="sampling.steps must be an int"):
+    with pytest.raises(ConfigError, match=r"sampling\.steps must be an int"):
         SamplingConfig(steps=0)
