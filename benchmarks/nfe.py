@@ -55,7 +55,10 @@ DIFFUSERS = {
     "DDIM": ("DDIMScheduler", {"set_alpha_to_one": True, "clip_sample": False}),
     "DPM-Solver++ (2M)": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM-Solver++ (3M)": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
-    "DPM-Solver (2M)": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 2}),
+    "DPM-Solver (2M)": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "solver_order": 2, "final_sigmas_type": "sigma_min"},
+    ),
     "DPM-Solver++ (2S)": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM-Solver++ (3S)": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "UniPC (bh2)": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
