@@ -68,6 +68,17 @@ class OffCoefficientDDIM(TextbookDDIM):
     x_scale = 1.01
 
 
+class EpsDDIM(TextbookDDIM):
+    """DDIM that recovers x0 from pred_eps itself, (x - sigma eps) / alpha: right wherever alpha > 0,
+    inf/NaN from a zero-terminal-SNR start (alpha = 0), where only the Prediction's x0 is finite."""
+
+    def step(self, ctx, state, i, x):
+        k_xstart, k_x = state[i]
+        a, s = float(ctx.levels.alpha[i]), float(ctx.levels.sigma[i])
+        x0 = (x - s * ctx.denoise(x, i).pred_eps) / a if a > 0 else x * math.inf
+        return k_xstart * x0 + k_x * x, x0
+
+
 class DDIMClaimingOrder2(DDIM):
     order = 2
 
@@ -92,6 +103,16 @@ class Heun(Sampler):
         guess = (x_tilde + (sigma_next - sigma) * pred.pred_eps) * math.sqrt(a_next)
         eps_next = ctx.denoise(guess, i + 1).pred_eps
         return (x_tilde + (sigma_next - sigma) * 0.5 * (pred.pred_eps + eps_next)) * math.sqrt(a_next), pred.pred_xstart
+
+
+class HeunWithWarmup(Heun):
+    """Heun declaring two warm-up steps: the kit studies convergence at 40-320 steps."""
+
+    warmup_steps = 2
+
+
+class DDIMWithNegativeWarmup(TextbookDDIM):
+    warmup_steps = -1
 
 
 class HeunClaimingOneEvaluation(Heun):
@@ -192,6 +213,9 @@ class WrongPlugins:
         register("loud-ddpm", LoudDDPM, order=1, nfe_per_step=1, stochastic=True)
         register("no-order", NoOrder)
         register("raw-ddim", RawOutputDDIM)
+        register("eps-ddim", EpsDDIM)
+        register("heun-warmup", HeunWithWarmup)
+        register("ddim-negative-warmup", DDIMWithNegativeWarmup)
 
     @diffreg.hookimpl
     def diffreg_register_parameterizations(self, register):
@@ -285,7 +309,7 @@ def test_sampler_claiming_a_higher_order_fails(wrong_plugins):
 
 
 def test_a_true_second_order_sampler_passes_at_order_2(wrong_plugins):
-    report = check_sampler("heun2")
+    report = check_sampler("heun2", other_processes=False)  # written for abar > 0 (sigma = sqrt((1 - a) / a))
     assert report.nfe_per_step == 2 and report.model_calls == 19  # the last step is Euler
     assert 1.9 < report.slope < 2.3
 
@@ -303,6 +327,31 @@ def test_stochastic_sampler_with_doubled_noise_fails_the_distribution_check(wron
 def test_sampler_ignoring_the_parameterization_fails(wrong_plugins):
     with pytest.raises(AssertionError, match="with the x0 parameterization the samples differ from eps's"):
         check_sampler("raw-ddim")
+
+
+def test_sampler_that_divides_by_alpha_fails_only_at_zero_terminal_snr(wrong_plugins):
+    # the default process has alpha > 0 everywhere: the main pass succeeds, the extra pass does not
+    check_sampler("eps-ddim", other_processes=False)
+    with pytest.raises(AssertionError, match=r"'eps-ddim' on zero terminal SNR \(v\): .*non-finite"):
+        check_sampler("eps-ddim")
+
+
+def test_declared_warmup_chooses_finer_step_counts(wrong_plugins):
+    report = check_sampler("heun-warmup", other_processes=False)
+    assert report.steps == [40, 80, 160, 320]
+    assert check_sampler("heun2", other_processes=False).steps == [10, 20, 40, 80]
+
+
+def test_negative_warmup_is_refused(wrong_plugins):
+    with pytest.raises(AssertionError, match=r"declares `warmup_steps` = -1; accepted: an int >= 0"):
+        check_sampler("ddim-negative-warmup")
+
+
+def test_ddim_passes_on_cosine_short_t_and_zero_terminal_snr():
+    report = check_sampler("ddim")
+    # final RMS error to the exact ODE solution at 80 steps (calibration: 0.008, 0.015, 0.015)
+    assert set(report.other_processes) == {"cosine T=1000", "linear T=100", "zero terminal SNR (v)"}
+    assert all(0 < e < 0.03 for e in report.other_processes.values())
 
 
 def test_sampler_without_declared_order_fails(wrong_plugins):

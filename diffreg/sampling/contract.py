@@ -35,8 +35,13 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     """Base class of samplers.
 
     Class attributes (read by the registry and the conformance kit; an instance may override
-    them from its options, e.g. ``stochastic = eta > 0``): ``order`` (convergence order of the
-    deterministic update), ``nfe_per_step`` (model evaluations per step, at most), ``stochastic``.
+    them from its options): ``order`` (convergence order of the deterministic update),
+    ``nfe_per_step`` (model evaluations per step, at most), ``stochastic`` (whether it draws noise;
+    a sampler that is stochastic only for some options sets ``self.stochastic`` in ``__init__``,
+    as DDIM does with ``self.stochastic = eta > 0``), ``warmup_steps`` (how many of its first steps
+    run at a lower order, as a multistep solver of order p takes p - 1 while its history fills;
+    ``None``: not declared, and :func:`diffreg.testing.check_sampler` assumes p - 1 from order
+    2.5 on; it picks finer step counts for 2 or more).
     ``grid``: the grid this sampler uses when the caller names none (``None``: the caller's
     default, ``trailing``). ``supports_unconditional_renoise``: the sampler renoises from
     ``ctx.renoise(x, pred)`` (or uses ``pred.renoise_eps``) when ``ctx.renoise_unconditional``
@@ -50,6 +55,7 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     order: int = 1
     nfe_per_step: int = 1
     stochastic: bool = False
+    warmup_steps: int | None = None
     grid: Any = None
     supports_unconditional_renoise: bool = False
 

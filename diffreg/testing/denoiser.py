@@ -157,7 +157,9 @@ class ConditionalExactDenoiser(ExactDenoiser):
         if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
             raise ValueError(f"y must be a [{x.shape[0]}] tensor of labels, got {y!r}")
         if bool(((y < 0) | (y > self.null_class)).any()):
-            raise ValueError(f"labels must be in 0..{self.null_class} ({self.null_class}: unconditional), got {y.tolist()}")
+            raise ValueError(
+                f"labels must be in 0..{self.null_class} ({self.null_class}: unconditional), got {y.tolist()}"
+            )
         out = torch.empty_like(x)
         for label in torch.unique(y).tolist():  # a few classes: one exact mixture per label
             rows = y == label

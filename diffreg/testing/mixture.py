@@ -246,7 +246,9 @@ class ClassConditionalMixture(GaussianMixture):
         super().__init__(weights, means, stds)
         cls = torch.as_tensor(list(classes), dtype=torch.long)
         if cls.shape != (self.num_components,) or (cls < 0).any():
-            raise ValueError(f"classes must give a class >= 0 for each of the {self.num_components} components, got {list(classes)}")
+            raise ValueError(
+                f"classes must give a class >= 0 for each of the {self.num_components} components, got {list(classes)}"
+            )
         self.num_classes = int(cls.max()) + 1
         missing = sorted(set(range(self.num_classes)) - set(cls.tolist()))
         if missing:
@@ -286,7 +288,8 @@ class ClassConditionalMixture(GaussianMixture):
         log_n = -0.5 * self.dim * torch.log(2 * math.pi * var) - 0.5 * ((flat[:, None] - mu[None]) ** 2).sum(-1) / var
         joint = log_w + log_n  # [N, K]
         member = self.membership.to(flat.device)
-        per_class = torch.where(member[None], joint[:, None, :], torch.tensor(-math.inf, dtype=torch.float64, device=flat.device))
+        minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=flat.device)
+        per_class = torch.where(member[None], joint[:, None, :], minus_inf)
         per_class = torch.logsumexp(per_class, dim=2)  # [N, C]
         return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
 

@@ -1,23 +1,41 @@
-"""check_sampler: a sampler against the exact probability-flow ODE solution and the data distribution."""
+"""check_sampler: a sampler against the exact probability-flow ODE solution and the data distribution.
+
+The pieces: :mod:`~diffreg.testing.checks.sampler_bench` (where it runs: exact models on one
+process), :mod:`~diffreg.testing.checks.convergence` (what is measured); here, what the sampler
+declares, the checks of its outputs, and the passes over the processes.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffreg import registry
-from diffreg.diffusion import Diffusion
 from diffreg.sampling import Sampler
-from diffreg.schedule import spaced_timesteps
-from diffreg.testing.checks._common import _diffusion, _fail, _linear_betas
-from diffreg.testing.distances import sliced_wasserstein
+from diffreg.testing.checks._common import _fail
+from diffreg.testing.checks.convergence import (
+    assumed_warmup,
+    check_convergence,
+    check_distribution,
+    default_steps,
+    ode_errors,
+)
+from diffreg.testing.checks.sampler_bench import SamplerBench
 from diffreg.testing.mixture import GaussianMixture
-from diffreg.testing.ode import exact_ode_solution
+from diffreg.testing.report import SamplerReport
+
+#: The extra processes of ``other_processes``: (label, configuration, parameterization).
+OTHER_PROCESSES: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("cosine T=1000", {"schedule": "cosine", "num_timesteps": 1000}, "eps"),
+    ("linear T=100", {"schedule": "linear", "num_timesteps": 100}, "eps"),
+    (
+        "zero terminal SNR (v)",
+        {"schedule": {"name": "linear", "rescale_zero_terminal_snr": True}, "num_timesteps": 1000},
+        "v",
+    ),
+)
 
 
 def _declared(instance: Any, metadata: Mapping[str, Any], key: str) -> Any:
@@ -27,42 +45,121 @@ def _declared(instance: Any, metadata: Mapping[str, Any], key: str) -> Any:
     return metadata.get(key)
 
 
-@dataclass
-class SamplerReport:
-    """What :func:`check_sampler` measured.
-
-    Attributes:
-        name: the sampler; order, nfe_per_step, stochastic: as declared.
-        steps: step counts of the convergence study (deterministic samplers).
-        stop_timestep: the timestep every one of those grids visits, where ``errors`` is measured.
-        errors: RMS distance of the state at ``stop_timestep`` to :func:`exact_ode_solution`
-            (``t_end=stop_timestep``), per step count (float64 runs).
-        slope: the fitted convergence order of ``errors``, -d log(error) / d log(steps).
-        final_errors, final_slope: the same for the final samples against the exact solution at
-            sigma = 0.
-        model_calls: model evaluations in a run of ``steps[0]`` steps (at most
-            ``steps[0] * nfe_per_step``).
-        swd: sliced Wasserstein distance of the samples to the data (stochastic samplers), and
-            ``swd_reference``: the same distance for an independent data set of the same size.
-    """
-
-    name: str
-    order: float
-    nfe_per_step: int
-    stochastic: bool
-    steps: list[int] = field(default_factory=list)
-    stop_timestep: int | None = None
-    errors: list[float] = field(default_factory=list)
-    slope: float | None = None
-    final_errors: list[float] = field(default_factory=list)
-    final_slope: float | None = None
-    model_calls: int | None = None
-    swd: float | None = None
-    swd_reference: float | None = None
+def _declarations(name: str, options: Mapping[str, Any], where: str, expected_order: float | None):
+    """Build the sampler; return ``(instance, order, nfe_per_step, stochastic, warmup_steps)``
+    as it declares them (AssertionError naming what is missing or wrong)."""
+    try:
+        component = registry.get("sampler", name)
+        instance = registry.create("sampler", name, **options)
+    except Exception as exc:
+        raise AssertionError(f"{where}: building it raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(instance, Sampler):
+        _fail(f"{where}: the factory returned {type(instance).__name__}, not a diffreg.Sampler")
+    order = expected_order if expected_order is not None else _declared(instance, component.metadata, "order")
+    nfe = _declared(instance, component.metadata, "nfe_per_step")
+    if isinstance(order, bool) or not isinstance(order, (int, float)) or not order > 0:
+        _fail(f"{where}: declares no valid `order` (a number > 0 as a class attribute or metadata), got {order!r}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        _fail(f"{where}: declares no valid `nfe_per_step` (an int >= 1), got {nfe!r}")
+    stochastic = _declared(instance, component.metadata, "stochastic")
+    if not isinstance(stochastic, bool):  # metadata such as "when eta > 0": the instance decides
+        stochastic = getattr(instance, "stochastic", None)
+    if not isinstance(stochastic, bool):
+        _fail(f"{where}: declares no boolean `stochastic` (instance attribute or metadata), got {stochastic!r}")
+    warmup = getattr(instance, "warmup_steps", None)
+    if warmup is None:
+        warmup = assumed_warmup(order)
+    elif isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        _fail(f"{where}: declares `warmup_steps` = {warmup!r}; accepted: an int >= 0 (or None: not declared)")
+    return instance, float(order), nfe, stochastic, int(warmup)
 
 
-def _slope(steps: Sequence[int], errors: Sequence[float]) -> float:
-    return -float(np.polyfit(np.log(np.asarray(steps, dtype=np.float64)), np.log(np.asarray(errors)), 1)[0])
+def _check_outputs(bench: SamplerBench, report: SamplerReport, steps: int, nfe: int) -> None:
+    """Model calls, shape, dtype, device, finiteness, reproducibility, image vs flat shapes, and
+    the same samples from every parameterization's exact model."""
+    where, device = bench.where, bench.device
+    calls: list[int] = []
+    flat = bench.run((8, 2), steps, seed=1, calls=calls)
+    report.model_calls = len(calls)
+    if not 1 <= len(calls) <= steps * nfe:
+        _fail(
+            f"{where}: declares nfe_per_step={nfe} but called the model {len(calls)} times in {steps} steps "
+            f"(at most {steps * nfe})"
+        )
+    if not isinstance(flat, torch.Tensor) or flat.shape != (8, 2):
+        _fail(f"{where}: sampling shape [8, 2] returned {getattr(flat, 'shape', type(flat).__name__)}")
+    if flat.dtype != torch.float32:
+        _fail(f"{where}: the samples are {flat.dtype}, expected the driver's dtype float32")
+    if flat.device != device:
+        _fail(f"{where}: the samples are on {flat.device}, expected {device}")
+    if not bool(torch.isfinite(flat).all()):
+        _fail(f"{where}: the samples are not finite: {flat.tolist()}")
+    if not torch.equal(flat, bench.run((8, 2), steps, seed=1)):
+        _fail(f"{where}: not reproducible: the same noise and generator gave different samples")
+    mix4 = GaussianMixture.example(4)
+    image = bench.run((8, 1, 2, 2), steps, seed=2, mix=mix4)
+    if image.shape != (8, 1, 2, 2) or image.dtype != torch.float32 or not bool(torch.isfinite(image).all()):
+        _fail(f"{where}: sampling shape [8, 1, 2, 2] gave {image.dtype} {list(image.shape)} (or non-finite values)")
+    flat4 = bench.run((8, 4), steps, seed=2, mix=mix4)
+    if not torch.allclose(image.reshape(8, 4), flat4, rtol=0, atol=1e-5):
+        _fail(f"{where}: samples of shape [8, 1, 2, 2] differ from the same samples drawn as [8, 4]")
+    for mean_type in [m for m in bench.bases if m != bench.main]:
+        other = bench.run((8, 2), steps, seed=1, mean_type=mean_type)
+        err = float((other - flat).abs().max())
+        if not err <= 1e-3:
+            _fail(
+                f"{where}: with the {mean_type} parameterization the samples differ from {bench.main}'s by {err:.3g} "
+                "(the exact models agree, so a sampler must use the Prediction, not the raw model output)"
+            )
+
+
+def _check_other_processes(
+    name: str,
+    options: Mapping[str, Any],
+    where: str,
+    device: torch.device,
+    instance: Any,
+    report: SamplerReport,
+    stochastic: bool,
+    steps_list: list[int],
+    max_error: float,
+    distribution_steps: int,
+    distribution_samples: int,
+    swd_threshold: float,
+) -> None:
+    """The ``other_processes`` pass (see :func:`check_sampler`)."""
+    for label, config, parameterization in OTHER_PROCESSES:
+        try:
+            _check_other_process(
+                name, options, f"{where} on {label}", device, instance, report, label, config, parameterization,
+                stochastic, steps_list, max_error, distribution_steps, distribution_samples, swd_threshold,
+            )  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc} (check_sampler(..., other_processes=False) checks only guided-diffusion's linear process)"
+            ) from exc.__cause__
+
+
+def _check_other_process(
+    name, options, here, device, instance, report, label, config, parameterization,
+    stochastic, steps_list, max_error, distribution_steps, distribution_samples, swd_threshold,
+) -> None:  # fmt: skip
+    """One process of the ``other_processes`` pass."""
+    bench = SamplerBench(name, options, here, device, config, parameterization, compare=False)
+    T = bench.diffusion.num_timesteps
+    if stochastic:
+        part = SamplerReport(report.name, report.order, report.nfe_per_step, True)
+        check_distribution(bench, part, min(distribution_steps, T), distribution_samples, swd_threshold)
+        report.other_processes[label] = float(part.swd or 0.0)
+        return
+    steps = max([s for s in steps_list if s <= T] or [T])
+    _, final = ode_errors(bench, [steps], [bench.grid_times(steps, instance)], None)
+    report.other_processes[label] = final[0]
+    if not final[0] <= max_error:
+        _fail(
+            f"{here}: the error of its final samples to the exact probability-flow ODE solution is "
+            f"{final[0]:.3g} at {steps} steps (> {max_error:g})"
+        )
 
 
 def check_sampler(
@@ -80,6 +177,7 @@ def check_sampler(
     process: str | Mapping[str, Any] | None = None,
     parameterization: str = "eps",
     grid: Any = None,
+    other_processes: bool = True,
     **options: Any,
 ) -> SamplerReport:
     """Check a sampler (kind ``sampler``) with the exact model of a 2-D :class:`GaussianMixture`
@@ -88,8 +186,10 @@ def check_sampler(
     - It is a :class:`~diffreg.Sampler` declaring ``order`` (> 0), ``nfe_per_step`` (int >= 1) and
       ``stochastic`` (bool), each on its class or instance (other than :class:`~diffreg.Sampler`'s
       defaults) or else as registration metadata (non-bool metadata such as DDIM's
-      ``"when eta > 0"`` leaves ``stochastic`` to the instance); it calls the model at most
-      ``steps * nfe_per_step`` times.
+      ``"when eta > 0"`` leaves ``stochastic`` to the instance: a sampler that is stochastic only
+      for some options sets ``self.stochastic`` in ``__init__``, as DDIM's ``eta > 0``); it
+      calls the model at most ``steps * nfe_per_step`` times. ``warmup_steps``, when declared,
+      is an int >= 0.
     - Shapes ``[N, D]`` and ``[N, C, H, W]``: float32 samples of that shape on ``device``, finite;
       the image-shaped run equals the flat run reshaped; the same noise and generator give identical
       samples; the eps, x0 and v parameterizations give the same samples (to 1e-3).
@@ -125,11 +225,21 @@ def check_sampler(
         name: a registered sampler name (bare or ``plugin:name``).
         expected_order: overrides the declared order.
         convergence_steps: at least 2 step counts, each grid sharing a timestep > 0 with the others
-            (multiples of the smallest do). Default: chosen from the declared order: 10, 20, 40, 80
-            below order 2.5; 40, 80, 160, 320 from order 2.5 on, where the lower-order warm-up
-            steps of a multistep solver (its first steps, one order less each) would otherwise
+            (multiples of the smallest do). Default: chosen from the declared warm-up (the
+            sampler's ``warmup_steps``: lower-order steps at the start, as a multistep solver of
+            order p takes p - 1; undeclared: p - 1 from order 2.5 on, else 0): 10, 20, 40, 80 for
+            fewer than 2 warm-up steps; 40, 80, 160, 320 otherwise, where the warm-up steps would
             dominate the error at 10-80 steps. Calibration: DEIS (tAB3) measures 2.54 at 10-80 and
-            2.87 at 40-320, DPM-Solver++(3M) 2.32 and 2.94, DPM-Solver-3 (single step) 2.82 at 10-80.
+            2.87 at 40-320, DPM-Solver++(3M) 2.32 and 2.94, DPM-Solver-3 (single step, no warm-up)
+            2.82 at 10-80.
+        other_processes: with the default process, also run the sampler on three more (unless
+            ``process`` is given): the cosine schedule (T = 1000, eps), the linear schedule at
+            T = 100 (eps) and the linear schedule rescaled to zero terminal SNR (Lin et al. 2024;
+            T = 1000, the v parameterization, since eps cannot give x0 where alpha = 0). There a
+            deterministic sampler's final samples must lie within ``max_error`` of the exact ODE
+            solution at the most steps of ``convergence_steps`` that the process has, and a
+            stochastic one's within ``swd_threshold`` of the data; results in
+            ``SamplerReport.other_processes``.
         device: where to sample (the exact model follows the data's device).
 
     Returns:
@@ -141,217 +251,21 @@ def check_sampler(
         ImportError: scipy (needed for the ODE reference) is not installed.
     """
     where = f"sampler {name!r}" + (f" with options {options}" if options else "")
-    try:
-        component = registry.get("sampler", name)
-        instance = registry.create("sampler", name, **options)
-    except Exception as exc:
-        raise AssertionError(f"{where}: building it raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(instance, Sampler):
-        _fail(f"{where}: the factory returned {type(instance).__name__}, not a diffreg.Sampler")
-    order = expected_order if expected_order is not None else _declared(instance, component.metadata, "order")
-    nfe = _declared(instance, component.metadata, "nfe_per_step")
-    if isinstance(order, bool) or not isinstance(order, (int, float)) or not order > 0:
-        _fail(f"{where}: declares no valid `order` (a number > 0 as a class attribute or metadata), got {order!r}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        _fail(f"{where}: declares no valid `nfe_per_step` (an int >= 1), got {nfe!r}")
-    stochastic = _declared(instance, component.metadata, "stochastic")
-    if not isinstance(stochastic, bool):  # metadata such as "when eta > 0": the instance decides
-        stochastic = getattr(instance, "stochastic", None)
-    if not isinstance(stochastic, bool):
-        _fail(f"{where}: declares no boolean `stochastic` (instance attribute or metadata), got {stochastic!r}")
-    report = SamplerReport(str(name), float(order), int(nfe), bool(stochastic))
+    instance, order, nfe, stochastic, warmup = _declarations(name, options, where, expected_order)
+    report = SamplerReport(str(name), order, int(nfe), bool(stochastic))
     device = torch.device(device)
-    T = 1000
-    if process is None:
-        betas = _linear_betas(T)
-        bases = {m: _diffusion(betas, m) for m in ("eps", "x0", "v")}
-        main = "eps"
-    else:
-        bases = {}
-        for m in dict.fromkeys((parameterization, "eps", "x0", "v", "flow", "edm")):
-            try:
-                bases[m] = Diffusion.from_config({"schedule": process, "parameterization": m})
-            except ValueError:
-                if m == parameterization:
-                    raise
-        main = parameterization
-    the_process = bases[main].process
-    t_top = the_process.t_max
-    prior_std = float(getattr(the_process, "prior_std", 1.0))
-    grid_kw: dict[str, Any] = {"spacing": "trailing"} if process is None and grid is None else {"grid": grid}
-    mixture = GaussianMixture.example(2)
-
-    def run(
-        mean_type: str,
-        shape: Sequence[int],
-        steps: int,
-        seed: int,
-        dtype: torch.dtype = torch.float32,
-        mix: GaussianMixture = mixture,
-        callback: Callable[..., None] | None = None,
-        calls: list[int] | None = None,
-    ) -> torch.Tensor:
-        base = bases[mean_type]
-        gen = torch.Generator().manual_seed(seed)
-        noise = (torch.randn(tuple(shape), generator=gen, dtype=dtype) * prior_std).to(device)
-        exact = mix.denoiser(base, mean_type)
-
-        def model(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            if calls is not None:
-                calls.append(int(t[0]))
-            return exact(x, t, **kwargs)
-
-        try:
-            return base.sample(
-                model,
-                tuple(shape),
-                sampler=name,
-                steps=steps,
-                noise=noise,
-                generator=gen,
-                clip_denoised=False,
-                dtype=dtype,
-                callback=callback,
-                **grid_kw,
-                **options,
-            )
-        except Exception as exc:
-            raise AssertionError(
-                f"{where}: sampling {list(shape)} ({mean_type} parameterization, {steps} steps, {dtype}) raised "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-
-    if convergence_steps is None:
-        convergence_steps = (10, 20, 40, 80) if order < 2.5 else (40, 80, 160, 320)
-    steps_list = sorted({int(s) for s in convergence_steps})
+    bench = SamplerBench(name, options, where, device, process, parameterization, grid)
+    steps_list = sorted({int(s) for s in (convergence_steps or default_steps(order, warmup))})
     if len(steps_list) < 2:
         raise ValueError(f"convergence_steps needs at least 2 different step counts, got {convergence_steps}")
-    # the sampler's own grids (a sampler with a sigma grid chooses its timesteps)
-    grids = [
-        sorted(round(v, 9) for v in bases[main].grid_times(s, grid, instance).tolist()) for s in steps_list
-    ]
-    shared = sorted(set.intersection(*(set(g) for g in grids)) - {0, round(t_top, 9)})
-    if (
-        process is None
-        and not shared
-        and all(g == spaced_timesteps(T, s, "trailing") for g, s in zip(grids, steps_list, strict=True))
-    ):
-        raise ValueError(
-            f"the trailing grids of convergence_steps {steps_list} share no timestep other than the first; "
-            "use multiples of the smallest count"
-        )
-    # where the grids share no intermediate timestep (their own sigma grids), only the final
-    # samples are compared
-    stop = shared[0] if shared else None
-    visited_steps = [len(g) for g in grids]
-
-    steps0 = steps_list[0]
-    calls: list[int] = []
-    flat = run(main, (8, 2), steps0, seed=1, calls=calls)
-    report.model_calls = len(calls)
-    if not 1 <= len(calls) <= steps0 * nfe:
-        _fail(
-            f"{where}: declares nfe_per_step={nfe} but called the model {len(calls)} times in {steps0} steps "
-            f"(at most {steps0 * nfe})"
-        )
-    if not isinstance(flat, torch.Tensor) or flat.shape != (8, 2):
-        _fail(f"{where}: sampling shape [8, 2] returned {getattr(flat, 'shape', type(flat).__name__)}")
-    if flat.dtype != torch.float32:
-        _fail(f"{where}: the samples are {flat.dtype}, expected the driver's dtype float32")
-    if flat.device != device:
-        _fail(f"{where}: the samples are on {flat.device}, expected {device}")
-    if not bool(torch.isfinite(flat).all()):
-        _fail(f"{where}: the samples are not finite: {flat.tolist()}")
-    if not torch.equal(flat, run(main, (8, 2), steps0, seed=1)):
-        _fail(f"{where}: not reproducible: the same noise and generator gave different samples")
-    mix4 = GaussianMixture.example(4)
-    image = run(main, (8, 1, 2, 2), steps0, seed=2, mix=mix4)
-    if image.shape != (8, 1, 2, 2) or image.dtype != torch.float32 or not bool(torch.isfinite(image).all()):
-        _fail(f"{where}: sampling shape [8, 1, 2, 2] gave {image.dtype} {list(image.shape)} (or non-finite values)")
-    flat4 = run(main, (8, 4), steps0, seed=2, mix=mix4)
-    if not torch.allclose(image.reshape(8, 4), flat4, rtol=0, atol=1e-5):
-        _fail(f"{where}: samples of shape [8, 1, 2, 2] differ from the same samples drawn as [8, 4]")
-    for mean_type in [m for m in bases if m != main]:
-        other = run(mean_type, (8, 2), steps0, seed=1)
-        err = float((other - flat).abs().max())
-        if not err <= 1e-3:
-            _fail(
-                f"{where}: with the {mean_type} parameterization the samples differ from {main}'s by {err:.3g} "
-                "(the exact models agree, so a sampler must use the Prediction, not the raw model output)"
-            )
-
-    if not stochastic:
-        n = 64
-        x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * prior_std
-        reference = exact_ode_solution(mixture, bases[main], x_T, t_start=t_top)
-        reference_stop = (
-            exact_ode_solution(mixture, bases[main], x_T, t_start=t_top, t_end=stop) if stop is not None else None
-        )
-        errors, final_errors = [], []
-        for steps, grid in zip(steps_list, grids, strict=True):
-            states: dict[int, torch.Tensor] = {}
-            visit = grid[::-1]  # the state after step i is at visit[i + 1]
-
-            def record(
-                i: int,
-                t: int,
-                x: torch.Tensor,
-                pred_xstart: torch.Tensor,
-                _visit: list[int] = visit,
-                _states: dict[int, torch.Tensor] = states,
-            ) -> None:
-                if i + 1 < len(_visit) and _visit[i + 1] == stop:
-                    _states[stop] = x.detach().clone()
-
-            out = run(main, (n, 2), steps, seed=3, dtype=torch.float64, callback=record)
-            if out.dtype != torch.float64:
-                _fail(f"{where}: sampling in float64 returned {out.dtype}; a step must keep x's dtype")
-            final_errors.append(float(((out.cpu() - reference) ** 2).mean().sqrt()))
-            if stop is not None and reference_stop is not None:
-                errors.append(float(((states[stop].cpu() - reference_stop) ** 2).mean().sqrt()))
-        report.steps, report.stop_timestep, report.errors, report.final_errors = (
-            visited_steps,
-            stop,
-            errors,
-            final_errors,
-        )
-        for what, errs in ((f"the state at timestep {stop}", errors), ("the final samples", final_errors)):
-            if not all(math.isfinite(e) and e > 0 for e in errs):
-                _fail(f"{where}: error of {what} to the exact ODE solution is not finite and positive: {errs}")
-        report.final_slope = _slope(visited_steps, final_errors)
-        # no shared intermediate level (e.g. karras grids): the order is measured on the final samples
-        report.slope = _slope(visited_steps, errors) if errors else (report.final_slope if process is not None else None)
-        table = ", ".join(f"{s}: {e:.3g}" for s, e in zip(visited_steps, errors, strict=False))
-        final_table = ", ".join(f"{s}: {e:.3g}" for s, e in zip(visited_steps, final_errors, strict=True))
-        if report.slope is not None and not report.slope >= order - order_tolerance:
-            _fail(
-                f"{where}: declares order {order:g}, but the error of "
-                f"{'its state at timestep ' + str(stop) if stop is not None else 'its final samples'} to the exact "
-                f"probability-flow ODE solution shrinks at order {report.slope:.2f} (< {order:g} - "
-                f"{order_tolerance:g}); RMS error by steps: {table}"
-            )
-        if not report.final_slope >= min(order, 1.0) - order_tolerance:
-            _fail(
-                f"{where}: the error of its final samples to the exact probability-flow ODE solution shrinks at "
-                f"order {report.final_slope:.2f} (< {min(order, 1.0):g} - {order_tolerance:g}); RMS error by "
-                f"steps: {final_table}"
-            )
-        if not final_errors[-1] <= max_error:
-            _fail(
-                f"{where}: the error of its final samples to the exact probability-flow ODE solution is "
-                f"{final_errors[-1]:.3g} at {steps_list[-1]} steps (> {max_error:g}); RMS error by steps: "
-                f"{final_table}"
-            )
+    _check_outputs(bench, report, steps_list[0], nfe)
+    if stochastic:
+        check_distribution(bench, report, distribution_steps, distribution_samples, swd_threshold)
     else:
-        n = int(distribution_samples)
-        samples = run(main, (n, 2), distribution_steps, seed=4)
-        data = mixture.sample(max(20000, 2 * n), torch.Generator().manual_seed(5))
-        report.swd = sliced_wasserstein(samples, data)
-        report.swd_reference = sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(6)), data)
-        if not report.swd <= swd_threshold:
-            _fail(
-                f"{where}: the samples do not reproduce the data distribution: sliced Wasserstein distance "
-                f"{report.swd:.3g} of {n} samples after {distribution_steps} steps to {data.shape[0]} data samples "
-                f"(threshold {swd_threshold:g}; an independent data set of {n}: {report.swd_reference:.3g})"
-            )
+        check_convergence(bench, instance, report, steps_list, order, order_tolerance, max_error)
+    if other_processes and process is None:
+        _check_other_processes(
+            name, options, where, device, instance, report, stochastic, steps_list, max_error,
+            distribution_steps, distribution_samples, swd_threshold,
+        )  # fmt: skip
     return report

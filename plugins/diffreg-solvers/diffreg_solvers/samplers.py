@@ -357,7 +357,7 @@ class UniPC(GridSampler):
             rs = []  # B(h) = h is infinite out of lambda = -inf: no correction
         w = [float(lv.alpha_next[i]) * wm for wm in unipc_weights(float(lv.h[i]), rs, self.variant)] if rs else []
         c_d -= sum(w)
-        return c_x, c_d, w[: p - 1], (w[-1] if corrector else 0.0)
+        return c_x, c_d, w[: p - 1], (w[-1] if corrector and w else 0.0)
 
     def prepare(self, ctx):
         lv = levels(ctx)
