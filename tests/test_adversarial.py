@@ -223,8 +223,14 @@ class Closing(DDIM):
         raise GeneratorExit
         yield
 
+class Stopping(DDIM):
+    def steps(self, ctx, x):
+        return
+        yield
+
 @diffreg.hookimpl
 def diffreg_register_samplers(register):
+    register("stopping", Stopping)
     register("exiting", Exiting)
     register("faulty", Faulty)
     register("closing", Closing)
@@ -262,3 +268,10 @@ def test_a_plugin_component_that_exits_or_fails_is_named_and_exits_1(
     assert "DIFFREG_DISABLE_PLUGINS=advplug" in result.output
     assert CATCH_ALL not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_a_plugin_sampler_that_stops_early_is_a_sampling_error(bad_sampler_plugin, mlp_checkpoint, tmp_path):
+    # was a RuntimeError through the catch-all ("unexpected ... please report it")
+    result = CliRunner().invoke(main, _sample_args(mlp_checkpoint, tmp_path, "--sampler", "stopping"))
+    assert result.exit_code == 1
+    assert "sampler Stopping stopped after 0 of 2 steps" in result.output and CATCH_ALL not in result.output

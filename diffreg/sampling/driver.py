@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffreg import registry
+from diffreg.errors import SamplingError
 from diffreg.sampling.context import SamplingContext, model_device
 from diffreg.sampling.contract import Sampler
 from diffreg.sampling.guidance import Guidance, resolve_guidance
@@ -247,7 +248,7 @@ class SamplingRun(Iterator[dict[str, Any]]):
                     try:
                         x, pred_xstart = next(steps)
                     except StopIteration:
-                        raise RuntimeError(
+                        raise SamplingError(
                             f"sampler {type(self.sampler).__name__} stopped after {i} of {ctx.num_steps} steps"
                         ) from None
                 t = ctx.model_time(i)
