@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffreg import registry
@@ -218,31 +217,6 @@ class ContinuousDiffusion(Diffusion):
             raise self.process.no_tables("the reverse-process variance")
 
         return Prediction(pred_xstart, eps, variances=no_variance, alpha=alpha, sigma=sigma)
-
-    # -- sampling ---------------------------------------------------------------------------------
-
-    def grid_times(self, steps: int | None = None, grid: Any = None, sampler: Any = None) -> np.ndarray:
-        """``steps`` times of ``grid`` (default: the sampler's own grid, else ``trailing``: uniform
-        in t); see ``Diffusion.grid_times``.
-
-        Raises:
-            ValueError: ``steps=None`` without an explicit grid (a continuous process has no
-            "every timestep").
-        """
-        from diffreg.sampling import resolve_grid
-
-        if grid is None:
-            grid = getattr(sampler, "grid", None) or "trailing"
-        grid_obj = resolve_grid(grid)
-        if steps is None:
-            explicit = getattr(grid_obj, "times_", None)
-            explicit = explicit if explicit is not None else getattr(grid_obj, "sigmas", None)
-            if explicit is None:
-                raise ValueError(
-                    f"{self.process!r} is continuous: give steps= (there is no 'every timestep'), or an explicit grid"
-                )
-            steps = len(explicit)
-        return grid_obj(self.process, steps)
 
 
 def _refuse(name: str):

@@ -90,11 +90,13 @@ class SamplingMethods:
         the sampler's own ``grid``, else ``trailing``). float64, strictly decreasing.
 
         Raises:
-            UnknownComponentError: an unknown grid; ValueError / TypeError: a bad ``steps``.
+            UnknownComponentError: an unknown grid; ValueError / TypeError: a bad ``steps``, or
+            ``steps=None`` without an explicit grid on a continuous process (it has no "every
+            timestep").
         """
         from diffreg.sampling import resolve_grid
 
-        if steps is None and grid is None:
+        if steps is None and grid is None and self.process.discrete:
             return self.process.integer_times()
         if grid is None:
             grid = getattr(sampler, "grid", None) or "trailing"
@@ -102,6 +104,10 @@ class SamplingMethods:
         if steps is None:
             explicit = getattr(grid_obj, "times_", None)
             explicit = explicit if explicit is not None else getattr(grid_obj, "sigmas", None)
+            if explicit is None and not self.process.discrete:
+                raise ValueError(
+                    f"{self.process!r} is continuous: give steps= (there is no 'every timestep'), or an explicit grid"
+                )
             steps = len(explicit) if explicit is not None else self.num_timesteps
         return grid_obj(self.process, steps)
 
