@@ -41,26 +41,21 @@ def _json_value(value: Any, where: str, depth: int = 0) -> Any:
 
 def parse_json(text: str, what: str = "JSON configuration") -> Any:
     """``json.loads`` with one-line :class:`ConfigError` for invalid or too deeply nested text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"invalid {what}: {exc}") from exc
-    except RecursionError:
-        raise ConfigError(
-            f"invalid {what}: lists or tables nested too deeply (at most {MAX_NESTING} levels)"
-        ) from None
+    return _parse(json.loads, json.JSONDecodeError, text, what, "lists or tables")
 
 
 def parse_toml(text: str, what: str = "TOML configuration") -> dict[str, Any]:
     """``tomllib.loads`` with one-line :class:`ConfigError` for invalid or too deeply nested text."""
+    return _parse(tomllib.loads, tomllib.TOMLDecodeError, text, what, "arrays or tables")
+
+
+def _parse(loads: Any, decode_error: type[Exception], text: str, what: str, containers: str) -> Any:
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        return loads(text)
+    except decode_error as exc:
         raise ConfigError(f"invalid {what}: {exc}") from exc
     except RecursionError:
-        raise ConfigError(
-            f"invalid {what}: arrays or tables nested too deeply (at most {MAX_NESTING} levels)"
-        ) from None
+        raise ConfigError(f"invalid {what}: {containers} nested too deeply (at most {MAX_NESTING} levels)") from None
 
 
 def read_toml_file(path: str | os.PathLike[str]) -> dict[str, Any]:

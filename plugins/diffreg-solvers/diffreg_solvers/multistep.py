@@ -111,14 +111,18 @@ def deis_coefficients(log_rhos: list[float], log_rho_next: float) -> list[float]
     u = log rho through the points ``log_rhos`` (current first), x~' = x~ + sum_j c_j eps_j with
     c_j = int_{rho}^{rho'} l_j(log r) dr = int_u^{u'} e^v l_j(v) dv. ``log_rho_next`` may be -inf
     (the data)."""
-    coeffs = []
-    for j, uj in enumerate(log_rhos):
-        basis = Polynomial([1.0])
-        for m, um in enumerate(log_rhos):
-            if m != j:
-                basis = basis * Polynomial([-um, 1.0]) / (uj - um)
-        coeffs.append(_exp_poly_integral(basis, log_rhos[0], log_rho_next))
-    return coeffs
+    return [
+        _exp_poly_integral(lagrange_basis(log_rhos, j), log_rhos[0], log_rho_next) for j in range(len(log_rhos))
+    ]
+
+
+def lagrange_basis(nodes, j: int) -> Polynomial:
+    """The Lagrange basis polynomial l_j through ``nodes`` (1 at nodes[j], 0 at the others)."""
+    basis = Polynomial([1.0])
+    for m, node in enumerate(nodes):
+        if m != j:
+            basis = basis * Polynomial([-node, 1.0]) / (nodes[j] - node)
+    return basis
 
 
 class DEIS(GridSampler):
@@ -228,12 +232,8 @@ class IPNDM(GridSampler):
                 # integrate the Lagrange polynomial through the slopes in rho over [rho, rho']
                 nodes = [r for _, r in points]
                 weights = []
-                for j, rj in enumerate(nodes):
-                    basis = Polynomial([1.0])
-                    for m, rm in enumerate(nodes):
-                        if m != j:
-                            basis = basis * Polynomial([-rm, 1.0]) / (rj - rm)
-                    anti = basis.integ()
+                for j in range(len(nodes)):
+                    anti = lagrange_basis(nodes, j).integ()
                     weights.append(float(anti(rho[i + 1]) - anti(rho[i])))
             else:
                 weights = [(rho[i + 1] - rho[i]) * b for b in ADAMS_BASHFORTH[len(points) - 1]]
