@@ -19,7 +19,7 @@ from diffreg import registry
 from diffreg.config import DiffusionConfig
 from diffreg.diffusion import Diffusion
 from diffreg.loss import Loss, ProcessTimeSampler, TimestepSampler
-from diffreg.parameterization import ModelParameterization, Prediction, eps_from_xstart
+from diffreg.parameterization import MeanAndVariance, Prediction, eps_from_xstart
 from diffreg.processes import ContinuousProcess
 from diffreg.schedule import DiffusionTables
 from diffreg.validation import check_tensor
@@ -46,15 +46,16 @@ TABLE_METHODS = (
     "ddim_sample_loop_progressive",
     "ddim_reverse_sample_loop",
     "tables_map",
+    "timestep_map_on",
 )
 
 
-def check_compatible(process: ContinuousProcess, parameterization: ModelParameterization, loss: Any) -> None:
+def check_compatible(process: ContinuousProcess, parameterization: MeanAndVariance, loss: Any) -> None:
     """Refuse, with the reason, combinations that cannot work on a continuous process.
 
     Raises:
         ValueError: a learned variance, a loss that needs the timestep tables (``kl``), or a mean
-            type whose :meth:`~diffreg.parameterization.MeanType.check_process` refuses it.
+            type whose :meth:`~diffreg.parameterization.Parameterization.check_process` refuses it.
     """
     if parameterization.learned_variance:
         raise ValueError(
@@ -87,7 +88,7 @@ class ContinuousDiffusion(Diffusion):
     def __init__(
         self,
         process: ContinuousProcess,
-        parameterization: ModelParameterization,
+        parameterization: MeanAndVariance,
         loss: Loss,
         *,
         config: DiffusionConfig | None = None,

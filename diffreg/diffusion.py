@@ -19,7 +19,7 @@ from diffreg.config import DiffusionConfig
 from diffreg.likelihood import LikelihoodMethods
 from diffreg.loss import Loss, TimestepSampler
 from diffreg.parameterization import (
-    ModelParameterization,
+    MeanAndVariance,
     Prediction,
     eps_from_xstart,
     predict_eps_from_xstart,
@@ -59,7 +59,7 @@ class Diffusion(LikelihoodMethods, SamplingMethods):
 
     Args:
         betas: float64 array ``[T]`` in (0, 1].
-        parameterization: a :class:`~diffreg.parameterization.ModelParameterization`.
+        parameterization: a :class:`~diffreg.parameterization.MeanAndVariance`.
         loss: a :class:`~diffreg.loss.Loss`.
         timestep_map: for a respaced diffusion, the original index of each kept timestep
             (ascending, int64 ``[T]``); the model is always called with these original indices.
@@ -74,7 +74,7 @@ class Diffusion(LikelihoodMethods, SamplingMethods):
     def __init__(
         self,
         betas: np.ndarray,
-        parameterization: ModelParameterization,
+        parameterization: MeanAndVariance,
         loss: Loss,
         *,
         timestep_map: Sequence[int] | np.ndarray | None = None,
@@ -119,7 +119,7 @@ class Diffusion(LikelihoodMethods, SamplingMethods):
         density = registry.create(
             "timestep_sampler", cfg.timestep_sampler.name, cfg.num_timesteps, **cfg.timestep_sampler.options
         )
-        parameterization = ModelParameterization(mean_type, variance_type)
+        parameterization = MeanAndVariance(mean_type, variance_type)
         if isinstance(schedule, Process) and not schedule.discrete:  # rectified_flow, edm, vp
             from diffreg.continuous import ContinuousDiffusion
 
@@ -207,18 +207,23 @@ class Diffusion(LikelihoodMethods, SamplingMethods):
         process indices (int64); with ``config.rescale_timesteps``, those indices as float32 times
         ``1000 / T`` (T of the original process), as improved-/guided-diffusion's
         ``_scale_timesteps`` and ``_WrappedModel``."""
-        original = t if self._identity_map else self.tables_map(t.device)[t]
+        original = t if self._identity_map else self.timestep_map_on(t.device)[t]
         if self.config is not None and self.config.rescale_timesteps:
             return original.float() * (1000.0 / self.config.num_timesteps)
         return original
 
-    def tables_map(self, device) -> torch.Tensor:
-        """``timestep_map`` as an int64 tensor on ``device`` (made once per device)."""
+    def timestep_map_on(self, device) -> torch.Tensor:
+        """``timestep_map`` (this process's timestep -> the original process's timestep, length
+        ``num_timesteps``) as an int64 tensor ``[num_timesteps]`` on ``device``, made once per
+        device and cached. Old name: :meth:`tables_map` (an alias)."""
         key = str(device)
         cached = self._timestep_map_on.get(key)
         if cached is None:
             cached = self._timestep_map_on[key] = torch.tensor(np.array(self.timestep_map)).to(device)
         return cached
+
+    #: Old name of :meth:`timestep_map_on` (it returns the timestep map, not a table); kept as an alias.
+    tables_map = timestep_map_on
 
     @property
     def process(self) -> DiscreteProcess:

@@ -82,10 +82,13 @@ COMPONENT_KINDS: tuple[Kind, ...] = (
         def diffreg_register_schedules(register):
             register("quadratic", QuadraticSchedule, paper="...")
     """),
-    Kind("parameterization", "diffreg_register_parameterizations", "diffreg.parameterization:MeanType", "0.1", """
+    Kind("parameterization", "diffreg_register_parameterizations", "diffreg.parameterization:Parameterization", "0.1", """
     What the network predicts: ``factory(**options)`` returns a
-    :class:`diffreg.parameterization.MeanType`, which turns the raw output into ``pred_xstart`` and
-    ``pred_eps`` and gives the training target. Built-ins: ``eps``, ``x0``, ``v``.
+    :class:`diffreg.parameterization.Parameterization` (old name ``MeanType``, an alias), which
+    turns the mean channels of the raw output into ``pred_xstart`` and ``pred_eps`` and gives the
+    training target. A diffusion pairs it with a variance type in a
+    :class:`diffreg.parameterization.MeanAndVariance` (``diffusion.parameterization``). Built-ins:
+    ``eps``, ``x0``, ``v``, ``flow``, ``edm``.
 
     Example::
 

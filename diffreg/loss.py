@@ -42,11 +42,58 @@ class Loss(abc.ABC):
     ) -> dict[str, torch.Tensor]: ...
 
 
+def vb_term(
+    diffusion: Diffusion,
+    mean_part: torch.Tensor,
+    var_part: torch.Tensor,
+    x_start: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """The variational-bound term of the hybrid objective, training only the variance (public
+    helper for loss plugins; Nichol & Dhariwal 2021, eq. 16 and Sec. 3.1, as guided-diffusion's
+    ``training_losses`` with a learned variance).
+
+    Computes :meth:`Diffusion.vb_terms_bpd` (KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0,
+    the discretized decoder NLL at t = 0, in bits per dimension) for the network output
+    ``cat([mean_part.detach(), var_part], dim=1)``: the mean is frozen, so the gradient reaches
+    only ``var_part``. Unscaled: guided-diffusion's ``RESCALED_MSE`` multiplies it by ``T / 1000``
+    (:class:`MSELoss` does so with ``rescaled=True``). The hybrid loss is then
+    ``mse + vb_term(...)`` (per example).
+
+    Args:
+        diffusion: a discrete-time :class:`~diffreg.diffusion.Diffusion` with a learned variance.
+        mean_part, var_part: the two halves of the raw network output, as returned by
+            ``diffusion.parameterization.split(output, x_t)``; each ``x_t``'s shape ``[N, C, ...]``.
+        x_start, x_t: clean data and its noised version, ``[N, C, ...]`` float.
+        t: int64 timesteps ``[N]``.
+
+    Returns:
+        ``[N]`` tensor of bits per dimension (``x_t``'s dtype).
+
+    Raises:
+        ValueError: ``var_part`` is None (the variance is not learned: there is no VB term to
+            train) or the halves' shapes differ from ``x_t``'s.
+        Whatever ``Diffusion.vb_terms_bpd`` raises (a continuous process has no tables for it).
+    """
+    if var_part is None:
+        raise ValueError(
+            f"vb_term needs the variance half of the output; got var_part=None (variance "
+            f"{diffusion.parameterization.variance_type.name!r} is not learned: use a learned variance)"
+        )
+    for label, part in (("mean_part", mean_part), ("var_part", var_part)):
+        if tuple(part.shape) != tuple(x_t.shape):
+            raise ValueError(f"vb_term: {label} has shape {tuple(part.shape)}; expected x_t's {tuple(x_t.shape)}")
+    frozen = torch.cat([mean_part.detach(), var_part], dim=1)
+    return diffusion.vb_terms_bpd(lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False)["output"]
+
+
 class MSELoss(Loss):
     """Regression of the mean channels onto the parameterization's target (Ho et al. 2020, eq. 14).
 
     With a learned variance, adds the variational-bound term computed on a detached mean, so the
-    VB trains only the variance (the hybrid objective, Nichol & Dhariwal 2021, eq. 16).
+    VB trains only the variance (the hybrid objective, Nichol & Dhariwal 2021, eq. 16), as
+    :func:`vb_term`.
 
     Args:
         rescaled: scale the VB term by ``T / 1000`` (guided-diffusion's ``RESCALED_MSE``).
@@ -69,8 +116,7 @@ class MSELoss(Loss):
         mean_part, var_part = parameterization.split(model_output, x_t)
         terms: dict[str, torch.Tensor] = {}
         if var_part is not None:
-            frozen = torch.cat([mean_part.detach(), var_part], dim=1)
-            vb = diffusion.vb_terms_bpd(lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False)["output"]
+            vb = vb_term(diffusion, mean_part, var_part, x_start, x_t, t)
             terms["vb"] = vb * (diffusion.num_timesteps / 1000.0) if self.rescaled else vb
         alpha, sigma = diffusion.alpha_sigma(t, x_start)
         target = parameterization.mean_type.target(x_start, noise, alpha, sigma)
@@ -198,4 +244,5 @@ __all__ = [
     "ProcessTimeSampler",
     "TimestepSampler",
     "UniformSampler",
+    "vb_term",
 ]

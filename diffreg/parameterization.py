@@ -1,9 +1,14 @@
-"""What the network predicts: a mean type (eps, x0, v) times a variance type.
+"""What the network predicts: a parameterization (eps, x0, v, flow, edm) times a variance type.
 
-A :class:`MeanType` turns the mean part of the raw network output into ``pred_xstart`` and
-``pred_eps`` and gives the training target; a :class:`VarianceType` gives the reverse-process
-variance, either from the tables (fixed) or from extra output channels (learned).
-:class:`ModelParameterization` composes the two and splits the network output.
+A :class:`Parameterization` (the product of the ``parameterization`` plugin kind) turns the mean
+part of the raw network output into ``pred_xstart`` and ``pred_eps`` and gives the training target;
+a :class:`VarianceType` gives the reverse-process variance, either from the tables (fixed) or from
+extra output channels (learned). :class:`MeanAndVariance` composes the two and splits the network
+output; a :class:`~diffreg.diffusion.Diffusion` holds one as ``diffusion.parameterization`` (its
+``mean_type`` attribute is the :class:`Parameterization`).
+
+Old names, kept as aliases (same class objects): ``MeanType = Parameterization`` and
+``ModelParameterization = MeanAndVariance``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ __all__ = [
     "FlowPrediction",
     "LearnedRangeVariance",
     "LearnedVariance",
+    "MeanAndVariance",
     "MeanType",
     "ModelParameterization",
+    "Parameterization",
     "Prediction",
     "VPrediction",
     "VarianceType",
@@ -53,8 +60,10 @@ def _ratio(a: Scale, b: Scale) -> Scale:
     return a / b
 
 
-class MeanType(abc.ABC):
-    """What the network's mean channels predict (kind ``parameterization``).
+class Parameterization(abc.ABC):
+    """What the network's mean channels predict: the product of the ``parameterization`` kind.
+
+    Also importable under its old name ``MeanType`` (an alias: the same class).
 
     Every method works at any noise level of any process, given by its signal and noise scales
     ``alpha`` and ``sigma`` (x_t = alpha x0 + sigma eps): Python floats when every example is at
@@ -124,7 +133,7 @@ def predict_eps_from_xstart(tables, x_t, t, pred_xstart):
     return eps_from_xstart(x_t, pred_xstart, *tables.alpha_sigma(t, x_t))
 
 
-class EpsPrediction(MeanType):
+class EpsPrediction(Parameterization):
     """The network predicts the noise eps (Ho et al. 2020, eq. 11)."""
 
     name = "eps"
@@ -146,7 +155,7 @@ class EpsPrediction(MeanType):
             )
 
 
-class XStartPrediction(MeanType):
+class XStartPrediction(Parameterization):
     """The network predicts x_start directly (guided-diffusion's ``ModelMeanType.START_X``)."""
 
     name = "x0"
@@ -161,7 +170,7 @@ class XStartPrediction(MeanType):
         return torch.ones_like(snr)
 
 
-class VPrediction(MeanType):
+class VPrediction(Parameterization):
     """The network predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, eq. 10, for a
     variance-preserving process: alpha^2 + sigma^2 = 1).
 
@@ -193,7 +202,7 @@ class VPrediction(MeanType):
                 )
 
 
-class FlowPrediction(MeanType):
+class FlowPrediction(Parameterization):
     """The network predicts the velocity u = eps - x0 (flow matching / rectified flow: Lipman et
     al. 2023, Liu et al. 2023; dx/dt of x_t = (1 - t) x0 + t eps; SD3, Flux).
 
@@ -215,7 +224,7 @@ class FlowPrediction(MeanType):
         return 1.0 / (snr.sqrt() + 1.0) ** 2
 
 
-class EDMPreconditioning(MeanType):
+class EDMPreconditioning(Parameterization):
     """EDM's preconditioning (Karras et al. 2022, "Elucidating the Design Space", Table 1 and
     eq. 7): D(x; s) = c_skip(s) x + c_out(s) F(c_in(s) x; c_noise(s)) in the VE form x = x0 + s eps,
 
@@ -272,15 +281,20 @@ class EDMPreconditioning(MeanType):
     def __repr__(self) -> str:
         return f"EDMPreconditioning(sigma_data={self.sigma_data})"
 
-class ModelParameterization:
-    """A mean type and a variance type: how raw network output becomes a :class:`Prediction`.
+
+class MeanAndVariance:
+    """A parameterization of the mean and a variance type: how raw network output becomes a
+    :class:`Prediction`. This is what ``Diffusion.parameterization`` holds.
+
+    Also importable under its old name ``ModelParameterization`` (an alias: the same class).
 
     Args:
-        mean_type: a :class:`MeanType` (``eps``, ``x0``, ``v``, or a plugin's).
+        mean_type: a :class:`Parameterization` (``eps``, ``x0``, ``v``, ``flow``, ``edm``, or a
+            plugin's).
         variance_type: a :class:`VarianceType`.
     """
 
-    def __init__(self, mean_type: MeanType, variance_type: VarianceType):
+    def __init__(self, mean_type: Parameterization, variance_type: VarianceType):
         self.mean_type = mean_type
         self.variance_type = variance_type
 
@@ -326,4 +340,11 @@ class ModelParameterization:
         return model_output, None
 
     def __repr__(self) -> str:
-        return f"ModelParameterization({self.mean_type!r}, {self.variance_type!r})"
+        return f"MeanAndVariance({self.mean_type!r}, {self.variance_type!r})"
+
+
+#: Old name of :class:`Parameterization` (kept so existing imports and subclasses keep working).
+MeanType = Parameterization
+
+#: Old name of :class:`MeanAndVariance` (kept so existing imports keep working).
+ModelParameterization = MeanAndVariance

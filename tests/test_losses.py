@@ -249,6 +249,59 @@ def test_hybrid_vb_at_t_positive_equals_closed_form_kl_with_learned_range_varian
     assert_close(vb, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_public_vb_term_equals_closed_form_kl_and_the_hybrid_loss_is_mse_plus_it():
+    """diffreg.loss.vb_term, the helper loss plugins reuse: at t > 0 it is the closed-form KL of
+    Nichol & Dhariwal 2021 (eq. 15 variance) in bits, and MSELoss's loss is mse + vb_term."""
+    from diffreg.loss import vb_term
+
+    d = make(schedule="cosine", num_timesteps=250, variance="learned_range", loss="mse")
+    x0, eps, out = hybrid_inputs()
+    t = torch.tensor([1, 10, 100, 249])
+    x_t = d.q_sample(x0, t, noise=eps)
+    mean_part, var_part = out[:, :2], out[:, 2:]
+    vb = vb_term(d, mean_part, var_part, x0, x_t, t)
+
+    xr = ref_x_t(d, x0, t, eps)
+    q_mean, q_var = ref_posterior(d, x0, xr, t)
+    a = col(abar_of(d)[t.numpy()])
+    pred_x0 = (xr - (1 - a).sqrt() * mean_part.double()) / a.sqrt()
+    p_mean, _ = ref_posterior(d, pred_x0, xr, t)
+    frac = (var_part.double() + 1) / 2
+    log_beta = col(np.log(np.asarray(d.betas)[t.numpy()]))
+    p_var = torch.exp(frac * log_beta + (1 - frac) * torch.log(q_var))
+    assert_close(vb, mean_over_dims(ref_gauss_kl(q_mean, q_var, p_mean, p_var)) / LN2, rtol=1e-5, atol=1e-7)
+
+    terms = d.training_losses(lambda x, tt: out, x0, t, noise=eps)
+    expected_mse = mean_over_dims((eps.double() - mean_part.double()) ** 2)
+    assert_close(terms["loss"], expected_mse + vb.double(), rtol=1e-6)
+
+
+def test_public_vb_term_trains_only_the_variance_half():
+    from diffreg.loss import vb_term
+
+    d = make(schedule="cosine", num_timesteps=250, variance="learned_range", loss="mse")
+    x0, eps, out = hybrid_inputs()
+    t = torch.tensor([0, 3, 100, 249])
+    mean_part = out[:, :2].clone().requires_grad_(True)
+    var_part = out[:, 2:].clone().requires_grad_(True)
+    x_t = d.q_sample(x0, t, noise=eps)
+    vb_term(d, mean_part, var_part, x0, x_t, t).sum().backward()
+    assert mean_part.grad is None
+    assert torch.all(var_part.grad.abs().reshape(4, -1).amax(dim=1) > 0)
+
+
+def test_public_vb_term_without_a_learned_variance_names_the_variance():
+    from diffreg.loss import vb_term
+
+    d = make(schedule="cosine", num_timesteps=50, variance="fixed_small", loss="mse")
+    x0, eps, out = hybrid_inputs()
+    t = torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="var_part=None.*'fixed_small'"):
+        vb_term(d, out[:, :2], None, x0, x0, t)
+    with pytest.raises(ValueError, match=r"var_part has shape \(4, 1, 4, 4\)"):
+        vb_term(d, out[:, :2], out[:, 2:3], x0, x0, t)
+
+
 # -- 3. the variational bound: kl / rescaled_kl ------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import torch
 import diffreg
 from diffreg import registry
 from diffreg.builtin.samplers import DDIM
-from diffreg.parameterization import EpsPrediction, MeanType
+from diffreg.parameterization import EpsPrediction, Parameterization
 from diffreg.pytest_plugin import PluginRegistrar, builtin_registry
 from diffreg.sampling import Sampler
 from diffreg.sampling.context import exp
@@ -160,7 +160,7 @@ class NoOrder(Sampler):
         return pred.pred_xstart, pred.pred_xstart
 
 
-class TwiceEps(MeanType):
+class TwiceEps(Parameterization):
     """The network predicts 2 eps: unusual but consistent (predict inverts target)."""
 
     def predict(self, output, x_t, alpha, sigma):

@@ -9,7 +9,7 @@ import torch
 
 from diffreg import registry
 from diffreg.diffusion import Diffusion
-from diffreg.parameterization import MeanType
+from diffreg.parameterization import Parameterization
 from diffreg.testing._arrays import _flat
 from diffreg.testing.mixture import ClassConditionalMixture, GaussianMixture
 
@@ -25,7 +25,7 @@ class ExactDenoiser:
             its kept original timesteps, ``diffusion.timestep_map``, are valid.)
         mean_type: what the model outputs: ``"eps"``, ``"x0"`` or ``"v"`` (closed forms:
             eps_hat, x0_hat, v_hat = sqrt(a) eps_hat - sqrt(1 - a) x0_hat, Salimans & Ho 2022, eq. 10),
-            or any other registered parameterization name or :class:`~diffreg.parameterization.MeanType`:
+            or any other registered parameterization name or :class:`~diffreg.parameterization.Parameterization`:
             the output is its ``target(x0_hat, eps_hat, alpha, sigma)`` (the optimal prediction of
             any target linear in x0 and eps).
 
@@ -41,17 +41,17 @@ class ExactDenoiser:
             timestep that the diffusion does not have; TypeError: a non-integer ``t``.
     """
 
-    def __init__(self, mixture: GaussianMixture, diffusion: Diffusion, mean_type: str | MeanType = "eps"):
+    def __init__(self, mixture: GaussianMixture, diffusion: Diffusion, mean_type: str | Parameterization = "eps"):
         self.mixture = mixture
         self.diffusion = diffusion
         if isinstance(mean_type, str):
             self.mean_type_name = mean_type
-            self.mean_type: MeanType = registry.create("parameterization", mean_type)
-        elif isinstance(mean_type, MeanType):
+            self.mean_type: Parameterization = registry.create("parameterization", mean_type)
+        elif isinstance(mean_type, Parameterization):
             self.mean_type_name = getattr(mean_type, "name", "") or type(mean_type).__name__
             self.mean_type = mean_type
         else:
-            raise TypeError(f"mean_type must be a name or a MeanType, got {mean_type!r}")
+            raise TypeError(f"mean_type must be a name or a Parameterization, got {mean_type!r}")
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._continuous = not diffusion.process.discrete
         if self._continuous:  # a continuous process: times come back from the network's time input
@@ -143,7 +143,7 @@ class ConditionalExactDenoiser(ExactDenoiser):
         ValueError: (on call) a label outside 0..C, besides :class:`ExactDenoiser`'s errors.
     """
 
-    def __init__(self, mixture: ClassConditionalMixture, diffusion: Diffusion, mean_type: str | MeanType = "eps"):
+    def __init__(self, mixture: ClassConditionalMixture, diffusion: Diffusion, mean_type: str | Parameterization = "eps"):
         super().__init__(mixture, diffusion, mean_type)
         self.null_class = mixture.num_classes
         self.num_classes = mixture.num_classes

@@ -12,7 +12,7 @@ from diffreg.testing._arrays import _as_float64, _flat, _per_example
 
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
-    from diffreg.parameterization import MeanType
+    from diffreg.parameterization import Parameterization
     from diffreg.testing.denoiser import ConditionalExactDenoiser, ExactDenoiser
 
 
@@ -214,7 +214,7 @@ class GaussianMixture:
         """
         return self._ve(x_tilde, sigma)[1]
 
-    def denoiser(self, diffusion: Diffusion, mean_type: str | MeanType = "eps") -> ExactDenoiser:
+    def denoiser(self, diffusion: Diffusion, mean_type: str | Parameterization = "eps") -> ExactDenoiser:
         """An exact model for ``diffusion``: see :class:`ExactDenoiser`.
 
         Build it from the *un-respaced* diffusion (the model is called with original timesteps);
@@ -293,7 +293,7 @@ class ClassConditionalMixture(GaussianMixture):
         per_class = torch.logsumexp(per_class, dim=2)  # [N, C]
         return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
 
-    def denoiser(self, diffusion: Diffusion, mean_type: str | MeanType = "eps") -> ConditionalExactDenoiser:  # type: ignore[override]
+    def denoiser(self, diffusion: Diffusion, mean_type: str | Parameterization = "eps") -> ConditionalExactDenoiser:  # type: ignore[override]
         """An exact class-conditional model for ``diffusion``: see :class:`ConditionalExactDenoiser`."""
         from diffreg.testing.denoiser import ConditionalExactDenoiser
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from diffreg import registry
-from diffreg.parameterization import MeanType
+from diffreg.parameterization import Parameterization
 from diffreg.testing.checks._common import _diffusion, _fail, _linear_betas
 from diffreg.testing.mixture import GaussianMixture
 
@@ -22,7 +22,7 @@ def check_parameterization(
     **options: Any,
 ) -> None:
     """Check a mean type (kind ``parameterization``) against the contract of
-    :class:`~diffreg.parameterization.MeanType`.
+    :class:`~diffreg.parameterization.Parameterization`.
 
     On a linear T = 1000 process, for shapes ``[N, 2]`` and ``[N, 2, 2, 2]``, every dtype in
     ``dtypes`` and timesteps spread over 0..T-1:
@@ -48,8 +48,8 @@ def check_parameterization(
         mean_type = registry.create("parameterization", name, **options)
     except Exception as exc:
         raise AssertionError(f"{where}: building it raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(mean_type, MeanType):
-        _fail(f"{where}: the factory returned {type(mean_type).__name__}, not a diffreg.parameterization.MeanType")
+    if not isinstance(mean_type, Parameterization):
+        _fail(f"{where}: the factory returned {type(mean_type).__name__}, not a diffreg.parameterization.Parameterization")
     diffusion = _diffusion(_linear_betas(), mean_type)
     T = diffusion.num_timesteps
     tables = diffusion.tables
