@@ -24,7 +24,6 @@ from diffreg.config import (
 from diffreg.errors import ConfigError
 from diffreg.validation import check_guidance_scale
 
-
 #: Most values in one sample (``data.shape``'s product): 64 Mi, a 3 x 4096 x 4096 image fits. A
 #: header's shape drives the sampler's allocations, so a hostile one must not ask for terabytes.
 MAX_SAMPLE_VALUES = 1 << 26

@@ -57,7 +57,7 @@ def writes_through(path: str | os.PathLike[str]) -> bool:
         st = os.stat(path)
     except OSError:
         return False
-    return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode) or os.path.realpath(path).startswith("/proc/")
+    return (not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)) or os.path.realpath(path).startswith("/proc/")
 
 
 def _where(path: str | os.PathLike[str]) -> Path:

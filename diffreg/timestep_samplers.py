@@ -178,7 +178,7 @@ class LogNormalSampler(TimestepSampler):
 
     continuous_only = True
 
-    def __init__(self, num_timesteps: int, P_mean: float = -1.2, P_std: float = 1.2):  # noqa: N803
+    def __init__(self, num_timesteps: int, P_mean: float = -1.2, P_std: float = 1.2):
         super().__init__(num_timesteps)
         self.P_mean = _finite(P_mean, "log_normal P_mean")
         self.P_std = _finite(P_std, "log_normal P_std", positive=True)

@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 import diffreg
 from diffreg import registry
-from diffreg.cli import main
 from diffreg.checkpoint_config import MAX_SAMPLE_VALUES
+from diffreg.cli import main
 from diffreg.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
@@ -238,7 +238,7 @@ def diffreg_register_samplers(register):
 
 
 @pytest.fixture
-def bad_sampler_plugin(plugin_dist, monkeypatch):  # noqa: F811
+def bad_sampler_plugin(plugin_dist, monkeypatch):
     for key in ("DIFFREG_LOAD_PLUGINS", "DIFFREG_DISABLE_PLUGINS", "DIFFREG_STRICT_PLUGINS", "DIFFREG_DEBUG"):
         monkeypatch.delenv(key, raising=False)
     plugin_dist("advplug", _EXITING_SAMPLER, distribution="adv-dist", version="0.3")

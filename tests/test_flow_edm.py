@@ -211,7 +211,7 @@ def test_level_densities_draw_their_distributions():
     # on a discrete process logit_normal's timestep masses are those of floor(u T)
     discrete = registry.create("timestep_sampler", "logit_normal", 10)
     with np.errstate(divide="ignore"):
-        edges = stats.norm.cdf((np.log(np.arange(11) / 10) - np.log1p(-np.arange(11) / 10)))
+        edges = stats.norm.cdf(np.log(np.arange(11) / 10) - np.log1p(-np.arange(11) / 10))
     np.testing.assert_allclose(discrete.weights(), np.diff(edges), rtol=1e-9)
 
 

@@ -16,10 +16,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     script_util = pytest.importorskip("guided_diffusion.script_util")
 
-import diffreg  # noqa: E402
-from diffreg.checkpoint import save_checkpoint  # noqa: E402
-from diffreg.convert.openai import config_from_flags, convert_openai  # noqa: E402
-from diffreg.errors import CheckpointError, ConfigError  # noqa: E402
+import diffreg
+from diffreg.checkpoint import save_checkpoint
+from diffreg.convert.openai import config_from_flags, convert_openai
+from diffreg.errors import CheckpointError, ConfigError
 
 SHAPE = (2, 3, 8, 8)
 BASE = (

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-from pathlib import Path
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 from plugin_fixtures import plugin_dist, registering_source  # noqa: F401  (fixture)
@@ -1116,9 +1116,9 @@ def test_docs_test_snippet_runs_as_written(docs_package):
 
 
 def test_register_plugin_of_an_installed_package_does_not_raise(docs_package):
-    from diffreg.pytest_plugin import PluginRegistrar
-
     import diffreg_quadratic
+
+    from diffreg.pytest_plugin import PluginRegistrar
 
     with PluginRegistrar() as register_plugin:
         info = register_plugin(diffreg_quadratic, name="mine")

@@ -16,7 +16,7 @@ import torch
 
 from diffreg import hookimpl
 from diffreg.parameterization import Prediction, eps_from_xstart
-from diffreg.sampling.guidance import Guidance, GuidanceCall, lerp
+from diffreg.sampling.guidance import Guidance, lerp
 from diffreg.validation import check_finite_number
 
 

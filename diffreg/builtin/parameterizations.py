@@ -5,9 +5,9 @@ from diffreg import hookimpl
 from diffreg.parameterization import (
     EDMPreconditioning,
     EpsPrediction,
-    FlowPrediction,
     FixedLargeVariance,
     FixedSmallVariance,
+    FlowPrediction,
     LearnedRangeVariance,
     LearnedVariance,
     VPrediction,

@@ -294,7 +294,7 @@ def _weight_shapes(path: Path) -> dict[str, torch.Tensor] | None:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except Exception:
         return None
 

@@ -23,7 +23,6 @@ from diffreg.schedule import axpby
 
 from .levels import levels
 
-
 #: the older spelling ``sigmas=`` of a sampler's grid (now diffreg's ``grid`` kind)
 SIGMA_GRIDS = ("karras", "exponential", "lambda_uniform")
 

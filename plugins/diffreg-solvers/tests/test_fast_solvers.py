@@ -5,12 +5,12 @@ Gaussian denoiser, float64)."""
 
 from __future__ import annotations
 
+import diffreg_solvers
 import numpy as np
 import pytest
 import torch
 from test_solvers import GaussianDenoiser, diffusion, max_error, x_T
 
-import diffreg_solvers
 from diffreg import registry
 from diffreg.errors import ComponentOptionError
 
