@@ -1,0 +1,337 @@
+"""``diffreg train``, ``ema``, ``optimize-steps`` and ``convert``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffreg.cli import (  # noqa: F401  (the group and the shared error handling)
+    DTYPES,
+    MAX_SAMPLES,
+    _one_line,
+    _user_errors,
+    main,
+)
+from diffreg.cli_choices import _check_outputs, _parse_options, _threads_option  # noqa: F401
+from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
+    MAX_GRID,
+    PictureError,
+    check_npz_name,
+    image_grid,
+    label_columns,
+    parse_labels,
+    picture_format,
+    recorded_labels,
+    run_picture,
+    scatter_image,
+    set_threads,
+    to_uint8_images,
+    write_run,
+)
+from diffreg.errors import (
+    CheckpointError,
+)
+from diffreg.sampling import resolve_sampler
+from diffreg.validation import resolve_device
+
+
+def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` overrides applied to a configuration dict (dots reach into tables; a component
+    given by name becomes a table when an option is set on it).
+
+    Raises ``ValueError`` for a malformed setting.
+    """
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in _parse_options(settings, "--set").items():
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            child = node.get(part)
+            if isinstance(child, str):  # "cosine" -> {"name": "cosine"}
+                child = {"name": child}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"--set {key}={value!r}: {part!r} is not a table")
+            node[part] = child
+            node = child
+        node[last] = value
+    return data
+
+
+# -- optimize-steps ---------------------------------------------------------------------------------
+
+
+@main.command(name="optimize-steps")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--sampler", default="dpmpp_2m", show_default=True, help="A deterministic registered sampler (not adaptive)."
+)
+@click.option("--nfe", required=True, type=click.IntRange(min=1), help="Model evaluations per sampling call.")
+@click.option(
+    "--draws",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=4),
+    help="Starting points x_T (even): half are fitted, half report the held-out error.",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option(
+    "--reference-steps",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Levels of the reference solve (uniform in log-SNR). Default: 100 with unipc, 1000 with ddim.",
+)
+@click.option(
+    "--max-evals",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Sampling calls the search may make. Default: 8 per free level + 8.",
+)
+@click.option(
+    "--output",
+    default="grid.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON with the grid, its held-out error beside the default, karras and exponential grids; '' for none.",
+)
+@click.option(
+    "--save-to-checkpoint",
+    "save_to",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a copy of CHECKPOINT whose sampling defaults are this sampler, its steps and the grid.",
+)
+@click.option("--option", "options", multiple=True, help="Sampler option KEY=VALUE (JSON value), repeatable.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@_threads_option
+@_user_errors
+def optimize_steps_command(
+    checkpoint, sampler, nfe, draws, seed, reference_steps, max_evals, output, save_to, options, device, threads
+) -> None:
+    """Search the noise levels of SAMPLER at NFE model evaluations for CHECKPOINT (default: the
+    bundled digits model): the grid closest to a many-step solve of the same model, fitted on half
+    of DRAWS starting points and reported on the other half. See docs/samplers.md."""
+    import attrs
+
+    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, save_checkpoint
+    from diffreg.fileio import atomic_write
+    from diffreg.optimize import check_optimizable, default_reference, optimize_steps
+
+    path = checkpoint or bundled_checkpoint_path()
+    resolve_device(device)
+    if draws % 2:
+        raise ValueError(f"--draws {draws}: give an even number (half fitted, half held out)")
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
+
+    outputs = {
+        flag: None if value is None or str(value) in ("", ".") else Path(value)
+        for flag, value in (("--output", output), ("--save-to-checkpoint", save_to))
+    }
+    refuse_inputs_as_outputs(outputs, {"the checkpoint": path})
+    for written in outputs.values():
+        if written is not None:
+            check_writable(written)  # before any work: a bad path costs nothing
+    out_path, save_path = outputs["--output"], outputs["--save-to-checkpoint"]
+    sampler_options = _parse_options(options)
+    check_optimizable(sampler, resolve_sampler(sampler, sampler_options))  # before loading anything
+    ref_name, ref_default = default_reference()
+    reference = (ref_name, reference_steps or ref_default)
+    set_threads(threads)
+    model, diffusion, cfg = load_checkpoint(path, device=device)
+    shape = cfg.sample_shape
+    if shape is None:
+        raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
+    guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if num_classes else None
+    start = time.perf_counter()
+    result = optimize_steps(
+        diffusion,
+        model,
+        shape,
+        sampler=sampler,
+        nfe=nfe,
+        draws=draws,
+        seed=seed,
+        num_classes=num_classes,
+        sampler_options=sampler_options,
+        reference=reference,
+        max_evals=max_evals,
+        device=device,
+        guidance_scale=guidance_scale,
+        guidance=cfg.sampling.guidance_spec() if num_classes and guidance_scale is not None else None,
+        progress=lambda message: click.echo(f"[{time.perf_counter() - start:5.0f} s] {message}", err=True),
+        **cfg.sampling.driver_options(),
+    )
+    click.echo(
+        f"{result.sampler}, {result.nfe} NFE ({result.steps} steps); held-out error on {draws // 2} draws "
+        f"(RMS to a {reference[0]} solve on {reference[1]} levels):"
+    )
+    for name, err in result.held_out.items():
+        used = result.nfe if name == "optimized" else result.baseline_nfe[name]
+        click.echo(f"  {name:<12} {err:.4g}  ({used} NFE)")
+    click.echo("grid: " + json.dumps([round(t, 4) for t in result.times]))
+    if out_path is not None:
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text)
+
+        atomic_write(out_path, write)
+        click.echo(f"wrote {out_path}")
+    if save_path is not None:
+        spec = result.sampler if not result.sampler_options else {"name": result.sampler, **result.sampler_options}
+        sampling = attrs.evolve(cfg.sampling, grid=result.grid_spec(), sampler=spec, steps=result.steps)
+        save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
+        click.echo(
+            f"wrote {save_path}: `diffreg sample {save_path}` uses {result.sampler} on this grid by default"
+        )
+
+
+# -- train --------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML training configuration (see configs/digits.toml).",
+)
+@click.option(
+    "--output", default="model.safetensors", show_default=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--steps", type=click.IntRange(min=1), help="Override the configuration's steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override the configuration's batch_size.")
+@click.option("--seed", type=int, help="Override the configuration's seed.")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    help="Override any field: KEY=VALUE with a JSON or plain value; dots reach into tables "
+    "(--set lr=1e-3 --set diffusion.schedule=cosine --set data.path=imgs). Repeatable.",
+)
+@click.option("--save-every", type=click.IntRange(min=0), help="Override save_every: checkpoint + state every N steps.")
+@click.option("--resume", is_flag=True, help="Continue exactly from the training state beside OUTPUT.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--store-dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(list(DTYPES)),
+    help="dtype of the weights in the written checkpoint.",
+)
+@_threads_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_user_errors
+def train(
+    config_path, output, steps, batch_size, seed, settings, save_every, resume, device, store_dtype, threads, progress
+) -> None:
+    """Train a model and write its EMA weights, with its configuration, to OUTPUT (and the
+    training state for --resume beside it)."""
+    import attrs
+
+    from diffreg.training import TrainConfig, check_outputs
+    from diffreg.training import train as run_training
+
+    cfg = TrainConfig.from_toml_file(config_path) if config_path else TrainConfig()
+    if settings:
+        cfg = TrainConfig.from_dict(apply_settings(cfg.to_dict(), settings))
+    overrides = {"steps": steps, "batch_size": batch_size, "seed": seed, "save_every": save_every}
+    cfg = attrs.evolve(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if os.environ.get("RANK", "0") == "0":  # before any work: outputs writable, not inputs, resumable
+        check_outputs(cfg, output, resume=resume, inputs={"--config": config_path})
+    set_threads(threads)
+    start = time.perf_counter()
+    path = run_training(
+        cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype], resume=resume
+    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {path}")
+
+
+# -- ema ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--sigma-rel",
+    required=True,
+    type=float,
+    help="Relative EMA length (std of the averaging profile over the training time; EDM2 uses 0.05-0.15).",
+)
+@click.option("--step", type=click.IntRange(min=1), help="Training step of the EMA (default: the last snapshot's).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write.")
+@_user_errors
+def ema(checkpoint, sigma_rel, step, output) -> None:
+    """Reconstruct a post-hoc EMA of any length from the snapshots a run kept beside CHECKPOINT
+    (<stem>.phema/, written with posthoc_ema_every > 0; Karras et al. 2024, EDM2) and write it as a
+    checkpoint with CHECKPOINT's configuration."""
+    from diffreg.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from diffreg.ema import reconstruct, snapshot_dir
+    from diffreg.fileio import check_writable, refuse_inputs_as_outputs
+
+    refuse_inputs_as_outputs({"--output": output}, {"CHECKPOINT": checkpoint})
+    check_writable(output)
+    state, info = reconstruct(snapshot_dir(checkpoint), sigma_rel, step)
+    model, _, _ = load_checkpoint(checkpoint)
+    model.load_state_dict(state)
+    save_checkpoint(output, model, read_config(checkpoint))
+    click.echo(
+        f"EMA sigma_rel {sigma_rel:g} (gamma {info['gamma']:.3f}) at step {info['step']} from "
+        f"{info['snapshots']} snapshot(s) -> {output}"
+    )
+
+
+# -- convert ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def convert() -> None:
+    """Import weights from other libraries, or export them (see docs/pretrained.md)."""
+
+
+@convert.command("openai")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--flags",
+    required=True,
+    help="The model's flags from its README (MODEL_FLAGS and DIFFUSION_FLAGS), in one quoted string.",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["guided-diffusion", "improved-diffusion"]),
+    default=None,
+    help="The library the model comes from (inferred when the flags decide; their defaults differ).",
+)
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="diffreg checkpoint to write.")
+@_user_errors
+def convert_openai_command(weights: Path, flags: str, source: str | None, output: Path) -> None:
+    """Convert an improved-/guided-diffusion UNet state dict (WEIGHTS: .pt read with
+    weights_only=True, or .safetensors) into a self-describing diffreg checkpoint."""
+    from diffreg.convert.openai import convert_openai
+
+    path, notes = convert_openai(weights, flags, output, source=source)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {path}")
+
+
+@convert.command("diffusers")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@_user_errors
+def convert_diffusers_command(checkpoint: Path, output: Path) -> None:
+    """Write CHECKPOINT (a diffreg checkpoint of a diffusers UNet2DModel) as a diffusers
+    DDPMPipeline folder that DDPMPipeline.from_pretrained loads."""
+    from diffreg.convert.diffusers import export_diffusers
+
+    click.echo(f"wrote {export_diffusers(checkpoint, output)}")
