@@ -277,6 +277,7 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
     `[data] name`) for what checkpoint files record as `dataset`."""
     from safetensors import safe_open
 
+    from diffreg import provenance
     from diffreg.checkpoint import bundled_checkpoint_path, read_config, read_metadata
 
     checkpoint = checkpoint or bundled_checkpoint_path()
@@ -295,6 +296,8 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
         "tensors": len(shapes),
         "dtypes": dtypes,
         "config": _config_for_people(cfg.to_dict()),
+        "providers": provenance.recorded_providers(meta.get(provenance.HEADER_KEY)),
+        "missing": provenance.missing(cfg, meta.get(provenance.HEADER_KEY), str(checkpoint)),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -304,6 +307,11 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
         f"{report['bytes'] / 1e6:.1f} MB"
     )
     click.echo(f"format {report['format_version']}, written by diffreg {report['written_by']}")
+    for field, entry in report["providers"].items():
+        if isinstance(entry, dict) and entry.get("provider"):
+            click.echo(f"  {field}: {entry.get('name')} from {entry['provider']} {entry.get('version') or ''}".rstrip())
+    for message in report["missing"]:
+        click.echo(f"missing: {message}")
     click.echo(json.dumps(report["config"], indent=2))
 
 

@@ -46,6 +46,31 @@ def record(cfg: CheckpointConfig) -> str:
     return json.dumps(out, sort_keys=True)
 
 
+def recorded_providers(recorded: str | None) -> dict[str, dict[str, str | None]]:
+    """The :data:`HEADER_KEY` entry as ``{field: {name, provider, version}}`` (empty when absent or
+    not what :func:`record` writes: :func:`resolve` is where a damaged entry is an error)."""
+    try:
+        entries = json.loads(recorded) if recorded else {}
+    except (ValueError, RecursionError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def missing(cfg: CheckpointConfig, recorded: str | None, where: str) -> list[str]:
+    """One message per component whose recorded provider is not installed (each ends with the
+    ``pip install`` to run); empty when everything the checkpoint needs is there."""
+    messages = []
+    for field, (kind, spec) in _fields(cfg).items():
+        entry = recorded_providers(recorded).get(field)
+        if not isinstance(entry, dict) or not entry.get("provider") or entry.get("name") != spec.name.rpartition(":")[2]:
+            continue
+        try:
+            registry.locate(kind, entry["name"], entry["provider"], entry.get("version"))
+        except MissingProviderError as exc:
+            messages.append(f"{where}: {field}: {exc}")
+    return messages
+
+
 def resolve(cfg: CheckpointConfig, recorded: str | None, where: str) -> CheckpointConfig:
     """``cfg`` with each component name resolving to the provider :func:`record` stored.
 

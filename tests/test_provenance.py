@@ -68,6 +68,29 @@ def test_loading_after_uninstall_names_file_field_and_package(plugin_dist, tmp_p
     assert isinstance(info.value, UnknownComponentError)
 
 
+def test_info_shows_the_providers_and_names_the_package_to_install_after_uninstall(plugin_dist, tmp_path):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    dist = plugin_dist("edmplug", EDM, distribution="diffreg-edm", version="0.2.0")
+    path = _save(tmp_path / "checkpoint.safetensors")
+    shown = CliRunner().invoke(main, ["info", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert "diffusion.schedule: karras_vp from diffreg-edm 0.2.0" in shown.output and "missing" not in shown.output
+    _uninstall(dist)
+    result = CliRunner().invoke(main, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["providers"]["diffusion.schedule"]["provider"] == "diffreg-edm"
+    assert report["missing"] == [
+        f"{path}: diffusion.schedule: schedule 'karras_vp' was provided by 'diffreg-edm 0.2.0', which is not "
+        "installed (or is disabled); pip install 'diffreg-edm==0.2.0'"
+    ]
+    text = CliRunner().invoke(main, ["info", str(path)]).output
+    assert "missing: " in text and "pip install 'diffreg-edm==0.2.0'" in text
+
+
 def test_a_second_plugin_with_the_same_name_does_not_break_old_checkpoints(plugin_dist, tmp_path):
     plugin_dist("edmplug", EDM, distribution="diffreg-edm", version="0.2.0")
     path = _save(tmp_path / "m.safetensors")

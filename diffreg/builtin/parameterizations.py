@@ -26,7 +26,7 @@ def diffreg_register_parameterizations(register):
 
 @hookimpl
 def diffreg_register_variances(register):
-    register("fixed_small", FixedSmallVariance, learned=False)
-    register("fixed_large", FixedLargeVariance, learned=False)
-    register("learned", LearnedVariance, learned=True, paper="Nichol & Dhariwal 2021")
-    register("learned_range", LearnedRangeVariance, learned=True, paper="Nichol & Dhariwal 2021")
+    register("fixed_small", FixedSmallVariance)
+    register("fixed_large", FixedLargeVariance)
+    register("learned", LearnedVariance, paper="Nichol & Dhariwal 2021")
+    register("learned_range", LearnedRangeVariance, paper="Nichol & Dhariwal 2021")
