@@ -198,6 +198,9 @@ class Adaptive(GridSampler):
         super().__init__(sigmas)
         self.rtol = check_number(rtol, "rtol", above=0.0)
         self.atol = check_number(atol, "atol", above=0.0)
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if value > 1e3:  # the error norm is formed in the state's dtype (float32 overflows near 3e38)
+                raise ValueError(f"{name} must be in (0, 1000], got {value!r}")
         self.theta = check_number(theta, "theta", above=0.0)
         if self.theta > 1:
             raise ValueError(f"theta must be in (0, 1], got {theta!r}")
