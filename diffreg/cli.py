@@ -16,21 +16,9 @@ import click
 import torch
 
 from diffreg import __version__, registry
-from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
-    MAX_GRID,
-    PictureError,
-    check_npz_name,
-    image_grid,
-    label_columns,
-    parse_labels,
-    picture_format,
-    recorded_labels,
-    run_picture,
-    scatter_image,
-    set_threads,
-    to_uint8_images,
-    write_run,
-)
+
+# names of diffreg 0.1's cli module that stay importable from here
+from diffreg.cli_support import image_grid, parse_labels, scatter_image, to_uint8_images  # noqa: F401
 from diffreg.errors import (
     AmbiguousComponentError,
     CheckpointError,

@@ -12,10 +12,9 @@ import click
 import numpy as np
 import torch
 
-from diffreg.cli import (  # noqa: F401  (the group and the shared error handling)
+from diffreg.cli import (
     DTYPES,
     MAX_SAMPLES,
-    _one_line,
     _user_errors,
     main,
 )
@@ -29,17 +28,15 @@ from diffreg.cli_choices import (
     _recorded_choice,
     _threads_option,
 )
-from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
+from diffreg.cli_support import (
     MAX_GRID,
     PictureError,
     check_npz_name,
-    image_grid,
     label_columns,
     parse_labels,
     picture_format,
     recorded_labels,
     run_picture,
-    scatter_image,
     set_threads,
     to_uint8_images,
     write_run,

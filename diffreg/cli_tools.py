@@ -10,28 +10,14 @@ from typing import Any
 
 import click
 
-from diffreg.cli import (  # noqa: F401  (the group and the shared error handling)
+from diffreg.cli import (
     DTYPES,
-    MAX_SAMPLES,
-    _one_line,
     _user_errors,
     main,
 )
-from diffreg.cli_choices import _check_outputs, _parse_options, _threads_option  # noqa: F401
-from diffreg.cli_support import (  # noqa: F401  (image_grid, scatter_image, to_uint8_images: public here too)
-    MAX_GRID,
-    PictureError,
-    check_npz_name,
-    image_grid,
-    label_columns,
-    parse_labels,
-    picture_format,
-    recorded_labels,
-    run_picture,
-    scatter_image,
+from diffreg.cli_choices import _parse_options, _threads_option
+from diffreg.cli_support import (
     set_threads,
-    to_uint8_images,
-    write_run,
 )
 from diffreg.errors import (
     CheckpointError,
