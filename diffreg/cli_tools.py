@@ -73,7 +73,7 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
     "--reference-steps",
     default=None,
     type=click.IntRange(min=2),
-    help="Levels of the reference solve (uniform in log-SNR). Default: 100 with unipc, 1000 with ddim.",
+    help="Levels of the reference solve (uniform in log-SNR). Default: 200 with unipc (order 3), 1000 with ddim.",
 )
 @click.option(
     "--max-evals",
@@ -128,8 +128,8 @@ def optimize_steps_command(
     out_path, save_path = outputs["--output"], outputs["--save-to-checkpoint"]
     sampler_options = _parse_options(options)
     check_optimizable(sampler, resolve_sampler(sampler, sampler_options))  # before loading anything
-    ref_name, ref_default = default_reference()
-    reference = (ref_name, reference_steps or ref_default)
+    ref_name, ref_default, ref_options = default_reference()
+    reference = (ref_name, reference_steps or ref_default, ref_options)
     set_threads(threads)
     model, diffusion, cfg = load_checkpoint(path, device=device)
     shape = cfg.sample_shape

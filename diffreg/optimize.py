@@ -8,8 +8,8 @@ many-step solution of the same model): for ``draws`` fixed starting points x_T i
     error(grid) = sqrt(mean over draws and elements of (x_0(grid) - x_0(reference))^2)
 
 where ``x_0(grid)`` is the sampler's output on the candidate grid and ``x_0(reference)`` a
-many-step solve of the same model from the same x_T (UniPC on 100 levels uniform in log-SNR by
-default). The first level is fixed at the process's noisiest time (``t_max``); the
+many-step solve of the same model from the same x_T (UniPC-3 with a second-order last step on
+200 levels uniform in log-SNR by default). The first level is fixed at the process's noisiest time (``t_max``); the
 other ``steps - 1`` levels are free in log-SNR between it and the least noisy level (``t_min``),
 and the data level (sigma = 0) follows the last, as for every grid. The search is a coordinate
 pattern search: each free level in turn moves a fraction of the way towards one neighbour and the
@@ -155,12 +155,31 @@ def check_process(process: Any) -> tuple[float, float]:
     return lo, hi
 
 
-def default_reference() -> tuple[str, int]:
-    """The reference solver: ``("unipc", 100)`` (UniPC-2, the most accurate per NFE in
-    docs/benchmarks.md) when the solvers plugin is installed, else ``("ddim", 1000)`` (first
-    order, so more levels)."""
+def default_reference() -> tuple[str, int, dict[str, Any]]:
+    """The reference solver ``(name, levels, options)``: UniPC-3 with the second-order last step on
+    200 levels, ``("unipc", 200, {"order": 3, "final_order": 2})``, when the solvers plugin is
+    installed (on exact mixture denoisers 1e-6 to 2e-5 from the exact ODE solution: the first-order
+    jump to the data of the default UniPC leaves a floor of 1.5e-4 to 8e-4 that more levels do not
+    lower, and a grid fitted to it inherits it); else ``("ddim", 1000, {})`` (first order, so more
+    levels)."""
     names = {c.name for c in registry.components("sampler")}
-    return ("unipc", 100) if "unipc" in names else ("ddim", 1000)
+    return ("unipc", 200, {"order": 3, "final_order": 2}) if "unipc" in names else ("ddim", 1000, {})
+
+
+def _reference_spec(reference) -> tuple[str, int, dict[str, Any]]:
+    """``reference`` as ``(name, levels, options)``; ``(name, levels)`` has no options.
+
+    Raises:
+        ValueError: not a ``(name, levels[, options])`` sequence with levels an int >= 2.
+    """
+    if reference is None:
+        return default_reference()
+    ok = isinstance(reference, (tuple, list)) and len(reference) in (2, 3)
+    ok = ok and isinstance(reference[0], str) and not isinstance(reference[1], bool) and isinstance(reference[1], int)
+    ok = ok and reference[1] >= 2 and (len(reference) == 2 or isinstance(reference[2], Mapping))
+    if not ok:
+        raise ValueError(f"reference must be (sampler name, levels >= 2[, options dict]), got {reference!r}")
+    return str(reference[0]), int(reference[1]), dict(reference[2]) if len(reference) == 3 else {}
 
 
 def _lam_to_times(process: Process, lam: np.ndarray) -> np.ndarray:
@@ -314,6 +333,63 @@ def _pattern_search(
     return lam, best
 
 
+def family_levels(lo: float, hi: float, steps: int, params: Sequence[float]) -> np.ndarray:
+    """Log-SNRs of a ``steps``-level grid of the three-parameter family the search starts in:
+    the first level at ``lo`` (the noisiest), the free levels j = 1 .. steps - 1 at
+
+        lambda_j = a + (b - a) u_j^p,   u_j = (j - 1) / (steps - 2),   params = (a, b, log p),
+
+    clipped into (lo, hi]. ``(a, b, 0)`` with a = the second level of the ``exponential`` grid and
+    b = hi is that grid; a > that value skips the levels where the data is still all noise, b < hi
+    stops short of the least noisy level, p > 1 packs levels towards the noisy end."""
+    a, b, log_p = (float(v) for v in params)
+    n_free = steps - 1
+    u = np.linspace(0.0, 1.0, n_free) if n_free > 1 else np.zeros(1)
+    lam = np.empty(steps)
+    lam[0] = lo
+    lam[1:] = a + (b - a) * u ** math.exp(log_p)
+    for j in range(1, steps):  # strictly increasing, at least _MIN_GAP apart, the last <= hi
+        lam[j] = min(max(lam[j], lam[j - 1] + _MIN_GAP), hi - (steps - 1 - j) * _MIN_GAP)
+    return lam
+
+
+def _family_search(
+    objective: Callable[[np.ndarray], float], lo: float, hi: float, steps: int, max_evals: int, history: list[float]
+) -> tuple[np.ndarray, float]:
+    """Coordinate pattern search over :func:`family_levels`' three parameters, from the
+    ``exponential`` grid: a few dozen evaluations place the levels as a whole (skip the pure-noise
+    end, stop short of the data, pack them), which the one-level-at-a-time refinement that
+    follows cannot do (its levels never pass each other)."""
+    width = hi - lo
+    a0 = lo + width / (steps - 1) if steps > 2 else lo + width / 2
+    params = np.array([a0, hi, 0.0])
+    span = np.array([width / 4, width / 8, 0.5])
+    bounds = [(lo + _MIN_GAP, hi - _MIN_GAP), (lo + 2 * _MIN_GAP, hi), (math.log(0.2), math.log(5.0))]
+    cost = lambda p: objective(family_levels(lo, hi, steps, p)) if p[0] < p[1] else math.inf  # noqa: E731
+    best = cost(params)
+    history.append(best)
+    evals = 1
+    while evals < max_evals and (span > np.array([width, width, 1.0]) / 256).any():
+        improved = False
+        for k in range(3):
+            for sign in (1.0, -1.0):
+                if evals >= max_evals:
+                    break
+                cand = params.copy()
+                cand[k] = float(np.clip(cand[k] + sign * span[k], *bounds[k]))
+                if cand[k] == params[k]:
+                    continue
+                err = cost(cand)
+                evals += 1
+                if err < best:
+                    params, best, improved = cand, err, True
+                    history.append(best)
+                    break
+        if not improved:
+            span = span / 2
+    return family_levels(lo, hi, steps, params), best
+
+
 def optimize_steps(
     diffusion: Diffusion,
     model: Any,
@@ -345,8 +421,8 @@ def optimize_steps(
             half is fitted, the second reports the held-out error.
         num_classes: for a class-conditional model, labels ``0, 1, ..., num_classes - 1`` are
             cycled over each half (``model_kwargs["y"]``).
-        reference: ``(sampler name, levels)`` of the reference solve on the ``exponential`` grid
-            (default :func:`default_reference`).
+        reference: ``(sampler name, levels)`` or ``(sampler name, levels, options)`` of the
+            reference solve on the ``exponential`` grid (default :func:`default_reference`).
         max_evals: sampling calls the search may make (default ``8 (steps - 1) + 8``).
         batch_size: draws per sampling call.
         progress: called with a one-line message at each stage.
@@ -391,10 +467,10 @@ def optimize_steps(
         diffusion, model, sampler_obj, int(nfe), shape, model_kwargs, driver_options, _sampler_name(sampler)
     )
 
-    ref_name, ref_levels = reference or default_reference()
-    say(f"reference: {ref_name} on {ref_levels} exponential levels, {draws} draws")
-    ref_times = diffusion.grid_times(int(ref_levels), "exponential")
-    ref_obj = resolve_sampler(ref_name, {})
+    ref_name, ref_levels, ref_options = _reference_spec(reference)
+    say(f"reference: {ref_name} {ref_options or ''} on {ref_levels} exponential levels, {draws} draws")
+    ref_times = diffusion.grid_times(ref_levels, "exponential")
+    ref_obj = resolve_sampler(ref_name, ref_options)
     ref_run = _Objective(diffusion, model, ref_obj, x_T, x_T, model_kwargs, 10**9, batch_size, driver_options)
     ref_x, _ = ref_run.run(ref_times)
 
@@ -428,13 +504,23 @@ def optimize_steps(
     lam0 = np.minimum(lam0, hi)
     budget = max_evals if max_evals is not None else 8 * (steps - 1) + 8
     history: list[float] = []
-    lam, fit_error = _pattern_search(lambda lam: fit(_lam_to_times(process, lam))[0], lam0, lo, hi, budget, history)
-    if fit_error > fit_baselines[start_name]:  # the start is the search's first point
-        lam, fit_error = lam0, fit_baselines[start_name]
+    objective = lambda lam: fit(_lam_to_times(process, lam))[0]  # noqa: E731
+    if steps > 2 and budget >= 8:
+        fam_lam, fam_error = _family_search(objective, lo, hi, steps, budget // 4, history)
+        if fam_error < fit_baselines[start_name]:
+            lam0, fit_baselines_start = fam_lam, fam_error
+            start_name = "family"
+    start_error = fit_baselines.get(start_name, None)
+    if start_name == "family":
+        start_error = fit_baselines_start
+        say(f"family search: {fit.calls} sampling calls, fit error {start_error:.4g}")
+    lam, fit_error = _pattern_search(objective, lam0, lo, hi, budget - fit.calls + len(fit_baselines), history)
+    if fit_error > start_error:  # the start is the search's first point
+        lam, fit_error = lam0, start_error
     times = _lam_to_times(process, lam)
-    if np.array_equal(lam, lam0):  # unchanged: keep the baseline's exact times
+    if np.array_equal(lam, lam0) and start_name in baselines:  # unchanged: keep the baseline's exact times
         times = baselines[start_name]
-    say(f"search: {fit.calls} sampling calls, fit error {fit_baselines[start_name]:.4g} -> {fit_error:.4g}")
+    say(f"search: {fit.calls} sampling calls, fit error {min(fit_baselines.values()):.4g} -> {fit_error:.4g}")
     held_out, baseline_nfe = {}, {}
     err, used = held(times)
     held_out["optimized"] = err
@@ -452,7 +538,7 @@ def optimize_steps(
         fit_baselines=fit_baselines,
         draws=draws,
         seed=int(seed),
-        reference={"sampler": ref_name, "levels": int(ref_levels), "grid": "exponential"},
+        reference={"sampler": ref_name, "options": ref_options, "levels": ref_levels, "grid": "exponential"},
         evaluations=fit.calls,
         seconds=time.perf_counter() - start,
         default_grid=default_label,

@@ -37,9 +37,36 @@ class Levels:
 
     @classmethod
     def on_grid(cls, process: Process, times: Sequence[float]) -> Levels:
-        """The levels at ``times`` of ``process`` followed by its data level."""
-        times = np.asarray(times, dtype=np.float64)
+        """The levels at ``times`` of ``process`` followed by its data level.
+
+        Raises:
+            ValueError: ``times`` not a non-empty 1-D sequence of finite numbers within
+                [t_min, t_max], or levels whose noise does not strictly fall (log-SNR strictly
+                increasing): a repeated, reversed or numerically equal level (naming the first one)
+                would divide by a zero step size or solve a different problem silently.
+        """
+        try:
+            times = np.asarray(times, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"times must be a sequence of numbers (process times), got {times!r}") from None
+        if times.ndim != 1 or times.size == 0:
+            raise ValueError(f"times must be a non-empty 1-D sequence of process times, got shape {times.shape}")
+        outside = ~np.isfinite(times) | (times < process.t_min) | (times > process.t_max)
+        if outside.any():
+            k = int(np.argmax(outside))
+            raise ValueError(
+                f"times[{k}] = {float(times[k])!r} is outside the process's range [{process.t_min}, {process.t_max}]"
+            )
         alpha, sigma = process.alpha_sigma(times)
+        with np.errstate(divide="ignore"):
+            lam = np.log(np.asarray(alpha, dtype=np.float64)) - np.log(np.asarray(sigma, dtype=np.float64))
+        if times.size > 1 and not np.all(np.diff(lam) > 0):
+            k = int(np.argmax(~(np.diff(lam) > 0))) + 1
+            raise ValueError(
+                f"times must strictly decrease in noise (each level less noisy than the one before), but "
+                f"times[{k}] = {float(times[k])!r} follows times[{k - 1}] = {float(times[k - 1])!r} "
+                f"(log-SNR {lam[k - 1]:.6g} -> {lam[k]:.6g})"
+            )
         clean = process.clean
         return cls(
             np.append(times, clean.t), np.append(alpha, clean.alpha), np.append(sigma, clean.sigma)

@@ -21,10 +21,17 @@ import numpy as np
 from diffreg.sampling import Sampler
 from diffreg.schedule import axpby
 
-from .levels import levels
+from .levels import final_extrapolation, levels
 
 #: the older spelling ``sigmas=`` of a sampler's grid (now diffreg's ``grid`` kind)
 SIGMA_GRIDS = ("karras", "exponential", "lambda_uniform")
+
+
+def check_final_order(value) -> int:
+    """``final_order`` (1 or 2) of the data-prediction multistep solvers, or ValueError naming it."""
+    if isinstance(value, bool) or value not in (1, 2):
+        raise ValueError(f"final_order must be 1 (first-order last step) or 2 (extrapolated to sigma = 0), got {value!r}")
+    return int(value)
 
 
 class GridSampler(Sampler):
@@ -193,12 +200,25 @@ class DPMSolverPP2M(GridSampler):
     with h = lambda' - lambda, r = h_{i-1} / h_i. The first step and the last (lambda' = inf) are
     first order (D~ = D_i), as is a step whose previous h is infinite (zero terminal SNR: then
     1/(2r) = 0). At lambda = -inf the first update is x' = sigma' x + alpha' D (e^-h = 0).
+
+    Args:
+        final_order: 1 (default: the last step is x' = D, as the paper and diffusers'
+            ``lower_order_final``) or 2 (the last step extrapolates D to sigma = 0 through the
+            last two levels, :func:`~diffreg_solvers.levels.final_extrapolation`; removes the
+            first-order error floor of the final jump).
+
+    Raises:
+        ValueError: another ``final_order``.
     """
 
     order = 2
     nfe_per_step = 1
     stochastic = False
     supports_unconditional_renoise = True  # CFG++: x replaced by ctx.renoise(x, pred)
+
+    def __init__(self, final_order: int = 1, sigmas: str | None = None):
+        super().__init__(sigmas)
+        self.final_order = check_final_order(final_order)
 
     def prepare(self, ctx):
         lv = levels(ctx)
@@ -209,6 +229,8 @@ class DPMSolverPP2M(GridSampler):
             q = 0.0  # 1 / (2r) = h_i / (2 h_{i-1})
             if 0 < i < n - 1 and math.isfinite(lv.h[i - 1]):
                 q = float(lv.h[i] / (2.0 * lv.h[i - 1]))
+            elif i == n - 1 and self.final_order == 2:
+                q = final_extrapolation(lv) / c_d if c_d else 0.0  # c_d = alpha' = 1 at sigma' = 0
             coeffs.append((c_x, c_d * (1.0 + q), -c_d * q))
         return {"coeffs": coeffs, "prev": None}
 
@@ -333,14 +355,18 @@ class UniPC(GridSampler):
             recommends for unconditional sampling; diffusers' ``solver_type``). With ``bh1`` the
             step out of lambda = -inf (zero terminal SNR, h = inf) is not corrected (its weight
             B(h) a is infinite there).
+        final_order: 1 (default: the last step is first order, as diffusers) or 2 (the last
+            step extrapolates D to sigma = 0 through the last two levels,
+            :func:`~diffreg_solvers.levels.final_extrapolation`: no error floor from the final jump).
     """
 
     order = 2
     nfe_per_step = 1
     stochastic = False
 
-    def __init__(self, order: int = 2, variant: str = "bh2", sigmas: str | None = None):
+    def __init__(self, order: int = 2, variant: str = "bh2", final_order: int = 1, sigmas: str | None = None):
         super().__init__(sigmas)
+        self.final_order = check_final_order(final_order)
         if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         if variant not in ("bh1", "bh2"):
@@ -368,6 +394,10 @@ class UniPC(GridSampler):
                 p -= 1
             orders.append(p)
         predictor = [self._update(lv, i, orders[i], False) for i in range(n)]
+        b = final_extrapolation(lv) if self.final_order == 2 else 0.0
+        if b:  # the last step (p = 1, c_x = 0): D(0) = (1 + b) D_{n-1} - b D_{n-2}
+            c_x, c_d, _, _ = predictor[-1]
+            predictor[-1] = (c_x, c_d + b, [-b], 0.0)
         corrector = [None] + [self._update(lv, i - 1, orders[i - 1], True) for i in range(1, n)]
         return {"predictor": predictor, "corrector": corrector, "x": None, "hist": []}
 
@@ -381,7 +411,7 @@ class UniPC(GridSampler):
             for c, d_old in zip(c_old, hist[1:], strict=False):
                 x = x.add_(d_old, alpha=c)
         hist.insert(0, d)
-        del hist[self.order :]
+        del hist[max(self.order, self.final_order) :]
         state["x"] = x
         c_x, c_d, c_prev, _ = state["predictor"][i]
         x_next = axpby(c_x, x, c_d, d)
