@@ -509,3 +509,30 @@ def test_an_image_model_records_clipping_and_no_clip_turns_it_off(cli, tmp_path,
     result = cli("sample", tiny_checkpoint, "--num-samples", 2, "--steps", 2, "--no-progress", "--no-clip",
                  "--dynamic-threshold", "0.9")  # fmt: skip
     assert result.exit_code == 0 and "no clipping, dynamic threshold 0.9" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("times", "message"),
+    [
+        ([999.0, 500.0, 0.0, 0.0], r"times\[3\] = 0.0 follows times\[2\] = 0.0"),  # repeated
+        ([999.0, 500.0, 700.0], r"times\[2\] = 700.0 follows times\[1\] = 500.0"),  # reversed
+        ([999.0, 500.0, 500.000001], r"times\[2\] = 500.000001 follows"),  # equal log-SNR in float64
+        ([999.0, 1e-13, 0.0], r"times\[2\] = 0.0 follows times\[1\] = 1e-13"),
+        ([1000.0, 3.0], r"times\[0\] = 1000.0 is outside the process's range \[0.0, 999.0\]"),
+        ([999.0, -1.0], r"times\[1\] = -1.0 is outside"),
+        ([float("nan")], r"times\[0\] = nan is outside"),
+        ([], r"times must be a non-empty 1-D sequence of process times, got shape \(0,\)"),
+        ([[999.0, 0.0]], r"got shape \(1, 2\)"),
+        (["late"], r"times must be a sequence of numbers \(process times\), got \['late'\]"),
+    ],
+)
+def test_sampling_on_bad_times_names_the_offending_level(times, message):
+    # every sampler divides by the log-SNR step h = lambda' - lambda: a repeated level was a
+    # ZeroDivisionError deep in a solver, a reversed one a silent wrong result
+    from diffreg.testing import GaussianMixture
+
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = GaussianMixture.example(2).denoiser(diffusion, "eps")
+    for sampler in ("ddim", "unipc"):
+        with pytest.raises(ValueError, match=message):
+            diffreg.sampling.sample_loop(diffusion, model, (2, 2), sampler=sampler, times=times)

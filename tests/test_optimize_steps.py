@@ -197,3 +197,75 @@ def test_sampling_config_grid_round_trips_and_checks_steps():
         SamplingConfig(grid=[999.0, 500.5, 20.0], steps=4)
     with pytest.raises(ConfigError, match=r"sampling\.steps must be an int"):
         SamplingConfig(steps=0)
+
+
+def test_family_levels_span_the_range_strictly_increasing_and_contain_the_exponential_grid():
+    from diffreg.optimize import family_levels
+
+    process = diffreg.Diffusion.from_config({"schedule": "cosine", "num_timesteps": 1000}).process
+    lo, hi = process.log_snr_range()
+    for steps in (2, 3, 10, 50):
+        # (a, b, log p) = (second level of the exponential grid, hi, 0) is the exponential grid:
+        # log-SNR uniform from lo to hi (computed here from its definition, not from the grid kind)
+        a = lo + (hi - lo) / (steps - 1)
+        np.testing.assert_allclose(family_levels(lo, hi, steps, (a, hi, 0.0)), np.linspace(lo, hi, steps), atol=1e-12)
+        for params in ((lo, lo, 3.0), (hi, hi, -3.0), (0.0, hi, 1.5), (hi - 1e-9, lo, 0.0)):
+            lam = family_levels(lo, hi, steps, params)
+            assert lam[0] == lo and lam[-1] <= hi and np.all(np.diff(lam) >= 1e-3 - 1e-12), (steps, params)
+
+
+def test_optimized_grid_moves_levels_as_a_whole_out_of_the_pure_noise_end():
+    # cosine schedule, v: the exponential grid spends its first ~7 of 12 levels at log-SNR < -4, where
+    # every sample is still noise; the one-level-at-a-time refinement alone stayed in that local
+    # minimum (levels never pass each other). Measured against the exact ODE on unseen draws.
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "cosine", "num_timesteps": 1000, "parameterization": "v"})
+    model = mixture.denoiser(diffusion, "v")
+    result = optimize_steps(
+        diffusion, model, (2,), sampler="dpmpp_2m", nfe=12, draws=128, seed=0, max_evals=96,
+        dtype=torch.float64, clip_denoised=False,
+    )  # fmt: skip
+    lam = np.log(diffusion.process.alpha_sigma(np.asarray(result.times))[0]) - np.log(
+        diffusion.process.alpha_sigma(np.asarray(result.times))[1]
+    )
+    assert (lam[1:] < -4).sum() == 0, lam  # no free level left in the pure-noise end
+    x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    optimized = _rms_to_exact(diffusion, model, mixture, result.times, x_T)
+    exponential = _rms_to_exact(diffusion, model, mixture, diffusion.grid_times(12, "exponential"), x_T)
+    # 14x measured (the level-at-a-time refinement alone: 4x, with a level left below -4)
+    assert optimized < exponential / 10, (optimized, exponential)
+
+
+def test_the_default_reference_is_far_closer_to_the_exact_solution_than_the_grids_it_judges():
+    from diffreg.optimize import default_reference
+
+    name, levels, options = default_reference()
+    assert (name, levels, options) == ("unipc", 200, {"order": 3, "final_order": 2})
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = mixture.denoiser(diffusion, "eps")
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = exact_ode_solution(mixture, diffusion, x_T, 999)
+
+    def rms(**sampler_options):
+        x = diffusion.sample(
+            model, x_T.shape, sampler="unipc", grid="exponential", steps=levels, noise=x_T,
+            clip_denoised=False, dtype=torch.float64, **sampler_options,
+        )  # fmt: skip
+        return float(((x - exact) ** 2).mean().sqrt())
+
+    # the first-order jump to the data leaves a floor (~2.5e-4 per element here) ...
+    assert rms(order=3) > 1e-4
+    # ... which the second-order last step removes
+    assert rms(**options) < 1e-5
+
+
+@pytest.mark.parametrize("reference", [("unipc",), ("unipc", 1), ("unipc", True), (3, 100), ("unipc", 100, "order=3")])
+def test_a_bad_reference_is_refused_naming_it(reference):
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    with pytest.raises(ValueError, match=r"reference must be \(sampler name, levels >= 2\[, options dict\]\), got"):
+        optimize_steps(
+            diffusion, mixture.denoiser(diffusion, "eps"), (2,), nfe=4, draws=4, reference=reference,
+            clip_denoised=False,
+        )  # fmt: skip

@@ -427,3 +427,26 @@ def test_solvers_pass_conformance_on_their_own_sigma_grids(grid):
 
     report = diffreg.testing.check_sampler("dpmpp_2m", sigmas=grid)
     assert report.final_errors[-1] < report.final_errors[0]
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_final_order_2_converges_to_the_ode_solution_at_sigma_zero(name):
+    """With ``final_order=1`` every solver converges to discrete_solution (the ODE to s_0, then a
+    first-order jump to the data): against the exact end point ode_solution its error stops
+    falling. ``final_order=2`` extrapolates D to s = 0 through the last two levels (D(s) = a + c s^2
+    along the ODE: dD/ds = -s d eps/ds); then the error keeps falling at the declared order."""
+    d, noise = diffusion(), x_T()
+    exact = ode_solution(d, noise)
+    declared = registry.get("sampler", name).metadata["order"]
+    first = [max_error(sample(name, n, noise, grid="exponential")[0], exact) for n in (400, 800)]
+    assert first[1] > 0.9 * first[0], first  # the floor (5.2e-4): one first-order jump from s_0 = 0.01
+    second = [max_error(sample(name, n, noise, grid="exponential", final_order=2)[0], exact) for n in (200, 400)]
+    assert second[1] < first[0] / 10, (first, second)  # measured: 14x (dpmpp_2m), 800x (unipc)
+    assert math.log2(second[0] / second[1]) > declared - 0.35, second  # measured: 2.0 and 3.7
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("value", [0, 3, 1.5, True, "2"])
+def test_bad_final_order_is_refused_naming_it(name, value):
+    with pytest.raises(ComponentOptionError, match=r"final_order.* must be .*, got"):
+        registry.create("sampler", name, final_order=value)
