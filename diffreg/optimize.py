@@ -11,11 +11,13 @@ where ``x_0(grid)`` is the sampler's output on the candidate grid and ``x_0(refe
 many-step solve of the same model from the same x_T (UniPC-3 with a second-order last step on
 200 levels uniform in log-SNR by default). The first level is fixed at the process's noisiest time (``t_max``); the
 other ``steps - 1`` levels are free in log-SNR between it and the least noisy level (``t_min``),
-and the data level (sigma = 0) follows the last, as for every grid. The search is a coordinate
-pattern search: each free level in turn moves a fraction of the way towards one neighbour and the
-move is kept when the error drops; a level whose two moves both fail halves its fraction. It
-starts from the best of the default (``trailing``), ``karras`` and ``exponential`` grids, so it
-never ends worse than they are on the draws it fits.
+and the data level (sigma = 0) follows the last, as for every grid. The search has two
+stages, both coordinate pattern searches that keep a move when the error drops: first the levels
+are placed as a whole by the three parameters of :func:`family_levels` (a quarter of the budget,
+from the ``exponential`` grid); then each free level in turn moves a fraction of the way towards
+one neighbour, a level whose two moves both fail halving its fraction. The second stage starts
+from the best of the first stage's result and the default (``trailing``), ``karras`` and
+``exponential`` grids, so the search never ends worse than they are on the draws it fits.
 
 Half of the draws are fitted; the other half (different x_T, the same labels) report the
 held-out error of the result beside the baseline grids at the same NFE. Only deterministic
@@ -505,16 +507,14 @@ def optimize_steps(
     budget = max_evals if max_evals is not None else 8 * (steps - 1) + 8
     history: list[float] = []
     objective = lambda lam: fit(_lam_to_times(process, lam))[0]  # noqa: E731
+    start_error = fit_baselines[start_name]
     if steps > 2 and budget >= 8:
         fam_lam, fam_error = _family_search(objective, lo, hi, steps, budget // 4, history)
-        if fam_error < fit_baselines[start_name]:
-            lam0, fit_baselines_start = fam_lam, fam_error
-            start_name = "family"
-    start_error = fit_baselines.get(start_name, None)
-    if start_name == "family":
-        start_error = fit_baselines_start
-        say(f"family search: {fit.calls} sampling calls, fit error {start_error:.4g}")
-    lam, fit_error = _pattern_search(objective, lam0, lo, hi, budget - fit.calls + len(fit_baselines), history)
+        say(f"levels placed as a whole: {fit.calls} sampling calls, fit error {fam_error:.4g}")
+        if fam_error < start_error:
+            lam0, start_error, start_name = fam_lam, fam_error, "family"
+    family_calls = fit.calls - len(fit_baselines)
+    lam, fit_error = _pattern_search(objective, lam0, lo, hi, budget - family_calls, history)
     if fit_error > start_error:  # the start is the search's first point
         lam, fit_error = lam0, start_error
     times = _lam_to_times(process, lam)
