@@ -41,6 +41,8 @@ from diffreg.process import Process
 from diffreg.sampling.contract import Sampler
 from diffreg.sampling.driver import resolve_sampler, sample_loop
 
+from .search import MIN_GAP, family_levels, family_search, lam_to_times, pattern_search, times_to_lam
+
 if TYPE_CHECKING:
     from diffreg.diffusion import Diffusion
 
@@ -48,7 +50,6 @@ if TYPE_CHECKING:
 BASELINE_GRIDS = ("karras", "exponential")
 #: samplers whose step sizes are not the grid's
 NOT_GRID_DRIVEN = ("adaptive",)
-_MIN_GAP = 1e-3  # smallest log-SNR gap between two levels
 
 
 @dataclass
@@ -184,21 +185,6 @@ def _reference_spec(reference) -> tuple[str, int, dict[str, Any]]:
     return str(reference[0]), int(reference[1]), dict(reference[2]) if len(reference) == 3 else {}
 
 
-def _lam_to_times(process: Process, lam: np.ndarray) -> np.ndarray:
-    times = np.asarray(process.t_from_log_snr(np.asarray(lam, dtype=np.float64)), dtype=np.float64)
-    times[0] = process.t_max
-    return times
-
-
-def _times_to_lam(process: Process, times: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    alpha, sigma = process.alpha_sigma(np.asarray(times, dtype=np.float64))
-    with np.errstate(divide="ignore"):
-        lam = np.log(np.asarray(alpha, dtype=np.float64)) - np.log(np.asarray(sigma, dtype=np.float64))
-    lam = np.clip(lam, lo, hi)
-    lam[0] = lo
-    return lam
-
-
 class _Objective:
     """Runs the sampler on a grid for a fixed set of draws and measures the distance to the
     reference; counts the calls."""
@@ -282,114 +268,6 @@ def steps_for_nfe(
     while steps < most and used(steps + 1) <= nfe:
         steps += 1
     return steps
-
-
-def _pattern_search(
-    objective: Callable[[np.ndarray], float],
-    lam: np.ndarray,
-    lo: float,
-    hi: float,
-    max_evals: int,
-    history: list[float],
-) -> tuple[np.ndarray, float]:
-    """Coordinate pattern search over ``lam[1:]`` (log-SNR, increasing, within [lo, hi])."""
-    best = objective(lam)
-    history.append(best)
-    n = len(lam)
-    fraction = np.full(n, 0.5)
-    direction = np.ones(n)
-    evals = 1
-    sweep = 0
-    while evals < max_evals and fraction[1:].max() > 1.0 / 64:
-        order = range(1, n) if sweep % 2 == 0 else range(n - 1, 0, -1)
-        for j in order:
-            if evals >= max_evals:
-                break
-            if fraction[j] <= 1.0 / 64:
-                continue
-            moved = False
-            for sign in (direction[j], -direction[j]):
-                lower = lam[j - 1] if j > 1 else lo
-                upper = lam[j + 1] if j + 1 < n else hi
-                cand = lam.copy()
-                if sign > 0:
-                    cand[j] = lam[j] + fraction[j] * (upper - lam[j])
-                else:
-                    cand[j] = lam[j] - fraction[j] * (lam[j] - lower)
-                top = hi if j + 1 == n else upper - _MIN_GAP
-                cand[j] = float(np.clip(cand[j], lower + _MIN_GAP, top))
-                if cand[j] == lam[j]:
-                    continue
-                err = objective(cand)
-                evals += 1
-                if err < best:
-                    lam, best, moved = cand, err, True
-                    direction[j] = sign
-                    history.append(best)
-                    break
-                if evals >= max_evals:
-                    break
-            if not moved:
-                fraction[j] *= 0.5
-        sweep += 1
-    return lam, best
-
-
-def family_levels(lo: float, hi: float, steps: int, params: Sequence[float]) -> np.ndarray:
-    """Log-SNRs of a ``steps``-level grid of the three-parameter family the search starts in:
-    the first level at ``lo`` (the noisiest), the free levels j = 1 .. steps - 1 at
-
-        lambda_j = a + (b - a) u_j^p,   u_j = (j - 1) / (steps - 2),   params = (a, b, log p),
-
-    clipped into (lo, hi]. ``(a, b, 0)`` with a = the second level of the ``exponential`` grid and
-    b = hi is that grid; a > that value skips the levels where the data is still all noise, b < hi
-    stops short of the least noisy level, p > 1 packs levels towards the noisy end."""
-    a, b, log_p = (float(v) for v in params)
-    n_free = steps - 1
-    u = np.linspace(0.0, 1.0, n_free) if n_free > 1 else np.zeros(1)
-    lam = np.empty(steps)
-    lam[0] = lo
-    lam[1:] = a + (b - a) * u ** math.exp(log_p)
-    for j in range(1, steps):  # strictly increasing, at least _MIN_GAP apart, the last <= hi
-        lam[j] = min(max(lam[j], lam[j - 1] + _MIN_GAP), hi - (steps - 1 - j) * _MIN_GAP)
-    return lam
-
-
-def _family_search(
-    objective: Callable[[np.ndarray], float], lo: float, hi: float, steps: int, max_evals: int, history: list[float]
-) -> tuple[np.ndarray, float]:
-    """Coordinate pattern search over :func:`family_levels`' three parameters, from the
-    ``exponential`` grid: a few dozen evaluations place the levels as a whole (skip the pure-noise
-    end, stop short of the data, pack them), which the one-level-at-a-time refinement that
-    follows cannot do (its levels never pass each other)."""
-    width = hi - lo
-    a0 = lo + width / (steps - 1) if steps > 2 else lo + width / 2
-    params = np.array([a0, hi, 0.0])
-    span = np.array([width / 4, width / 8, 0.5])
-    bounds = [(lo + _MIN_GAP, hi - _MIN_GAP), (lo + 2 * _MIN_GAP, hi), (math.log(0.2), math.log(5.0))]
-    cost = lambda p: objective(family_levels(lo, hi, steps, p)) if p[0] < p[1] else math.inf  # noqa: E731
-    best = cost(params)
-    history.append(best)
-    evals = 1
-    while evals < max_evals and (span > np.array([width, width, 1.0]) / 256).any():
-        improved = False
-        for k in range(3):
-            for sign in (1.0, -1.0):
-                if evals >= max_evals:
-                    break
-                cand = params.copy()
-                cand[k] = float(np.clip(cand[k] + sign * span[k], *bounds[k]))
-                if cand[k] == params[k]:
-                    continue
-                err = cost(cand)
-                evals += 1
-                if err < best:
-                    params, best, improved = cand, err, True
-                    history.append(best)
-                    break
-        if not improved:
-            span = span / 2
-    return family_levels(lo, hi, steps, params), best
 
 
 def optimize_steps(
@@ -499,25 +377,25 @@ def optimize_steps(
         + ", ".join(f"{k} {v:.4g}" for k, v in fit_baselines.items())
         + f"; starting from {start_name}"
     )
-    lam0 = _times_to_lam(process, baselines[start_name], lo, hi)
+    lam0 = times_to_lam(process, baselines[start_name], lo, hi)
     # a spacing grid may repeat a log-SNR after clipping: spread such levels apart
     for j in range(1, steps):
-        lam0[j] = max(lam0[j], lam0[j - 1] + _MIN_GAP) if j > 1 else max(lam0[j], lo + _MIN_GAP)
+        lam0[j] = max(lam0[j], lam0[j - 1] + MIN_GAP) if j > 1 else max(lam0[j], lo + MIN_GAP)
     lam0 = np.minimum(lam0, hi)
     budget = max_evals if max_evals is not None else 8 * (steps - 1) + 8
     history: list[float] = []
-    objective = lambda lam: fit(_lam_to_times(process, lam))[0]  # noqa: E731
+    objective = lambda lam: fit(lam_to_times(process, lam))[0]  # noqa: E731
     start_error = fit_baselines[start_name]
     if steps > 2 and budget >= 8:
-        fam_lam, fam_error = _family_search(objective, lo, hi, steps, budget // 4, history)
+        fam_lam, fam_error = family_search(objective, lo, hi, steps, budget // 4, history)
         say(f"levels placed as a whole: {fit.calls} sampling calls, fit error {fam_error:.4g}")
         if fam_error < start_error:
             lam0, start_error, start_name = fam_lam, fam_error, "family"
     family_calls = fit.calls - len(fit_baselines)
-    lam, fit_error = _pattern_search(objective, lam0, lo, hi, budget - family_calls, history)
+    lam, fit_error = pattern_search(objective, lam0, lo, hi, budget - family_calls, history)
     if fit_error > start_error:  # the start is the search's first point
         lam, fit_error = lam0, start_error
-    times = _lam_to_times(process, lam)
+    times = lam_to_times(process, lam)
     if np.array_equal(lam, lam0) and start_name in baselines:  # unchanged: keep the baseline's exact times
         times = baselines[start_name]
     say(f"search: {fit.calls} sampling calls, fit error {min(fit_baselines.values()):.4g} -> {fit_error:.4g}")
@@ -546,4 +424,13 @@ def optimize_steps(
     )
 
 
-__all__ = ["BASELINE_GRIDS", "OptimizedSteps", "check_optimizable", "check_process", "optimize_steps", "steps_for_nfe"]
+__all__ = [
+    "BASELINE_GRIDS",
+    "OptimizedSteps",
+    "check_optimizable",
+    "check_process",
+    "default_reference",
+    "family_levels",
+    "optimize_steps",
+    "steps_for_nfe",
+]
