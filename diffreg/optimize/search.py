@@ -45,7 +45,15 @@ def pattern_search(
     max_evals: int,
     history: list[float],
 ) -> tuple[np.ndarray, float]:
-    """Coordinate pattern search over ``lam[1:]`` (log-SNR, increasing, within [lo, hi])."""
+    """Coordinate pattern search over ``lam[1:]`` (log-SNR, increasing, within [lo, hi]): each
+    level in turn (sweeps alternate direction) moves ``fraction`` of the way towards one neighbour,
+    first in the direction that last helped; a level whose two moves both fail halves its
+    fraction (from 1/2; it stops below 1/64).
+
+    Returns:
+        ``(lam, error)``: the best levels found and their objective value, after at most
+        ``max_evals`` calls of ``objective``; the start is the first call, so never worse than it.
+    """
     best = objective(lam)
     history.append(best)
     n = len(lam)
@@ -114,7 +122,13 @@ def family_search(
     """Coordinate pattern search over :func:`family_levels`' three parameters, from the
     ``exponential`` grid: a few dozen evaluations place the levels as a whole (skip the pure-noise
     end, stop short of the data, pack them), which the one-level-at-a-time refinement that
-    follows cannot do (its levels never pass each other)."""
+    follows cannot do (its levels never pass each other). Each parameter in turn moves by its
+    span either way; a sweep without a kept move halves the spans.
+
+    Returns:
+        ``(lam, error)`` as :func:`pattern_search`, after at most ``max_evals`` calls; ``error``
+        is ``inf`` only if every candidate failed (over the NFE budget or not finite).
+    """
     width = hi - lo
     a0 = lo + width / (steps - 1) if steps > 2 else lo + width / 2
     params = np.array([a0, hi, 0.0])
