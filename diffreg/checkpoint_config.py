@@ -21,7 +21,8 @@ from diffreg.config import (
     _coerce_diffusion,
     _DictMixin,
 )
-from diffreg.errors import ConfigError
+from diffreg.errors import ConfigError, UnknownComponentError
+from diffreg.named_grids import NamedGrid, coerce_named_grids
 from diffreg.validation import check_guidance_scale
 
 #: Most values in one sample (``data.shape``'s product): 64 Mi, a 3 x 4096 x 4096 image fits. A
@@ -107,6 +108,11 @@ class SamplingConfig(_DictMixin):
         sampler: the default sampler (a name or ``{"name": ..., **options}``), or ``None`` (``ddim``).
         steps: the default step count, an int >= 1, or ``None``; an explicit grid's length when
             the grid is explicit (a different value is refused).
+        grids: named grids, name -> :class:`~diffreg.named_grids.NamedGrid` (a sampler and the
+            explicit times fitted for it, as ``diffreg optimize-steps --save-to-checkpoint`` stores
+            them); ``diffreg sample --grid NAME`` and ``sample_options(grid=NAME)`` use one. Names
+            match ``[A-Za-z0-9][A-Za-z0-9_.-]*`` (at most 64 characters) and are not registered grid
+            kinds (``trailing``, ...). Empty by default, and then not written (files stay as before).
 
     Use :meth:`driver_options` and :meth:`sample_options` to pass them to
     :meth:`diffreg.Diffusion.sample`.
@@ -122,6 +128,7 @@ class SamplingConfig(_DictMixin):
         default=None, converter=lambda v: None if v is None else ComponentSpec.coerce(v, "sampling.sampler")
     )
     steps: int | None = attrs.field(default=None)
+    grids: dict[str, NamedGrid] = attrs.field(factory=dict, converter=coerce_named_grids, hash=False)
 
     @steps.validator
     def _check_steps(self, attribute, value):
@@ -158,19 +165,58 @@ class SamplingConfig(_DictMixin):
         return {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
 
     def to_dict(self) -> dict[str, Any]:
-        """As the other configs; ``guidance``, ``grid``, ``sampler`` and ``steps`` only when set
-        (files stay as before otherwise)."""
+        """As the other configs; ``guidance``, ``grid``, ``sampler``, ``steps`` and ``grids`` only
+        when set (files stay as before otherwise)."""
         out = super().to_dict()
-        for key in ("guidance", "grid", "sampler", "steps"):
-            if out.get(key) is None:
+        out["grids"] = {name: preset.to_dict() for name, preset in self.grids.items()}
+        for key in ("guidance", "grid", "sampler", "steps", "grids"):
+            if out.get(key) is None or out.get(key) == {}:
                 out.pop(key, None)
         return out
 
-    def sample_options(self) -> dict[str, Any]:
+    def named_grid(self, name: str) -> NamedGrid:
+        """The named grid ``name`` (see ``grids``).
+
+        Raises:
+            UnknownComponentError: (a ``KeyError``) no such named grid, listing those there are.
+        """
+        if name in self.grids:
+            return self.grids[name]
+        names = sorted(self.grids)
+        raise UnknownComponentError(
+            "named grid",
+            name,
+            names,
+            f"no named grid {name!r} in this checkpoint; its named grids: " + (", ".join(names) or "(none)"),
+        )
+
+    def with_named_grid(
+        self, name: str, preset: NamedGrid | Mapping[str, Any], *, default: bool = True
+    ) -> SamplingConfig:
+        """A copy with ``preset`` stored as ``grids[name]`` (replacing one of that name), and, with
+        ``default``, its sampler, steps and grid made the defaults too.
+
+        Raises:
+            ConfigError: a bad name or preset.
+        """
+        grids = coerce_named_grids({**self.grids, name: preset})
+        new = grids[name]
+        if not default:
+            return attrs.evolve(self, grids=grids)
+        return attrs.evolve(self, grids=grids, grid=new.grid, sampler=new.sampler, steps=new.steps)
+
+    def sample_options(self, grid: str | None = None) -> dict[str, Any]:
         """The recorded sampler, its options, ``steps`` and ``grid`` as keyword arguments of
         :meth:`diffreg.Diffusion.sample` (only those recorded; an explicit grid brings its length
         as ``steps``): ``diffusion.sample(model, shape, **cfg.sampling.sample_options(),
-        **cfg.sampling.driver_options())``."""
+        **cfg.sampling.driver_options())``. With ``grid=NAME``, those of the named grid
+        (:meth:`named_grid`: its sampler with its options, its steps and times) instead.
+
+        Raises:
+            UnknownComponentError: ``grid`` names no named grid of this configuration.
+        """
+        if grid is not None:
+            return self.named_grid(grid).sample_options()
         out: dict[str, Any] = {}
         if self.sampler is not None:
             out["sampler"] = self.sampler.name
