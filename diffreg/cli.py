@@ -286,6 +286,7 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
         "config": _config_for_people(cfg.to_dict()),
         "providers": provenance.recorded_providers(meta.get(provenance.HEADER_KEY)),
         "missing": provenance.missing(cfg, meta.get(provenance.HEADER_KEY), str(checkpoint)),
+        "named_grids": _named_grids_report(cfg.sampling),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -300,7 +301,31 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
             click.echo(f"  {field}: {entry.get('name')} from {entry['provider']} {entry.get('version') or ''}".rstrip())
     for message in report["missing"]:
         click.echo(f"missing: {message}")
+    if report["named_grids"]:
+        click.echo("named grids (diffreg sample --grid NAME):")
+        for g in report["named_grids"]:
+            err = f", held-out error {g['held_out_error']:.4g}" if g.get("held_out_error") is not None else ""
+            nfe = g["nfe"] if g["nfe"] is not None else "?"
+            click.echo(f"  {g['name']:<20} {g['sampler']}, {g['steps']} steps, {nfe} NFE{err}")
     click.echo(json.dumps(report["config"], indent=2))
+
+
+def _named_grids_report(sampling: Any) -> list[dict[str, Any]]:
+    """The checkpoint's named grids (``sampling.grids``) for ``diffreg info``: name, sampler (its
+    name, or JSON with options), steps, NFE and held-out error (``None`` when not recorded)."""
+    out = []
+    for name, preset in sorted(sampling.grids.items()):
+        spec = preset.sampler.to_dict()
+        out.append(
+            {
+                "name": name,
+                "sampler": spec if isinstance(spec, str) else json.dumps(spec),
+                "steps": preset.steps,
+                "nfe": preset.nfe,
+                "held_out_error": preset.held_out_error,
+            }
+        )
+    return out
 
 
 def _config_for_people(config: dict[str, Any]) -> dict[str, Any]:

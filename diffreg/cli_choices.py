@@ -89,10 +89,86 @@ def _grid_choice(grid_spec: str | None, spacing: str | None, sampler_obj: Any) -
         given = f"--grid {grid_spec!r}" if grid_spec is not None else f"--spacing {spacing!r}"
         raise ValueError(f"{given} and the sampler option sigmas={own!r} both choose the grid; give one")
     if grid is not None:
+        from diffreg.errors import UnknownComponentError
+        from diffreg.named_grids import NAME_PATTERN
         from diffreg.sampling import resolve_grid
 
-        resolve_grid(grid)  # an unknown name or option fails before the model is loaded
+        try:
+            resolve_grid(grid)  # an unknown name or option fails before the model is loaded ...
+        except UnknownComponentError:
+            if not (isinstance(grid, str) and grid_spec is not None and NAME_PATTERN.fullmatch(grid)):
+                raise
+            return GridName(grid)  # ... unless it names a grid of the checkpoint (_named_choice)
     return grid if grid is not None else own
+
+
+def _spec_text(spec: Any) -> str:
+    """A component spec for a message: its name, or its JSON table when it has options."""
+    value = spec.to_dict()
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class GridName(str):
+    """``--grid NAME`` where NAME is no registered grid: perhaps one of the checkpoint's named
+    grids, decided once the checkpoint is read (:func:`_named_choice`)."""
+
+
+def _named_choice(
+    recorded: Any, name: str, sampler: str | None, options: dict, steps: int | None
+) -> tuple[str, Any, int, Any]:
+    """``diffreg sample``'s sampler, steps and grid for ``--grid NAME``, a named grid of the
+    checkpoint (``recorded.grids``, see :class:`~diffreg.named_grids.NamedGrid`): its times; its
+    sampler (with its options, under ``--option``'s) when no ``--sampler`` is given, else
+    ``--sampler`` with a note on stderr that the grid was fitted for another; its steps.
+
+    Returns:
+        ``(sampler name, sampler object, steps, grid)``.
+
+    Raises:
+        UnknownComponentError: NAME is neither a registered grid nor a named grid of the checkpoint
+            (the registered ones and the checkpoint's named ones listed).
+        ValueError: ``--steps`` other than the named grid's levels.
+    """
+    from diffreg.config import ComponentSpec
+    from diffreg.errors import UnknownComponentError
+    from diffreg.sampling import resolve_grid
+
+    if name not in recorded.grids:
+        try:
+            resolve_grid(str(name))
+        except UnknownComponentError as exc:
+            from diffreg.errors import closest
+
+            names = sorted(recorded.grids)
+            message = (
+                str(exc).split("; did you mean")[0] + f"; this checkpoint's named grids: {', '.join(names) or '(none)'}"
+            )
+            hint = closest(name, [*exc.known, *names])
+            raise UnknownComponentError(
+                "grid", name, exc.known, message + (f"; did you mean {hint!r}?" if hint else "")
+            ) from None
+        raise AssertionError(f"grid {name!r} resolves now")  # pragma: no cover (registered since)
+    preset = recorded.grids[name]
+    if steps is not None and steps != preset.steps:
+        raise ValueError(
+            f"--steps {steps} and --grid {name} ({preset.steps} levels) disagree; leave --steps out or give "
+            f"--steps {preset.steps}"
+        )
+    fitted = preset.sampler
+    if sampler is None:
+        sampler, options = fitted.name, {**fitted.options, **options}
+    if (sampler, options) != (fitted.name, fitted.options):
+        click.echo(
+            f"note: grid {name!r} was fitted for sampler {_spec_text(fitted)}; sampling it with "
+            f"{_spec_text(ComponentSpec(sampler, options))}",
+            err=True,
+        )
+    sampler_obj = resolve_sampler(sampler, options)
+    if getattr(sampler_obj, "grid", None) is not None:
+        raise ValueError(
+            f"--grid {name} and the sampler option sigmas={sampler_obj.grid!r} both choose the grid; give one"
+        )
+    return sampler, sampler_obj, preset.steps, preset.grid.to_dict()
 
 
 def _recorded_choice(

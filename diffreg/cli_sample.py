@@ -19,11 +19,13 @@ from diffreg.cli import (
     main,
 )
 from diffreg.cli_choices import (
+    GridName,
     _check_outputs,
     _clip_text,
     _gather_shares,
     _grid_choice,
     _guidance_choice,
+    _named_choice,
     _parse_options,
     _recorded_choice,
     _threads_option,
@@ -66,9 +68,10 @@ from diffreg.validation import check_guidance_scale, resolve_device
     "grid_spec",
     default=None,
     help="Noise levels to visit: a registered grid (trailing, leading, linspace, karras, exponential; "
-    "`diffreg list grid`), JSON options like '{\"name\": \"karras\", \"rho\": 5}', or a JSON list of "
-    "timesteps. Default: the sampler's own, else the checkpoint's (e.g. from `diffreg optimize-steps`), else "
-    "trailing.",
+    "`diffreg list grid`), a named grid of the checkpoint (`diffreg info` lists them; from `diffreg "
+    "optimize-steps`: its times, and its sampler unless --sampler is given), JSON options like "
+    '\'{"name": "karras", "rho": 5}\', or a JSON list of timesteps. Default: the sampler\'s own, else the '
+    "checkpoint's default grid, else trailing.",
 )
 @click.option(
     "--spacing",
@@ -233,7 +236,13 @@ def sample(
     if shape is None:
         raise CheckpointError(f"{str(path)!r} does not record its sample shape (data.shape)")
     defaults = cfg.sampling  # the checkpoint's sampler, steps and grid where the flags give none
-    sampler, sampler_obj, steps, grid = _recorded_choice(defaults, sampler, sampler_obj, sampler_options, steps, grid)
+    named = str(grid) if isinstance(grid, GridName) else None  # --grid NAME: a named grid of the checkpoint
+    if named is not None:
+        sampler, sampler_obj, steps, grid = _named_choice(defaults, named, sampler, sampler_options, steps)
+    else:
+        sampler, sampler_obj, steps, grid = _recorded_choice(
+            defaults, sampler, sampler_obj, sampler_options, steps, grid
+        )
     num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(model, "num_classes", None)
     labels = parse_labels(class_label, num_classes, num_samples, getattr(model, "null_class", num_classes))
     unconditional = labels is None or class_label.strip().lower() == "none"
@@ -308,6 +317,8 @@ def sample(
     grid_name = grid if isinstance(grid, str) else json.dumps(grid) if grid is not None else "trailing"
     if isinstance(grid, dict) and grid.get("name") == "explicit" and len(grid_name) > 60:
         grid_name = f"explicit ({stats.get('steps', steps)} levels)"
+    if named is not None:
+        grid_name = f"{named} (explicit, {stats.get('steps', steps)} levels)"
     arrays = {"arr_0": x.numpy()}
     recorded = recorded_labels(class_label, labels)
     if recorded is not None:

@@ -22,6 +22,7 @@ from diffreg.cli_support import (
 from diffreg.errors import (
     CheckpointError,
 )
+from diffreg.named_grids import default_grid_name
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import resolve_device
 
@@ -93,14 +94,36 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
     "save_to",
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a copy of CHECKPOINT whose sampling defaults are this sampler, its steps and the grid.",
+    help="Write a copy of CHECKPOINT with the grid stored under --name (its named grids kept) and made the "
+    "default (this sampler, its steps, the grid). OUT may be CHECKPOINT's earlier output: run twice to keep two.",
 )
+@click.option(
+    "--name",
+    "grid_name",
+    default=None,
+    help="Name of the stored grid, for `diffreg sample --grid NAME` (letters, digits, _ . -; not a grid kind "
+    "such as trailing). Default: SAMPLER-NFE, e.g. unipc-8 (sampler options do not enter it).",
+)
+@click.option("--replace", is_flag=True, help="Replace a named grid of the same name in CHECKPOINT (else refused).")
 @click.option("--option", "options", multiple=True, help="Sampler option KEY=VALUE (JSON value), repeatable.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @_threads_option
 @_user_errors
 def optimize_steps_command(
-    checkpoint, sampler, nfe, draws, seed, reference_steps, max_evals, output, save_to, options, device, threads
+    checkpoint,
+    sampler,
+    nfe,
+    draws,
+    seed,
+    reference_steps,
+    max_evals,
+    output,
+    save_to,
+    grid_name,
+    replace,
+    options,
+    device,
+    threads,
 ) -> None:
     """Search the noise levels of SAMPLER at NFE model evaluations for CHECKPOINT (default: the
     bundled digits model): the grid closest to a many-step solve of the same model, fitted on half
@@ -128,6 +151,13 @@ def optimize_steps_command(
     out_path, save_path = outputs["--output"], outputs["--save-to-checkpoint"]
     sampler_options = _parse_options(options)
     check_optimizable(sampler, resolve_sampler(sampler, sampler_options))  # before loading anything
+    if save_path is not None:  # the name is checked before the search, which takes minutes
+        grid_name = _check_new_grid_name(path, grid_name or default_grid_name(sampler, nfe), replace)
+    elif grid_name is not None or replace:
+        raise ValueError(
+            f"--{'name' if grid_name is not None else 'replace'} names the grid --save-to-checkpoint "
+            "stores; give --save-to-checkpoint OUT too"
+        )
     ref_name, ref_default, ref_options = default_reference()
     reference = (ref_name, reference_steps or ref_default, ref_options)
     set_threads(threads)
@@ -174,11 +204,46 @@ def optimize_steps_command(
         click.echo(f"wrote {out_path}")
     if save_path is not None:
         spec = result.sampler if not result.sampler_options else {"name": result.sampler, **result.sampler_options}
-        sampling = attrs.evolve(cfg.sampling, grid=result.grid_spec(), sampler=spec, steps=result.steps)
+        preset = {
+            "sampler": spec,
+            "grid": result.grid_spec(),
+            "steps": result.steps,
+            "nfe": result.nfe,
+            "held_out_error": result.held_out["optimized"],
+            "reference": {**result.reference, "held_out_draws": result.draws // 2, "seed": result.seed},
+        }
+        sampling = cfg.sampling.with_named_grid(grid_name, preset)  # and the default, as before
         save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
+        others = sorted(set(sampling.grids) - {grid_name})
         click.echo(
-            f"wrote {save_path}: `diffreg sample {save_path}` uses {result.sampler} on this grid by default"
+            f"wrote {save_path}: `diffreg sample {save_path}` uses {result.sampler} on this grid by default, "
+            f"`--grid {grid_name}` by name" + (f" (other named grids: {', '.join(others)})" if others else "")
         )
+
+
+def _check_new_grid_name(checkpoint: Path, name: str, replace: bool) -> str:
+    """``name`` if ``diffreg optimize-steps`` may store a grid under it in a copy of ``checkpoint``:
+    a valid name (:func:`diffreg.named_grids.check_grid_name`), not already one of its named grids
+    unless ``replace``.
+
+    Raises:
+        ValueError: naming the flag, the name and what to do.
+    """
+    from diffreg.checkpoint import read_config
+    from diffreg.errors import ConfigError
+    from diffreg.named_grids import check_grid_name
+
+    try:
+        check_grid_name(name, "--name")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    existing = read_config(checkpoint).sampling.grids
+    if name in existing and not replace:
+        raise ValueError(
+            f"--name {name}: {str(checkpoint)!r} already has a named grid {name!r} (sampler "
+            f"{existing[name].sampler.name}, {existing[name].steps} steps); give another --name, or --replace"
+        )
+    return name
 
 
 # -- train --------------------------------------------------------------------------------------------
@@ -298,7 +363,9 @@ def convert() -> None:
     default=None,
     help="The library the model comes from (inferred when the flags decide; their defaults differ).",
 )
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="diffreg checkpoint to write.")
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="diffreg checkpoint to write."
+)
 @_user_errors
 def convert_openai_command(weights: Path, flags: str, source: str | None, output: Path) -> None:
     """Convert an improved-/guided-diffusion UNet state dict (WEIGHTS: .pt read with
