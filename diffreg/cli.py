@@ -306,13 +306,15 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
         for g in report["named_grids"]:
             err = f", held-out error {g['held_out_error']:.4g}" if g.get("held_out_error") is not None else ""
             nfe = g["nfe"] if g["nfe"] is not None else "?"
-            click.echo(f"  {g['name']:<20} {g['sampler']}, {g['steps']} steps, {nfe} NFE{err}")
+            default = " (the default)" if g["default"] else ""
+            click.echo(f"  {g['name']:<20} {g['sampler']}, {g['steps']} steps, {nfe} NFE{err}{default}")
     click.echo(json.dumps(report["config"], indent=2))
 
 
 def _named_grids_report(sampling: Any) -> list[dict[str, Any]]:
     """The checkpoint's named grids (``sampling.grids``) for ``diffreg info``: name, sampler (its
-    name, or JSON with options), steps, NFE and held-out error (``None`` when not recorded)."""
+    name, or JSON with options), steps, NFE, held-out error (``None`` when not recorded), and
+    whether it is the checkpoint's default grid and sampler."""
     out = []
     for name, preset in sorted(sampling.grids.items()):
         spec = preset.sampler.to_dict()
@@ -323,6 +325,7 @@ def _named_grids_report(sampling: Any) -> list[dict[str, Any]]:
                 "steps": preset.steps,
                 "nfe": preset.nfe,
                 "held_out_error": preset.held_out_error,
+                "default": (preset.grid, preset.sampler) == (sampling.grid, sampling.sampler),
             }
         )
     return out

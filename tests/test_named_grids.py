@@ -121,10 +121,12 @@ def test_two_optimized_grids_are_kept_by_name_and_sampled_by_name(run, tiny_chec
     assert "named grids (diffreg sample --grid NAME):" in text.output
     assert "dpmpp_2m-3           dpmpp_2m, 3 steps, 3 NFE, held-out error" in text.output
     assert "unipc-5              unipc, 5 steps, 5 NFE, held-out error" in text.output
+    lines = text.output.splitlines()
+    assert [line.endswith("(the default)") for line in lines if "-3 " in line or "-5 " in line] == [False, True]
     report = json.loads(run("info", "--json", "b.safetensors").output)
-    assert [(g["name"], g["sampler"], g["steps"], g["nfe"]) for g in report["named_grids"]] == [
-        ("dpmpp_2m-3", "dpmpp_2m", 3, 3),
-        ("unipc-5", "unipc", 5, 5),
+    assert [(g["name"], g["sampler"], g["steps"], g["nfe"], g["default"]) for g in report["named_grids"]] == [
+        ("dpmpp_2m-3", "dpmpp_2m", 3, 3, False),
+        ("unipc-5", "unipc", 5, 5, True),
     ]
 
 
