@@ -190,6 +190,8 @@ def _recorded_choice(
             grid = grid if grid is not None else getattr(sampler_obj, "grid", None)
         else:
             sampler = "ddim"
+            if sampler_obj is None:  # --option's were not ddim's: this names them and what ddim accepts
+                sampler_obj = resolve_sampler(sampler, options)
     levels = recorded.grid_levels()
     recorded_steps = recorded.steps if recorded.steps is not None else levels
     if grid is None and recorded.grid is not None and (steps is None or levels is None or steps == levels):
@@ -201,8 +203,20 @@ def _recorded_choice(
         )
         recorded_steps = None
     if steps is None:
-        steps = recorded_steps if recorded_steps is not None else 50
+        given = _explicit_levels(grid)  # --grid '[999, 500, 20]' has its own length
+        steps = given if given is not None else recorded_steps if recorded_steps is not None else 50
     return sampler, sampler_obj, steps, grid
+
+
+def _explicit_levels(grid: Any) -> int | None:
+    """The number of levels of an explicit grid (a list of times, or ``{"name": "explicit",
+    "times"|"sigmas": [...]}``), else ``None``."""
+    if isinstance(grid, list):
+        return len(grid)
+    if isinstance(grid, dict) and grid.get("name") == "explicit":
+        values = grid.get("times", grid.get("sigmas"))
+        return len(values) if isinstance(values, list) else None
+    return None
 
 
 def _guidance_choice(name: str | None, pairs: tuple[str, ...], default: dict[str, Any] | None, scale: float) -> Any:

@@ -43,9 +43,7 @@ from diffreg.cli_support import (
     to_uint8_images,
     write_run,
 )
-from diffreg.errors import (
-    CheckpointError,
-)
+from diffreg.errors import CheckpointError, ComponentOptionError
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import check_guidance_scale, resolve_device
 
@@ -222,7 +220,12 @@ def sample(
     if eta is not None:
         sampler_options["eta"] = eta
     # unknown names and options fail now (the checkpoint's own sampler, if any, once it is read)
-    sampler_obj = resolve_sampler(sampler or "ddim", sampler_options)
+    try:
+        sampler_obj = resolve_sampler(sampler or "ddim", sampler_options)
+    except ComponentOptionError:
+        if sampler is not None:
+            raise
+        sampler_obj = None  # --option without --sampler: the checkpoint's sampler's, checked once it is read
     grid = _grid_choice(grid_spec, spacing, sampler_obj)
     if dtype_name == "float16" and str(device).startswith("cpu"):
         click.echo(

@@ -14,6 +14,30 @@ import numpy as np
 import torch
 
 
+
+class _DefaultSteps(int):
+    """``Diffusion.sample``'s default ``steps`` (50), told apart from an explicit ``steps=50``."""
+
+    def __repr__(self) -> str:
+        return "50"
+
+
+DEFAULT_STEPS = _DefaultSteps(50)
+
+
+def _explicit_length(grid: Any) -> int | None:
+    """The number of levels of an explicit grid (a list of times, ``{"name": "explicit", ...}`` or
+    an explicit :class:`~diffreg.sampling.Grid`), else ``None``."""
+    from diffreg.sampling import resolve_grid
+
+    try:
+        grid_obj = resolve_grid(grid)
+    except (TypeError, ValueError):
+        return None  # not a grid at all: grid_times says why
+    values = getattr(grid_obj, "times_", None)
+    values = values if values is not None else getattr(grid_obj, "sigmas", None)
+    return len(values) if values is not None and not isinstance(values, str) else None
+
 class SamplingMethods:
     """The sampling half of :class:`~diffreg.Diffusion` (see the module docstring)."""
 
@@ -116,7 +140,7 @@ class SamplingMethods:
         model,
         shape,
         sampler: Any = "ddim",
-        steps: int | None = 50,
+        steps: int | None = DEFAULT_STEPS,
         spacing: str | None = None,
         grid: Any = None,
         **options,
@@ -124,7 +148,8 @@ class SamplingMethods:
         """Sample with any registered sampler (a name, or a built :class:`~diffreg.Sampler`) over
         ``steps`` noise levels of ``grid`` (see :meth:`grid_times`; ``spacing`` is the older
         spelling of the three spacing grids ``leading``, ``trailing``, ``linspace``;
-        ``steps=None``: every timestep).
+        ``steps=None``: every timestep). An explicit grid (a list of times) without ``steps``
+        has its own length; other grids default to 50 steps.
 
         ``options`` are the driver's (``noise``, ``generator``, ``model_kwargs``,
         ``guidance_scale``, ``progress``, ...; see :func:`diffreg.sampling.sample_loop`) and the
@@ -145,5 +170,7 @@ class SamplingMethods:
             grid = spacing
         driver_options, sampler_options = split_options(options)
         sampler_obj = resolve_sampler(sampler, sampler_options)
+        if steps is DEFAULT_STEPS:  # not given: an explicit grid's own length, else 50
+            steps = None if grid is not None and _explicit_length(grid) is not None else int(steps)
         times = self.grid_times(steps, grid, sampler_obj)
         return sample_loop(self, model, shape, sampler=sampler_obj, times=times, **driver_options)

@@ -133,7 +133,7 @@ def test_two_optimized_grids_are_kept_by_name_and_sampled_by_name(run, tiny_chec
 @pytest.fixture
 def named_checkpoint(tiny_checkpoint, tmp_path):
     """The tiny checkpoint with two hand-made named grids (times no built-in grid produces)."""
-    model, _, cfg = diffreg.load_checkpoint(tiny_checkpoint)
+    model, _, cfg = diffreg.load_checkpoint(None)  # the bundled digits model: trained, so orders differ
     sampling = cfg.sampling.with_named_grid(
         "odd", {"sampler": "dpmpp_2m", "grid": [99.0, 71.5, 40.25, 3.0], "nfe": 4}, default=False
     ).with_named_grid("heun-x", {"sampler": {"name": "heun", "max_ratio": 1e9}, "grid": [95.5, 50.0, 10.0]})
@@ -287,3 +287,37 @@ def test_bad_named_grids_are_refused_naming_the_field_and_value(grids, message):
     with pytest.raises(ConfigError) as info:
         SamplingConfig.from_dict({"grids": grids})
     assert message in str(info.value)
+
+
+def test_an_explicit_grid_list_sets_its_own_steps(run, tiny_checkpoint, sampling_stats):
+    result = _sample(run, tiny_checkpoint, "--grid", "[99, 60.5, 20, 3]")
+    assert result.exit_code == 0, result.output
+    assert sampling_stats[-1]["steps"] == 4 and sampling_stats[-1]["nfe"] == 4
+    assert [float(t) for t in sampling_stats[-1]["timesteps"]] == [99.0, 60.5, 20.0, 3.0]
+    result = _sample(run, tiny_checkpoint, "--grid", "[99, 60.5, 20, 3]", "--steps", 5)
+    assert result.exit_code == 1 and "the explicit grid has 4 levels; steps=5 asked" in result.output
+
+
+def test_options_without_sampler_go_to_the_checkpoints_sampler(run, tiny_checkpoint, tmp_path, sampling_stats):
+    # the checkpoint records unipc; --option order=3 is unipc's option, not ddim's (which the
+    # options were checked against before the checkpoint was read)
+    model, _, cfg = diffreg.load_checkpoint(None)  # the bundled digits model: trained, so orders differ
+    cfg = CheckpointConfig.from_dict({**cfg.to_dict(), "sampling": {**cfg.sampling.to_dict(), "sampler": "unipc"}})
+    path = tmp_path / "unipc.safetensors"
+    diffreg.save_checkpoint(path, model, cfg)
+    outputs = {}
+    for label, args in (
+        ("recorded, order 3", ("--option", "order=3")),
+        ("explicit, order 3", ("--sampler", "unipc", "--option", "order=3")),
+        ("recorded, order 2", ()),
+    ):
+        result = _sample(run, path, "--steps", 6, "--seed", 0, *args)
+        assert result.exit_code == 0, result.output
+        assert "with unipc" in result.output
+        outputs[label] = np.load(tmp_path / "s.npz")["arr_0"]
+    np.testing.assert_array_equal(outputs["recorded, order 3"], outputs["explicit, order 3"])
+    assert not np.array_equal(outputs["recorded, order 3"], outputs["recorded, order 2"])
+    # no recorded sampler: ddim's options are the measure, and the error says what it accepts
+    result = _sample(run, tiny_checkpoint, "--option", "order=3")
+    assert result.exit_code == 1
+    assert "sampler 'ddim' has no option 'order'; accepted: eta, use_clipped_model_output" in result.output

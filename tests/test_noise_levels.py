@@ -339,3 +339,16 @@ def test_builtin_samplers_run_with_any_grid_by_name():
 def test_ddim_eta_above_one_is_refused():
     with pytest.raises(diffreg.ComponentOptionError, match=r"eta must be in \[0, 1\]"):
         make().sample(lambda x, t: x, (1, 1), steps=2, eta=1.5)
+
+
+def test_an_explicit_grid_without_steps_has_its_own_length():
+    from diffreg.testing import GaussianMixture
+
+    d = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = GaussianMixture.example(2).denoiser(d, "eps")
+    for grid, levels in (([999.0, 500.0, 20.0], 3), ({"name": "explicit", "times": [999.0, 500.5]}, 2), ("karras", 50)):
+        stats: dict = {}
+        d.sample(model, (2, 2), grid=grid, stats=stats)
+        assert stats["steps"] == levels and stats["nfe"] == levels, (grid, stats)
+    with pytest.raises(ValueError, match=r"the explicit grid has 3 levels; steps=50 asked \(give steps=3\)"):
+        d.sample(model, (2, 2), grid=[999.0, 500.0, 20.0], steps=50)  # an explicit 50 is still checked
