@@ -99,6 +99,20 @@ def _plugin_at_fault(exc: BaseException) -> tuple[str, str] | None:
     return found
 
 
+#: what lowers the memory a command needs, by command name (default: --batch-size)
+_MEMORY_HINTS = {
+    "optimize-steps": "lower --draws or --reference-steps (or use a smaller model)",
+    "info": "the file's header is too large to read",
+}
+
+
+def _memory_hint() -> str:
+    """The flag that lowers the running command's memory (its name from click's context)."""
+    ctx = click.get_current_context(silent=True)
+    name = ctx.info_name if ctx is not None else None
+    return _MEMORY_HINTS.get(name, "lower --batch-size (or use a smaller model or data size)")
+
+
 def _one_line(exc: BaseException) -> click.ClickException:
     """The library's user-facing errors as they are, OS errors in the OS's own words (permissions,
     full disk, names too long), running out of memory with the fix, a plugin's fault (an unexpected
@@ -116,9 +130,7 @@ def _one_line(exc: BaseException) -> click.ClickException:
         )
     if _is_out_of_memory(exc):
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return click.ClickException(
-            f"out of memory ({detail[:200]}); lower --batch-size (or use a smaller model or data size)"
-        )
+        return click.ClickException(f"out of memory ({detail[:200]}); {_memory_hint()}")
     if isinstance(exc, _USER_ERRORS):
         return click.ClickException(str(exc))
     if isinstance(exc, OSError):

@@ -43,8 +43,9 @@ def _check_outputs(
 
 
 def _parse_options(pairs: tuple[str, ...], flag: str = "--option") -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (a JSON value, else the plain string) as a dict; ``ValueError`` naming
-    ``flag`` and the pair when one is malformed."""
+    """``KEY=VALUE`` pairs (a JSON value, else the plain string) as a dict; ``inf``, ``+inf``,
+    ``-inf`` and ``infinity`` (any case) are floats, as JSON's ``Infinity`` (e.g. ``max_ratio=inf``).
+    ``ValueError`` naming ``flag`` and the pair when one is malformed."""
     options = {}
     for pair in pairs:
         if "=" not in pair:
@@ -53,7 +54,9 @@ def _parse_options(pairs: tuple[str, ...], flag: str = "--option") -> dict[str, 
         try:
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
-            options[key.strip()] = raw
+            text = raw.strip().lower().lstrip("+")
+            infinite = text in ("inf", "infinity") or text in ("-inf", "-infinity")
+            options[key.strip()] = float(raw.strip().lower().replace("infinity", "inf")) if infinite else raw
         except RecursionError:
             raise ValueError(f"{flag} {key.strip()}=...: the value is nested too deeply (at most 32 levels)") from None
     return options
@@ -196,6 +199,12 @@ def _recorded_choice(
     recorded_steps = recorded.steps if recorded.steps is not None else levels
     if grid is None and recorded.grid is not None and (steps is None or levels is None or steps == levels):
         grid = recorded.grid.to_dict()
+        fitted = recorded.sampler
+        if levels is not None and fitted is not None and sampler not in (fitted.name, None):
+            click.echo(
+                f"note: the checkpoint's grid was fitted for sampler {_spec_text(fitted)}; sampling it with {sampler}",
+                err=True,
+            )
     elif grid is None and recorded.grid is not None:
         click.echo(
             f"note: --steps {steps} differs from the {levels} levels of the checkpoint's grid; using the default grid",

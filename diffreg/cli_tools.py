@@ -73,14 +73,16 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
 @click.option(
     "--reference-steps",
     default=None,
-    type=click.IntRange(min=2),
-    help="Levels of the reference solve (uniform in log-SNR). Default: 200 with unipc (order 3), 1000 with ddim.",
+    type=click.IntRange(2, 10_000),
+    help="Levels of the reference solve (uniform in log-SNR), 2..10,000. Default: 200 with unipc (order 3), "
+    "1000 with ddim.",
 )
 @click.option(
     "--max-evals",
     default=None,
     type=click.IntRange(min=1),
-    help="Sampling calls the search may make. Default: 8 per free level + 8.",
+    help="Sampling calls the search may make on the fitted draws, after the 2-3 baseline grids are measured "
+    "(the report's count includes those). Default: 8 per free level + 8.",
 )
 @click.option(
     "--output",
@@ -130,11 +132,11 @@ def optimize_steps_command(
     of DRAWS starting points and reported on the other half. See docs/samplers.md."""
     import attrs
 
-    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, save_checkpoint
+    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, resolve_bundled, save_checkpoint
     from diffreg.fileio import atomic_write
     from diffreg.optimize import check_optimizable, default_reference, optimize_steps
 
-    path = checkpoint or bundled_checkpoint_path()
+    path = resolve_bundled(checkpoint) if checkpoint else bundled_checkpoint_path()  # flow-digits: the asset
     resolve_device(device)
     if draws % 2:
         raise ValueError(f"--draws {draws}: give an even number (half fitted, half held out)")
@@ -193,7 +195,12 @@ def optimize_steps_command(
     for name, err in result.held_out.items():
         used = result.nfe if name == "optimized" else result.baseline_nfe[name]
         click.echo(f"  {name:<12} {err:.4g}  ({used} NFE)")
-    click.echo("grid: " + json.dumps([round(t, 4) for t in result.times]))
+    shown = [float(f"{t:.6g}") for t in result.times]
+    if len(shown) > 24:  # the whole grid is in --output / the checkpoint
+        head, tail = json.dumps(shown[:8])[:-1], json.dumps(shown[-4:])[1:]
+        click.echo(f"grid ({len(shown)} levels): {head}, ..., {tail}")
+    else:
+        click.echo("grid: " + json.dumps(shown))
     if out_path is not None:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
 

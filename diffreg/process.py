@@ -206,7 +206,8 @@ class DiscreteProcess(Process):
         # np.interp needs increasing x: reverse the finite part
         t = np.interp(lam, table[: top + 1][::-1], np.arange(top + 1, dtype=np.float64)[::-1])
         if top < self.num_timesteps - 1:  # abar = 0 at T-1: interpolate abar in the last interval
-            abar = 1.0 / (1.0 + np.exp(-2.0 * np.clip(lam, -700, 700)))
+            with np.errstate(over="ignore"):  # lam = -inf or far below: exp -> inf, abar -> 0 (exact)
+                abar = 1.0 / (1.0 + np.exp(-2.0 * np.clip(lam, -700, 700)))
             a_top = self.alphas_cumprod[top]
             beyond = lam < table[top]
             t = np.where(beyond, top + (a_top - abar) / a_top, t)

@@ -536,3 +536,55 @@ def test_sampling_on_bad_times_names_the_offending_level(times, message):
     for sampler in ("ddim", "unipc"):
         with pytest.raises(ValueError, match=message):
             diffreg.sampling.sample_loop(diffusion, model, (2, 2), sampler=sampler, times=times)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["a", 0], r"explicit grid times\[0\] must be a number, got 'a'"),
+        ([True, False], r"explicit grid times\[0\] must be a number, got True"),
+        ([999, None], r"explicit grid times\[1\] must be a number, got None"),
+        ({"name": "explicit", "sigmas": [1e10, 1]}, r"sigmas\[0\] = 10000000000.0 is outside the process's VE sigma range \[0.0100005, 157.4"),
+        ({"name": "explicit", "sigmas": [80, 1e-9]}, r"sigmas\[1\] = 1e-09 is outside the process's VE sigma range"),
+        ({"name": "explicit", "sigmas": [80, 1, 0]}, r"explicit grid sigmas must be > 0 .*got 0.0"),
+        ({"name": "explicit", "sigmas": [80, -1]}, r"explicit grid sigmas must be > 0 .*got -1.0"),
+        ({"name": "explicit", "sigmas": [float("inf"), 1]}, r"sigmas\[0\] = inf is outside"),  # not zero terminal SNR
+        (np.zeros((2, 2)), r"an explicit grid is a 1-D list of process times, got shape \(2, 2\)"),
+    ],
+)
+def test_explicit_grid_entries_are_checked_naming_the_entry(grid, message):
+    from diffreg.testing import GaussianMixture
+
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = GaussianMixture.example(2).denoiser(diffusion, "eps")
+    with pytest.raises(ValueError, match=message):
+        diffusion.sample(model, (2, 2), grid=grid)
+
+
+def test_explicit_grids_from_tensors_and_near_range_sigmas():
+    from diffreg.testing import GaussianMixture
+
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = GaussianMixture.example(2).denoiser(diffusion, "eps")
+    for grid in (torch.tensor([999.0, 500.0, 0.0]), np.array([999.0, 500.0, 0.0])):
+        stats: dict = {}
+        diffusion.sample(model, (2, 2), grid=grid, stats=stats)
+        assert [float(t) for t in stats["timesteps"]] == [999.0, 500.0, 0.0]
+    # VE sigma at t = 0 is sqrt(beta_0 / (1 - beta_0)) = 0.0100005; 0.01 (rounded) is within 0.1%: t = 0
+    stats = {}
+    diffusion.sample(model, (2, 2), grid={"name": "explicit", "sigmas": [157.0, 1.0, 0.01]}, stats=stats)
+    assert float(stats["timesteps"][-1]) == 0.0
+    # zero terminal SNR: sigma = inf is the first level, pure noise
+    ztsnr = diffreg.Diffusion.from_config(
+        {"schedule": {"name": "linear", "rescale_zero_terminal_snr": True}, "num_timesteps": 1000, "parameterization": "v"}
+    )
+    stats = {}
+    ztsnr.sample(GaussianMixture.example(2).denoiser(ztsnr, "v"), (2, 2), grid={"name": "explicit", "sigmas": [float("inf"), 1.0]}, stats=stats)
+    assert float(stats["timesteps"][0]) == 999.0
+
+
+def test_option_values_inf_are_floats():
+    from diffreg.cli_choices import _parse_options
+
+    parsed = _parse_options(("max_ratio=inf", "a=-Infinity", "b=+INF", "c=info", "d=1e3", "e=Infinity"))
+    assert parsed == {"max_ratio": math.inf, "a": -math.inf, "b": math.inf, "c": "info", "d": 1000.0, "e": math.inf}

@@ -260,12 +260,93 @@ def test_the_default_reference_is_far_closer_to_the_exact_solution_than_the_grid
     assert rms(**options) < 1e-5
 
 
-@pytest.mark.parametrize("reference", [("unipc",), ("unipc", 1), ("unipc", True), (3, 100), ("unipc", 100, "order=3")])
-def test_a_bad_reference_is_refused_naming_it(reference):
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        *[
+            (bad, r"reference must be \(sampler name, levels in 2\.\.10,000\[, options dict\]\), got")
+            for bad in [("unipc",), ("unipc", 1), ("unipc", True), (3, 100), ("unipc", 100, "order=3"), ("unipc", 10_001)]
+        ],
+        # a random or self-stepping reference has no fixed solution to fit a grid to
+        (("ddpm", 20), r"the reference sampler must be deterministic and follow its grid: sampler 'ddpm' is stochastic"),
+        (("ddim", 20, {"eta": 1.0}), r"the reference sampler must be .*'ddim' is stochastic"),
+        (("adaptive", 20), r"the reference sampler must be .*'adaptive' chooses its own step sizes"),
+    ],
+)
+def test_a_bad_reference_is_refused_naming_it(reference, message):
     mixture = GaussianMixture.example(dim=2)
     diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
-    with pytest.raises(ValueError, match=r"reference must be \(sampler name, levels >= 2\[, options dict\]\), got"):
+    with pytest.raises(ValueError, match=message):
         optimize_steps(
             diffusion, mixture.denoiser(diffusion, "eps"), (2,), nfe=4, draws=4, reference=reference,
             clip_denoised=False,
         )  # fmt: skip
+
+
+def test_a_bundled_checkpoint_by_name_can_be_optimized_and_saved_but_not_overwritten(run, tmp_path):
+    from diffreg.checkpoint import bundled_checkpoint_path
+
+    fast = ("--nfe", 3, "--draws", 4, "--max-evals", 1, "--reference-steps", 4, "--output", "", "--threads", 1)
+    result = run("optimize-steps", "flow-digits", *fast, "--save-to-checkpoint", tmp_path / "fd.safetensors")
+    assert result.exit_code == 0, result.output
+    _, saved, cfg = diffreg.load_checkpoint(tmp_path / "fd.safetensors")
+    assert not saved.process.discrete  # the rectified-flow model, now with its grid
+    assert cfg.sampling.grid.name == "explicit" and len(cfg.sampling.grid.options["times"]) == 3
+    asset = bundled_checkpoint_path("flow-digits")
+    before = asset.read_bytes()
+    result = run("optimize-steps", "flow-digits", *fast, "--save-to-checkpoint", asset)
+    assert result.exit_code == 1 and "is the same file as the checkpoint" in result.output
+    assert asset.read_bytes() == before
+
+
+def test_steps_for_nfe_stops_at_what_the_default_grid_has():
+    # rectified flow is continuous, but its trailing grid has at most 1000 levels: an NFE beyond
+    # that runs 1000 steps (it failed with "steps must be in [1, 1000], got 1001")
+    from diffreg.optimize import steps_for_nfe
+
+    model, diffusion, cfg = diffreg.load_checkpoint("flow-digits")
+    zero = lambda x, t, **kwargs: torch.zeros_like(x)  # noqa: E731
+    sampler = diffreg.registry.create("sampler", "dpmpp_2m")
+    for nfe in (1000, 1001, 10**6):
+        assert steps_for_nfe(diffusion, zero, sampler, nfe, cfg.sample_shape, {}, {}) == 1000
+
+
+def test_out_of_memory_in_optimize_steps_names_its_own_flags(run, monkeypatch):
+    import diffreg.optimize
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(diffreg.optimize, "optimize_steps", exhausted)
+    result = run("optimize-steps", "--nfe", 5, "--draws", 4, "--output", "")
+    assert result.exit_code == 1
+    assert "out of memory (simulated); lower --draws or --reference-steps" in result.output
+    assert "--batch-size" not in result.output
+
+
+def test_max_evals_counts_the_searchs_calls_after_the_baselines():
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    for max_evals in (1, 10, 40):
+        result = optimize_steps(
+            diffusion, mixture.denoiser(diffusion, "eps"), (2,), sampler="dpmpp_2m", nfe=6, draws=8,
+            max_evals=max_evals, reference=("unipc", 20), dtype=torch.float64, clip_denoised=False,
+        )  # fmt: skip
+        baselines = len(result.fit_baselines)  # trailing, karras, exponential
+        assert baselines == 3 and baselines < result.evaluations <= baselines + max_evals, (max_evals, result.evaluations)
+
+
+def test_family_levels_refuse_what_they_cannot_place():
+    from diffreg.optimize import family_levels
+
+    for args, message in (
+        ((-5, 5, 1, (0, 5, 0)), "steps must be an int >= 2"),
+        ((-5, 5, 3, (0, 5)), r"params must be three numbers \(a, b, log p\)"),
+        ((-5, 5, 3, (float("nan"), 5, 0)), "params must be finite"),
+        ((5, -5, 3, (0, 5, 0)), "must be finite with lo < hi"),
+        ((-5, -4.999, 20, (0, 5, 0)), r"20 levels do not fit 0.001 apart in the log-SNR range \[-5, -4.999\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            family_levels(*args)
+    lam = family_levels(-5, 5, 20, (9, -9, 2))  # parameters beyond the range: still a grid
+    assert lam[0] == -5 and lam[-1] <= 5 and np.all(np.diff(lam) > 0)

@@ -100,26 +100,62 @@ class Exponential(_LogSnrGrid):
 
 class Explicit(Grid):
     """Given levels: ``times`` of the process (e.g. timesteps, strictly decreasing), or ``sigmas``
-    (VE sigmas, strictly decreasing, mapped to times by log-SNR); the step count must match.
+    (VE sigmas sigma / alpha, strictly decreasing, > 0, mapped to times by log-SNR; ``inf`` is pure
+    noise on a zero-terminal-SNR process); the step count must match.
 
     Raises:
-        ValueError: neither or both given, not strictly decreasing, or a length other than ``steps``.
+        ValueError: neither or both given; an entry that is not a real number (naming its index);
+            not strictly decreasing; a sigma <= 0 or outside the process's VE sigma range (more
+            than 0.1% beyond it: nearer ones are moved onto it); a length other than ``steps``.
     """
 
     def __init__(self, times: Sequence[float] | None = None, sigmas: Sequence[float] | None = None):
         if (times is None) == (sigmas is None):
             raise ValueError("the explicit grid takes exactly one of times= and sigmas=")
         values = times if times is not None else sigmas
+        what = "times" if times is not None else "sigmas"
         if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
-            raise TypeError(f"explicit grid levels must be a list of numbers, got {values!r}")
-        arr = np.asarray([check_finite_number(v, "grid level") if v != math.inf else v for v in values], float)
+            raise TypeError(f"explicit grid {what} must be a list of numbers, got {values!r}")
+        checked = []
+        for k, v in enumerate(values):
+            if sigmas is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and v == math.inf:
+                checked.append(math.inf)  # pure noise (zero terminal SNR)
+                continue
+            try:
+                checked.append(check_finite_number(v, f"explicit grid {what}[{k}]"))
+            except TypeError as exc:
+                raise ValueError(str(exc)) from None
+        arr = np.asarray(checked, dtype=np.float64)
         if arr.size == 0 or (arr.size > 1 and not np.all(np.diff(arr) < 0)):
-            raise ValueError(f"explicit grid levels must be non-empty and strictly decreasing, got {arr.tolist()}")
+            raise ValueError(f"explicit grid {what} must be non-empty and strictly decreasing, got {arr.tolist()}")
+        if sigmas is not None and arr[-1] <= 0:
+            raise ValueError(
+                f"explicit grid sigmas must be > 0 (VE sigma = sigma / alpha; 0 is the data, which every grid "
+                f"reaches after its last level), got {float(arr[-1])!r}"
+            )
         self.times_ = None if times is None else arr
         self.sigmas = None if sigmas is None else arr
 
+    def _sigma_times(self, process) -> np.ndarray:
+        """The process times of the VE sigmas, which must lie within the process's noise levels
+        (up to a relative 1e-3, for sigmas rounded when copied; those are moved onto the range)."""
+        lo, hi = process.log_snr_range()
+        noisiest_is_pure = float(process.alpha_sigma(np.array([process.t_max]))[0][0]) == 0.0
+        smallest, largest = math.exp(-hi), (math.inf if noisiest_is_pure else math.exp(-lo))
+        for k, sigma in enumerate(self.sigmas.tolist()):
+            if not smallest * (1 - 1e-3) <= sigma <= largest * (1 + 1e-3):
+                raise ValueError(
+                    f"explicit grid sigmas[{k}] = {sigma!r} is outside the process's VE sigma range "
+                    f"[{smallest:.6g}, {largest:.6g}]"
+                )
+        with np.errstate(divide="ignore"):
+            lam = np.clip(-np.log(self.sigmas), -np.inf, hi)
+        lam = np.where(np.isfinite(lam), np.maximum(lam, lo), lam)
+        times = np.asarray(process.t_from_log_snr(lam), dtype=np.float64)
+        return np.clip(times, process.t_min, process.t_max)
+
     def times(self, process, steps):
-        arr = self.times_ if self.times_ is not None else process.t_from_log_snr(-np.log(self.sigmas))
+        arr = self.times_ if self.times_ is not None else self._sigma_times(process)
         if len(arr) != steps:
             raise ValueError(f"the explicit grid has {len(arr)} levels; steps={steps} asked (give steps={len(arr)})")
         return arr

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 #: grids the result is compared with (besides the sampler's own default grid)
 BASELINE_GRIDS = ("karras", "exponential")
+#: the most levels of a reference solve (each is a model call per draw)
+MAX_REFERENCE_LEVELS = 10_000
 #: samplers whose step sizes are not the grid's
 NOT_GRID_DRIVEN = ("adaptive",)
 
@@ -65,8 +67,8 @@ class OptimizedSteps:
         held_out: held-out error per grid: ``"optimized"``, the default grid (e.g. ``"trailing"``),
             ``"karras"``, ``"exponential"``, each at ``steps`` levels; ``baseline_nfe``: their NFE.
         fit_baselines: the baselines' errors on the fitted draws.
-        reference: how the reference solution was computed; ``evaluations``: sampling calls the
-            search made; ``seconds``: wall time of the whole search.
+        reference: how the reference solution was computed; ``evaluations``: sampling calls on
+            the fitted draws (the baseline grids' included); ``seconds``: wall time of the whole search.
     """
 
     sampler: str
@@ -173,16 +175,26 @@ def _reference_spec(reference) -> tuple[str, int, dict[str, Any]]:
     """``reference`` as ``(name, levels, options)``; ``(name, levels)`` has no options.
 
     Raises:
-        ValueError: not a ``(name, levels[, options])`` sequence with levels an int >= 2.
+        ValueError: not a ``(name, levels[, options])`` sequence with levels an int in
+            2..:data:`MAX_REFERENCE_LEVELS`; a stochastic or ``adaptive`` reference sampler.
     """
     if reference is None:
         return default_reference()
     ok = isinstance(reference, (tuple, list)) and len(reference) in (2, 3)
-    ok = ok and isinstance(reference[0], str) and not isinstance(reference[1], bool) and isinstance(reference[1], int)
-    ok = ok and reference[1] >= 2 and (len(reference) == 2 or isinstance(reference[2], Mapping))
+    ok = ok and isinstance(reference[0], str) and not isinstance(reference[1], bool)
+    ok = ok and isinstance(reference[1], (int, np.integer))
+    ok = ok and 2 <= reference[1] <= MAX_REFERENCE_LEVELS and (len(reference) == 2 or isinstance(reference[2], Mapping))
     if not ok:
-        raise ValueError(f"reference must be (sampler name, levels >= 2[, options dict]), got {reference!r}")
-    return str(reference[0]), int(reference[1]), dict(reference[2]) if len(reference) == 3 else {}
+        raise ValueError(
+            f"reference must be (sampler name, levels in 2..{MAX_REFERENCE_LEVELS:,}[, options dict]), got {reference!r}"
+        )
+    name, levels, options = str(reference[0]), int(reference[1]), dict(reference[2]) if len(reference) == 3 else {}
+    ref_obj = resolve_sampler(name, options)
+    try:
+        check_optimizable(name, ref_obj)
+    except ValueError as exc:  # a random or self-stepping reference has no fixed solution to fit to
+        raise ValueError(f"the reference sampler must be deterministic and follow its grid: {exc}") from None
+    return name, levels, options
 
 
 class _Objective:
@@ -229,14 +241,19 @@ def steps_for_nfe(
     diffusion: Diffusion, model: Any, sampler_obj: Sampler, nfe: int, shape, model_kwargs, options, name: str = ""
 ) -> int:
     """The most steps whose sampling call uses at most ``nfe`` model evaluations on the default
-    grid (measured with one draw: Heun's last step costs 1, DPM-Solver-3 costs 3 per step, ...).
+    grid (measured with one draw: Heun's last step costs 1, DPM-Solver-3 costs 3 per step, ...),
+    at most the steps that grid has on the process (a discrete process's length).
 
     Raises:
         ValueError: ``nfe`` below what two steps cost (one step leaves no level to optimize).
     """
+    from diffreg.sampling import resolve_grid
+
     per = max(1, int(getattr(sampler_obj, "nfe_per_step", 1)))
     process = diffusion.process
-    most = int(process.t_max) + 1 if process.discrete else 10_000
+    most = resolve_grid(getattr(sampler_obj, "grid", None) or "trailing").max_steps(process)  # the default grid's
+    if most is None:
+        most = int(process.t_max) + 1 if process.discrete else 10_000
     probe_kwargs = {k: v[:1] for k, v in model_kwargs.items()}
 
     def used(steps: int) -> int:
@@ -303,7 +320,8 @@ def optimize_steps(
             cycled over each half (``model_kwargs["y"]``).
         reference: ``(sampler name, levels)`` or ``(sampler name, levels, options)`` of the
             reference solve on the ``exponential`` grid (default :func:`default_reference`).
-        max_evals: sampling calls the search may make (default ``8 (steps - 1) + 8``).
+        max_evals: sampling calls the search may make on the fitted draws after the baseline
+            grids (2-3 calls) are measured (default ``8 (steps - 1) + 8``).
         batch_size: draws per sampling call.
         progress: called with a one-line message at each stage.
         driver_options: options of :func:`diffreg.sampling.sample_loop` for every call
@@ -324,11 +342,16 @@ def optimize_steps(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if draws % 2:
         raise ValueError(f"draws must be even (half fitted, half held out), got {draws}")
-    if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1):
+    if seed >= 2**63:
+        raise ValueError(f"seed must be below 2**63 (a torch generator's seed), got {seed}")
+    if max_evals is not None and (
+        isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < 1
+    ):
         raise ValueError(f"max_evals must be an int >= 1, got {max_evals!r}")
     sampler_options = dict(sampler_options or {})
     sampler_obj = resolve_sampler(sampler, sampler_options)
     check_optimizable(sampler, sampler_obj)
+    ref_name, ref_levels, ref_options = _reference_spec(reference)  # before any work
     process = diffusion.process
     lo, hi = check_process(process)
     shape = tuple(int(s) for s in shape)
@@ -347,7 +370,6 @@ def optimize_steps(
         diffusion, model, sampler_obj, int(nfe), shape, model_kwargs, driver_options, _sampler_name(sampler)
     )
 
-    ref_name, ref_levels, ref_options = _reference_spec(reference)
     say(f"reference: {ref_name} {ref_options or ''} on {ref_levels} exponential levels, {draws} draws")
     ref_times = diffusion.grid_times(ref_levels, "exponential")
     ref_obj = resolve_sampler(ref_name, ref_options)
@@ -373,7 +395,7 @@ def optimize_steps(
     fit_baselines = {name: fit(times)[0] for name, times in baselines.items()}
     start_name = min(fit_baselines, key=lambda k: fit_baselines[k])
     say(
-        f"{_sampler_name(sampler)}, {nfe} NFE = {steps} steps; fit error of the baselines: "
+        f"{_sampler_name(sampler)}, at most {nfe} NFE: {steps} steps; fit error of the baselines: "
         + ", ".join(f"{k} {v:.4g}" for k, v in fit_baselines.items())
         + f"; starting from {start_name}"
     )
@@ -382,7 +404,7 @@ def optimize_steps(
     for j in range(1, steps):
         lam0[j] = max(lam0[j], lam0[j - 1] + MIN_GAP) if j > 1 else max(lam0[j], lo + MIN_GAP)
     lam0 = np.minimum(lam0, hi)
-    budget = max_evals if max_evals is not None else 8 * (steps - 1) + 8
+    budget = int(max_evals) if max_evals is not None else 8 * (steps - 1) + 8
     history: list[float] = []
     objective = lambda lam: fit(lam_to_times(process, lam))[0]  # noqa: E731
     start_error = fit_baselines[start_name]

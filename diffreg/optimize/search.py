@@ -24,6 +24,9 @@ def lam_to_times(process: Process, lam: np.ndarray) -> np.ndarray:
     """Process times (float64) of the log-SNRs ``lam``; the first is exactly ``t_max``."""
     times = np.asarray(process.t_from_log_snr(np.asarray(lam, dtype=np.float64)), dtype=np.float64)
     times[0] = process.t_max
+    # the least noisy level exactly (not t_min + 5e-16 from the interpolation's rounding)
+    near = np.abs(times - process.t_min) <= 1e-12 * max(1.0, abs(process.t_max))
+    times[near] = process.t_min
     return times
 
 
@@ -104,8 +107,26 @@ def family_levels(lo: float, hi: float, steps: int, params: Sequence[float]) -> 
 
     clipped into (lo, hi]. ``(a, b, 0)`` with a = the second level of the ``exponential`` grid and
     b = hi is that grid; a > that value skips the levels where the data is still all noise, b < hi
-    stops short of the least noisy level, p > 1 packs levels towards the noisy end."""
-    a, b, log_p = (float(v) for v in params)
+    stops short of the least noisy level, p > 1 packs levels towards the noisy end.
+
+    Raises:
+        ValueError: ``steps`` not an int >= 2; ``lo``/``hi`` not finite with ``lo < hi``, or too
+            close for ``steps`` levels :data:`MIN_GAP` apart; ``params`` not three finite numbers.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise ValueError(f"steps must be an int >= 2 (the first level and at least one free one), got {steps!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"the log-SNR range must be finite with lo < hi, got lo={lo!r}, hi={hi!r}")
+    if (hi - lo) <= (steps - 1) * MIN_GAP:
+        raise ValueError(
+            f"{steps} levels do not fit {MIN_GAP} apart in the log-SNR range [{lo}, {hi}]; give fewer steps"
+        )
+    try:
+        a, b, log_p = (float(v) for v in params)
+    except (TypeError, ValueError):
+        raise ValueError(f"params must be three numbers (a, b, log p), got {params!r}") from None
+    if not all(math.isfinite(v) for v in (a, b, log_p)):
+        raise ValueError(f"params must be finite, got {params!r}")
     n_free = steps - 1
     u = np.linspace(0.0, 1.0, n_free) if n_free > 1 else np.zeros(1)
     lam = np.empty(steps)

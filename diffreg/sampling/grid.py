@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from diffreg import registry
 from diffreg.process import Process
@@ -76,6 +77,13 @@ def resolve_grid(grid: str | Grid | Sequence[float] | dict[str, Any]) -> Grid:
         if not isinstance(name, str):
             raise TypeError(f"a grid given as a dict needs a 'name', got {grid!r}")
         return registry.create("grid", name, **options)
-    if isinstance(grid, (list, tuple, np.ndarray)):
-        return registry.create("grid", "explicit", times=list(np.asarray(grid, dtype=np.float64).tolist()))
-    raise TypeError(f"grid must be a registered name, a dict with 'name', a list of times or a Grid, got {grid!r}")
+    if isinstance(grid, np.ndarray) or (torch.is_tensor(grid)):
+        if grid.ndim != 1:
+            raise ValueError(f"an explicit grid is a 1-D list of process times, got shape {tuple(grid.shape)}")
+        grid = grid.tolist()  # once, before sampling (a tensor on the GPU is read here, not in the loop)
+    if isinstance(grid, (list, tuple)):
+        return registry.create("grid", "explicit", times=list(grid))  # each entry checked there
+    raise TypeError(
+        f"grid must be a registered name, a dict with 'name', a list (or 1-D array/tensor) of times or a Grid, "
+        f"got {grid!r}"
+    )
