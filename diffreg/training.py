@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "build_model_spec",
     "check_outputs",
     "finish_distributed",
+    "keeps_files_beside",
     "state_path",
     "train",
 ]
@@ -79,6 +81,24 @@ def state_path(output: str | os.PathLike[str]) -> Path:
     """Where the training state of a run writing ``output`` lives: ``<output stem>.state.safetensors``."""
     output = Path(output)
     return output.with_name(output.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+def keeps_files_beside(output: str | os.PathLike[str]) -> bool:
+    """Whether a run writing ``output`` keeps files beside it (the training state, post-hoc EMA
+    snapshots): only for a regular file. An output that is written through
+    (:func:`diffreg.fileio.writes_through`: ``/dev/null``, a FIFO, ``/dev/stdout``) has no folder of
+    its own, so nothing is derived from its name (``/dev/null.state.safetensors`` would be a stray
+    file in ``/dev``)."""
+    from diffreg.fileio import writes_through
+
+    return not writes_through(output)
+
+
+def _not_a_file_note(output: str | os.PathLike[str]) -> str:
+    return (
+        f"the output {str(output)!r} is not a regular file: the checkpoint is written to it once, at the end; "
+        "no training state is written beside it (so the run cannot be resumed) and save_every is ignored"
+    )
 
 
 class Trainer:
@@ -294,6 +314,10 @@ class Trainer:
 
         ranks = gathered_rank_states(self)  # a collective: every rank takes part
         if self.rank == 0:
+            if not keeps_files_beside(output):  # /dev/null, a FIFO: the checkpoint only
+                with atomic_paths(output) as (tmp_model,), naming(output):
+                    save_checkpoint(tmp_model, self.ema.model, self.checkpoint_config(), dtype=checkpoint_dtype)
+                return Path(output)
             state = state_path(output)
             with atomic_paths(output, state) as (tmp_model, tmp_state):
                 with naming(output):
@@ -347,10 +371,13 @@ def check_outputs(
     written (:func:`diffreg.fileio.check_writable`: an existing folder, not read-only, a name the
     file system takes, not a directory), neither is an input (``data.path``, or ``inputs`` such as
     the configuration file), and with ``resume`` the state exists and is behind ``cfg.steps``.
+    An output that is not a regular file (``/dev/null``, a FIFO: :func:`keeps_files_beside`) gets
+    no state file; it is refused with ``resume`` or ``posthoc_ema_every``, which need files beside it.
 
     Raises:
-        ValueError: an output that is an input. OSError / FileNotFoundError: an output that cannot
-        be written, or no state to resume. ConfigError: ``cfg.steps`` not beyond the saved step.
+        ValueError: an output that is an input; ``resume`` or ``posthoc_ema_every`` with an output
+        that is not a regular file. OSError / FileNotFoundError: an output that cannot be written,
+        or no state to resume. ConfigError: ``cfg.steps`` not beyond the saved step.
     """
     from diffreg.fileio import check_writable, refuse_inputs_as_outputs
     from diffreg.train_state import saved_step
@@ -359,6 +386,18 @@ def check_outputs(
     named_inputs = dict(inputs or {})
     if cfg.data.options.get("path") is not None:
         named_inputs["data.path"] = str(cfg.data.options["path"])
+    if not keeps_files_beside(output):
+        why = f"the output {str(output)!r} is not a regular file (a device, FIFO or stream), so"
+        if resume:
+            raise ValueError(f"--resume: {why} there is no training state beside it; give the checkpoint file")
+        if cfg.posthoc_ema_every:
+            raise ValueError(
+                f"posthoc_ema_every = {cfg.posthoc_ema_every}: {why} there is no folder beside it for the snapshots "
+                "(<output stem>.phema/); give a regular file, or set posthoc_ema_every = 0"
+            )
+        refuse_inputs_as_outputs({"the output": output}, named_inputs)
+        check_writable(output)
+        return
     refuse_inputs_as_outputs({"the output": output, "its training state": state}, named_inputs)
     check_writable(output)
     check_writable(state)
@@ -394,7 +433,9 @@ def train(
     with ``resume`` a state behind ``cfg.steps``).
 
     With ``cfg.posthoc_ema_every``, post-hoc EMA snapshots are written every that many steps to
-    ``<output stem>.phema/`` (:mod:`diffreg.ema`).
+    ``<output stem>.phema/`` (:mod:`diffreg.ema`). An ``output`` that is not a regular file
+    (``/dev/null``, a FIFO, ``/dev/stdout``) gets the checkpoint once, at the end, and no state
+    beside it (warned; see :func:`check_outputs`).
 
     Returns the checkpoint path. Raises :class:`FloatingPointError` naming the step if the loss or
     the gradient norm becomes non-finite (fp32, bf16), or after ``max_skipped_steps``
@@ -403,6 +444,9 @@ def train(
     """
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_outputs(cfg, output, resume=resume)
+    beside = keeps_files_beside(output)
+    if not beside and int(os.environ.get("RANK", "0")) == 0:
+        warnings.warn(_not_a_file_note(output), stacklevel=2)
     trainer = Trainer(cfg, device=device)
     if resume:
         trainer.load_state(state_path(output))
@@ -429,7 +473,7 @@ def train(
                 log(f"step {trainer.step} loss {trainer.running_loss:.4f} lr {lr:.3g}{skipped}")
             if cfg.posthoc_ema_every and trainer.step % cfg.posthoc_ema_every == 0:
                 trainer.save_snapshot(output)
-            if cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+            if beside and cfg.save_every and trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
                 trainer.save(output, checkpoint_dtype)
     finally:
         trainer.close()
