@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
@@ -264,94 +262,6 @@ def list_components(kind: str | None, as_json: bool) -> None:
         click.echo(f"  {c.qualified_name:<32} {c.distribution or '?'} {c.version or ''}  {meta}".rstrip())
 
 
-# -- info -------------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@_user_errors
-def info(checkpoint: Path | None, as_json: bool) -> None:
-    """Configuration, parameter count and format of CHECKPOINT (default: the bundled digits model,
-    as for `sample`); reads no weights. The data section shows `name` (the training config's
-    `[data] name`) for what checkpoint files record as `dataset`."""
-    from safetensors import safe_open
-
-    from diffreg import provenance
-    from diffreg.checkpoint import bundled_checkpoint_path, read_config, read_metadata
-
-    checkpoint = checkpoint or bundled_checkpoint_path()
-    meta = read_metadata(checkpoint)
-    cfg = read_config(checkpoint)
-    with safe_open(str(checkpoint), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
-    params = sum(math.prod(s) for s in shapes.values())
-    report = {
-        "file": str(checkpoint),
-        "bytes": checkpoint.stat().st_size,
-        "format_version": int(meta.get("diffreg.format_version", "1")),
-        "written_by": meta.get("diffreg.version"),
-        "parameters": params,
-        "tensors": len(shapes),
-        "dtypes": dtypes,
-        "config": _config_for_people(cfg.to_dict()),
-        "providers": provenance.recorded_providers(meta.get(provenance.HEADER_KEY)),
-        "missing": provenance.missing(cfg, meta.get(provenance.HEADER_KEY), str(checkpoint)),
-        "named_grids": _named_grids_report(cfg.sampling),
-    }
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo(
-        f"{report['file']}: {params:,} parameters in {len(shapes)} tensors ({', '.join(dtypes)}), "
-        f"{report['bytes'] / 1e6:.1f} MB"
-    )
-    click.echo(f"format {report['format_version']}, written by diffreg {report['written_by']}")
-    for field, entry in report["providers"].items():
-        if isinstance(entry, dict) and entry.get("provider"):
-            click.echo(f"  {field}: {entry.get('name')} from {entry['provider']} {entry.get('version') or ''}".rstrip())
-    for message in report["missing"]:
-        click.echo(f"missing: {message}")
-    if report["named_grids"]:
-        click.echo("named grids (diffreg sample --grid NAME):")
-        for g in report["named_grids"]:
-            err = f", held-out error {g['held_out_error']:.4g}" if g.get("held_out_error") is not None else ""
-            nfe = g["nfe"] if g["nfe"] is not None else "?"
-            default = " (the default)" if g["default"] else ""
-            click.echo(f"  {g['name']:<20} {g['sampler']}, {g['steps']} steps, {nfe} NFE{err}{default}")
-    click.echo(json.dumps(report["config"], indent=2))
-
-
-def _named_grids_report(sampling: Any) -> list[dict[str, Any]]:
-    """The checkpoint's named grids (``sampling.grids``) for ``diffreg info``: name, sampler (its
-    name, or JSON with options), steps, NFE, held-out error (``None`` when not recorded), and
-    whether it is the checkpoint's default grid and sampler."""
-    out = []
-    for name, preset in sorted(sampling.grids.items()):
-        spec = preset.sampler.to_dict()
-        out.append(
-            {
-                "name": name,
-                "sampler": spec if isinstance(spec, str) else json.dumps(spec),
-                "steps": preset.steps,
-                "nfe": preset.nfe,
-                "held_out_error": preset.held_out_error,
-                "default": (preset.grid, preset.sampler) == (sampling.grid, sampling.sampler),
-            }
-        )
-    return out
-
-
-def _config_for_people(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's configuration with ``data.dataset`` shown as ``data.name``, the key the
-    training configuration (``[data] name``) uses for it."""
-    data = config.get("data")
-    if isinstance(data, dict) and "dataset" in data and "name" not in data:
-        config = {**config, "data": {"name": data["dataset"], **{k: v for k, v in data.items() if k != "dataset"}}}
-    return config
-
-
 # -- sample -------------------------------------------------------------------------------------------
 
 
@@ -361,7 +271,7 @@ if __name__ == "__main__":  # pragma: no cover
 
     sys.exit(_main())
 else:  # the commands of their own modules register on `main` when imported
-    from diffreg import cli_sample, cli_tools  # noqa: F401
+    from diffreg import cli_info, cli_sample, cli_tools  # noqa: F401
     from diffreg.cli_choices import _check_outputs, _parse_options  # noqa: F401
     from diffreg.cli_sample import sample  # noqa: F401
     from diffreg.cli_tools import apply_settings, train  # noqa: F401

@@ -44,6 +44,7 @@ from diffreg.cli_support import (
     write_run,
 )
 from diffreg.errors import CheckpointError, ComponentOptionError
+from diffreg.fileio import shown as shown_path
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import check_guidance_scale, resolve_device
 
@@ -338,6 +339,6 @@ def sample(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
         f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {(repr(guidance) + ' ') if guidance else ''}"
         f"{guidance_scale:g}, {_clip_text(clipping)}) "
-        f"in {elapsed:.1f} s{cpu} -> {', '.join(written) or 'nothing written'}{shown}"
+        f"in {elapsed:.1f} s{cpu} -> {', '.join(map(shown_path, written)) or 'nothing written'}{shown}"
     )
     finish_distributed()

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -43,6 +44,16 @@ def umask() -> int:
             os.unlink(os.path.join(folder, "probe"))
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
+
+def shown(path: str | os.PathLike[str] | bytes) -> str:
+    """``path`` as text any terminal or log can print: a name the OS took that is not valid in the
+    file system's encoding (bytes such as ``0xff`` on a UTF-8 system, which Python holds as lone
+    surrogates) gets those bytes as ``\\xNN`` escapes, as ``ls -b`` shows them; every other name
+    is unchanged. Printing the raw name would raise ``UnicodeEncodeError`` on a strict stream
+    (``PYTHONIOENCODING=utf-8``, a test runner's capture) after the file was written."""
+    raw = os.fsencode(path)
+    return raw.decode(sys.getfilesystemencoding(), "backslashreplace")
 
 
 def _default_mode() -> int:

@@ -136,3 +136,72 @@ def test_cli_train_into_dev_null_says_that_no_state_is_written(tmp_path, monkeyp
     finally:
         if not existed and os.path.lexists(stray):
             os.unlink(stray)
+
+
+# -- names that are not UTF-8 ----------------------------------------------------------------------------
+
+
+def _name(raw: bytes) -> str:
+    """A file name as Python holds one the OS gave it (undecodable bytes as lone surrogates)."""
+    return os.fsdecode(raw)
+
+
+def test_shown_escapes_the_bytes_a_name_cannot_decode_and_keeps_the_rest():
+    from diffreg.fileio import shown
+
+    assert shown(_name(b"a\xff.npz")) == "a\\xff.npz"  # as `ls -b` shows it
+    assert shown(b"dir/b\xfe\xc3.png") == "dir/b\\xfe\\xc3.png"
+    assert shown("caf\u00e9 \u56fe.png") == "caf\u00e9 \u56fe.png"  # valid names are unchanged
+    assert shown(_name(b"a\xff.npz")).encode("utf-8").decode("utf-8") == "a\\xff.npz"  # printable anywhere
+
+
+def test_sample_writes_outputs_with_undecodable_names_and_exits_0(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    npz, picture = _name(b"s\xff.npz"), _name(b"g\xfe.png")
+    args = ["sample", str(tiny_checkpoint), "--num-samples", "2", "--steps", "2", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "--npz", npz, "--output", picture])  # a strict UTF-8 stdout
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(b".")) == [b"g\xfe.png", b"s\xff.npz"]
+    assert result.output.rstrip().endswith("-> s\\xff.npz, g\\xfe.png")
+    assert open(b"g\xfe.png", "rb").read(4) == b"\x89PNG"
+
+
+def test_train_writes_a_checkpoint_and_state_with_undecodable_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--steps", "1", *TINY_SET, "--output", _name(b"m\xff.safetensors"), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(b".")) == [b"m\xff.safetensors", b"m\xff.state.safetensors"]
+    assert result.output.rstrip().endswith("-> m\\xff.safetensors")
+
+
+def test_optimize_steps_writes_outputs_with_undecodable_names(tmp_path, monkeypatch, tiny_checkpoint):
+    pytest.importorskip("diffreg_solvers")
+    monkeypatch.chdir(tmp_path)
+    fast = ["--nfe", "3", "--draws", "4", "--max-evals", "2", "--reference-steps", "8", "--seed", "0"]
+    out, saved = _name(b"grid\xff.json"), _name(b"c\xfe.safetensors")
+    result = CliRunner().invoke(main, ["optimize-steps", str(tiny_checkpoint), *fast, "--output", out,
+                                       "--save-to-checkpoint", saved])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(b".")) == [b"c\xfe.safetensors", b"grid\xff.json"]
+    assert "wrote grid\\xff.json" in result.output and "wrote c\\xfe.safetensors: `diffreg sample c\\xfe" in result.output
+
+
+def test_ema_prints_an_undecodable_output_name(tmp_path, monkeypatch):
+    cfg = TrainConfig.from_dict(
+        {
+            "steps": 2,
+            "batch_size": 8,
+            "posthoc_ema_every": 1,
+            "posthoc_ema_sigma_rels": [0.05, 0.2],
+            "data": {"name": "moons", "n": 64},
+            "diffusion": {"num_timesteps": 20, "schedule": "cosine"},
+            "model": {"name": "mlp", "hidden": 16, "depth": 1},
+        }
+    )
+    train(cfg, tmp_path / "m.safetensors", progress=False)
+    monkeypatch.chdir(tmp_path)
+    args = ["ema", "m.safetensors", "--sigma-rel", "0.1", "--output", _name(b"e\xfe.safetensors")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("-> e\\xfe.safetensors") and os.path.isfile(b"e\xfe.safetensors")

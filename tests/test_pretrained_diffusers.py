@@ -288,3 +288,48 @@ def test_leading_grid_offset_is_diffusers_steps_offset(pipe):
     # diffusers' last step goes to alpha_cumprod[0] minus the offset: to the clean data here
     # (set_alpha_to_one=True, the default), as diffreg's
     assert (got - expected).abs().max() <= 1e-10
+
+
+def test_info_describes_a_diffusers_pipeline_as_sample_loads_it(tmp_path):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    path = _save(tmp_path / "vp", _unet(), num_train_timesteps=200, beta_schedule="squaredcos_cap_v2",
+                 prediction_type="v_prediction", clip_sample=False)  # fmt: skip
+    result = CliRunner().invoke(main, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    reference = diffusers.UNet2DModel.from_pretrained(str(path / "unet"))
+    assert report["parameters"] == sum(p.numel() for p in reference.parameters())
+    assert report["layout"] == "diffusers pipeline folder" and report["weights"].endswith(
+        "diffusion_pytorch_model.safetensors"
+    )
+    assert report["written_by"] == f"diffusers {diffusers.__version__}"
+    config = report["config"]
+    assert config["model"]["name"] == "diffusers_unet2d"
+    assert config["diffusion"]["parameterization"] == "v" and config["diffusion"]["num_timesteps"] == 200
+    betas = torch.tensor(config["diffusion"]["schedule"]["betas"], dtype=torch.float64)
+    reference_abar = diffusers.DDPMScheduler.from_pretrained(str(path / "scheduler")).alphas_cumprod.double()
+    torch.testing.assert_close(torch.cumprod(1 - betas, 0), reference_abar, rtol=1e-12, atol=1e-12)
+    assert config["data"]["shape"] == [3, 8, 8] and config["sampling"]["clip"] is False
+    _, _, loaded = _load64(path)  # what `sample` loads
+    assert loaded.diffusion.parameterization.name == "v" and loaded.model.name == "diffusers_unet2d"
+
+    text = CliRunner().invoke(main, ["info", str(path / "unet")])  # a bare UNet folder, in text
+    assert text.exit_code == 0, text.output
+    assert text.output.startswith(f"{path / 'unet'}: {report['parameters']:,} parameters in ")
+    assert "diffusers model folder, written by diffusers" in text.output
+    assert "loads as: model diffusers_unet2d, parameterization v, variance fixed_small, schedule explicit, T = 200, " \
+        "sample shape [3, 8, 8], unconditional" in text.output
+    assert "(200 values)" in text.output  # the betas are shortened in the text report
+
+
+def test_info_refuses_a_plain_folder_naming_what_is_accepted(tmp_path):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert result.exit_code == 1 and "not a diffusers pipeline (model_index.json) or model" in result.output
