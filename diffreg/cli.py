@@ -47,12 +47,19 @@ _USER_ERRORS = (
 
 
 def _user_errors(fn):
-    """Turn exceptions into a one-line message and exit code 1 (``DIFFREG_DEBUG=1``: the traceback)."""
+    """Turn exceptions into a one-line message and exit code 1 (``DIFFREG_DEBUG=1``: the traceback);
+    SIGTERM and SIGHUP clean up and end the process by the signal
+    (:func:`diffreg.fileio.cleanup_on_termination`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from diffreg.fileio import cleanup_on_termination
+
         try:
-            return fn(*args, **kwargs)
+            # SIGTERM / SIGHUP unwind the command (temporary files removed, targets untouched), then
+            # end the process by that signal (exit status 143 for SIGTERM)
+            with cleanup_on_termination():
+                return fn(*args, **kwargs)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
         except (Exception, SystemExit, GeneratorExit) as exc:  # SystemExit/GeneratorExit: from a component's code

@@ -5,6 +5,8 @@ What is not a regular file (``/dev/null``, ``/dev/stdout``, a FIFO, any device n
 through, never renamed over. An existing file keeps its mode (and, for root, its owner); a file
 with no write permission is refused, not replaced. Checks run before any work
 (:func:`check_writable`, :func:`refuse_inputs_as_outputs`), so a bad output path costs nothing.
+SIGTERM / SIGHUP during a write remove its temporary files before the process ends
+(:func:`cleanup_on_termination`); :func:`shown` prints any name the OS takes.
 """
 
 from __future__ import annotations
@@ -13,13 +15,88 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 _NAME_IN_TEMP = 60  # characters of the target's name kept in a temporary file's name
+#: Signals that end a process by default and can be caught: while a write is in progress they
+#: unwind it (its temporary files are removed), then end the process as the signal would have.
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when a :data:`CLEANUP_SIGNALS` signal arrives inside
+    :func:`cleanup_on_termination`: not an ``Exception``, so only ``finally`` blocks and cleanup
+    handlers (``except BaseException: ...; raise``) see it on its way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_termination = threading.local()
+
+
+@contextlib.contextmanager
+def cleanup_on_termination() -> Iterator[None]:
+    """Turn SIGTERM / SIGHUP (:data:`CLEANUP_SIGNALS`) into :class:`Terminated` while the body runs,
+    so cleanup code runs (the temporary files of :func:`atomic_paths` are removed, a replacement in
+    progress is undone); when the outermost such block is left by it, the process ends by that same
+    signal (exit status 128 + 15 = 143 for SIGTERM, as without this handler), after flushing stdout
+    and stderr. Nested blocks share the outermost one's handler.
+
+    Only where the signal's disposition is the default (which ends the process): a handler the
+    program installed, or ``SIG_IGN`` (``nohup``), is left as it is; so is a thread other than the
+    main one (Python runs handlers there only) and a forked child (it gets the default back).
+    SIGKILL cannot be caught: a process killed by it can leave ``.<name>.*.tmp`` files beside its
+    targets (never a damaged target); they are safe to delete.
+    """
+    depth = getattr(_termination, "depth", 0)
+    if depth or threading.current_thread() is not threading.main_thread():
+        _termination.depth = depth + 1
+        try:
+            yield
+        finally:
+            _termination.depth = depth
+        return
+    owner = os.getpid()
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child (a data-loader worker): end as the default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if not fired:  # once: a second signal must not interrupt the cleanup of the first
+            fired.append(signum)
+            raise Terminated(signum)
+
+    installed = {}
+    for signum in CLEANUP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                installed[signum] = signal.signal(signum, handler)
+    _termination.depth = 1
+    try:
+        yield
+    except Terminated as exc:
+        fired[:] = fired or [exc.signum]
+    finally:
+        _termination.depth = 0
+        for signum, previous in installed.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, previous)
+    if fired:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.kill(os.getpid(), fired[0])  # the default disposition is back: the process ends here
+        raise Terminated(fired[0])  # pragma: no cover - only if the signal was blocked meanwhile
 
 
 def umask() -> int:
@@ -200,6 +277,8 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     symbolic link to a file keeps pointing at it (the file it names is replaced). A target that is
     not a regular file (:func:`writes_through`: ``/dev/null``, a FIFO, ``/dev/stdout``) is written
     in place after the others were replaced (a FIFO with no reader is refused rather than waited on).
+    SIGTERM or SIGHUP while this runs unwinds it like an error, then ends the process by the signal
+    (:func:`cleanup_on_termination`).
 
     Raises:
         FileNotFoundError: a target's folder does not exist. PermissionError: a target is
@@ -211,7 +290,7 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     for path, passes in zip(paths, through, strict=True):
         check_writable(path, probe=False)
     temps: list[Path] = []
-    try:
+    with cleanup_on_termination(), _removing(temps):
         for index, (target, passes) in enumerate(zip(targets, through, strict=True)):
             temps.append(_temporary_elsewhere(target) if passes else _temporary_beside(target, repr(str(paths[index]))))
         try:
@@ -228,6 +307,13 @@ def atomic_paths(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
         replaced = [(tmp, target) for tmp, target, passes in zip(temps, targets, through, strict=True) if not passes]
         streams = [(tmp, target) for tmp, target, passes in zip(temps, targets, through, strict=True) if passes]
         _replace_all([t for t, _ in replaced], [t for _, t in replaced], then=lambda: _write_through(streams))
+
+
+@contextlib.contextmanager
+def _removing(temps: list[Path]) -> Iterator[None]:
+    """Remove every file in ``temps`` (as it is when the block ends), however the block ends."""
+    try:
+        yield
     finally:
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
