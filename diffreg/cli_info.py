@@ -27,15 +27,15 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
     diffreg[diffusers]); reads no weights. The data section shows `name` (the training config's
     `[data] name`) for what checkpoint files record as `dataset`."""
     from diffreg.checkpoint import bundled_checkpoint_path, resolve_bundled
-    from diffreg.convert.layout import DIFFUSERS_MODEL, DIFFUSERS_PIPELINE, detect_layout, load_foreign
+    from diffreg.convert.layout import DIFFREG, DIFFUSERS_MODEL, DIFFUSERS_PIPELINE, detect_layout, load_foreign
 
     checkpoint = Path(resolve_bundled(checkpoint)) if checkpoint else bundled_checkpoint_path()
     layout = detect_layout(checkpoint)
     if layout in (DIFFUSERS_PIPELINE, DIFFUSERS_MODEL):
         report = _diffusers_report(checkpoint, layout)
     else:
-        if checkpoint.is_dir():
-            load_foreign(checkpoint)  # raises: names what the folder is not, and what is accepted
+        if layout is not None and layout != DIFFREG or checkpoint.is_dir():
+            load_foreign(checkpoint)  # raises as `sample` does: names what it is and what imports it
         report = _checkpoint_report(checkpoint)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -333,3 +333,12 @@ def test_info_refuses_a_plain_folder_naming_what_is_accepted(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert result.exit_code == 1 and "not a diffusers pipeline (model_index.json) or model" in result.output
+
+
+def test_info_on_the_weights_file_alone_names_its_folder_as_sample_does(pipe):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(pipe / "unet" / "diffusion_pytorch_model.safetensors")])
+    assert result.exit_code == 1 and "diffusers UNet2DModel weights; load the folder that holds it" in result.output
