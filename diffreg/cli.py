@@ -139,7 +139,9 @@ def _one_line(exc: BaseException) -> click.ClickException:
     if isinstance(exc, _USER_ERRORS):
         return click.ClickException(str(exc))
     if isinstance(exc, OSError):
-        return click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        from diffreg.fileio import shown
+
+        return click.ClickException(f"{exc.strerror or exc}: {shown(exc.filename) if exc.filename else ''}".rstrip(": "))
     where = _plugin_at_fault(exc)
     if where is not None:
         return click.ClickException(
