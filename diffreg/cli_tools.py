@@ -22,7 +22,7 @@ from diffreg.cli_support import (
 from diffreg.errors import (
     CheckpointError,
 )
-from diffreg.fileio import shown
+from diffreg.fileio import shown as shown_path
 from diffreg.named_grids import default_grid_name
 from diffreg.sampling import resolve_sampler
 from diffreg.validation import resolve_device
@@ -209,7 +209,7 @@ def optimize_steps_command(
             tmp.write_text(text)
 
         atomic_write(out_path, write)
-        click.echo(f"wrote {shown(out_path)}")
+        click.echo(f"wrote {shown_path(out_path)}")
     if save_path is not None:
         spec = result.sampler if not result.sampler_options else {"name": result.sampler, **result.sampler_options}
         preset = {
@@ -224,7 +224,7 @@ def optimize_steps_command(
         save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
         others = sorted(set(sampling.grids) - {grid_name})
         click.echo(
-            f"wrote {shown(save_path)}: `diffreg sample {shown(save_path)}` uses {result.sampler} on this grid by default, "
+            f"wrote {shown_path(save_path)}: `diffreg sample {shown_path(save_path)}` uses {result.sampler} on this grid by default, "
             f"`--grid {grid_name}` by name" + (f" (other named grids: {', '.join(others)})" if others else "")
         )
 
@@ -313,7 +313,7 @@ def train(
         cfg, output, device=device, progress=progress, checkpoint_dtype=DTYPES[store_dtype], resume=resume
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {shown(path)}")
+        click.echo(f"trained to step {cfg.steps} in {time.perf_counter() - start:.0f} s -> {shown_path(path)}")
 
 
 # -- ema ----------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def ema(checkpoint, sigma_rel, step, output) -> None:
     save_checkpoint(output, model, read_config(checkpoint))
     click.echo(
         f"EMA sigma_rel {sigma_rel:g} (gamma {info['gamma']:.3f}) at step {info['step']} from "
-        f"{info['snapshots']} snapshot(s) -> {shown(output)}"
+        f"{info['snapshots']} snapshot(s) -> {shown_path(output)}"
     )
 
 
@@ -383,7 +383,7 @@ def convert_openai_command(weights: Path, flags: str, source: str | None, output
     path, notes = convert_openai(weights, flags, output, source=source)
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {shown(path)}")
+    click.echo(f"wrote {shown_path(path)}")
 
 
 @convert.command("diffusers")
@@ -395,4 +395,4 @@ def convert_diffusers_command(checkpoint: Path, output: Path) -> None:
     DDPMPipeline folder that DDPMPipeline.from_pretrained loads."""
     from diffreg.convert.diffusers import export_diffusers
 
-    click.echo(f"wrote {shown(export_diffusers(checkpoint, output))}")
+    click.echo(f"wrote {shown_path(export_diffusers(checkpoint, output))}")
