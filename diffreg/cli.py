@@ -141,7 +141,8 @@ def _one_line(exc: BaseException) -> click.ClickException:
     if isinstance(exc, OSError):
         from diffreg.fileio import shown
 
-        return click.ClickException(f"{exc.strerror or exc}: {shown(exc.filename) if exc.filename else ''}".rstrip(": "))
+        name = shown(exc.filename) if exc.filename else ""
+        return click.ClickException(f"{exc.strerror or exc}: {name}".rstrip(": "))
     where = _plugin_at_fault(exc)
     if where is not None:
         return click.ClickException(

@@ -224,7 +224,8 @@ def optimize_steps_command(
         save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
         others = sorted(set(sampling.grids) - {grid_name})
         click.echo(
-            f"wrote {shown_path(save_path)}: `diffreg sample {shown_path(save_path)}` uses {result.sampler} on this grid by default, "
+            f"wrote {shown_path(save_path)}: `diffreg sample {shown_path(save_path)}` uses {result.sampler} on this "
+            "grid by default, "
             f"`--grid {grid_name}` by name" + (f" (other named grids: {', '.join(others)})" if others else "")
         )
 
