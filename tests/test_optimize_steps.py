@@ -350,3 +350,16 @@ def test_family_levels_refuse_what_they_cannot_place():
             family_levels(*args)
     lam = family_levels(-5, 5, 20, (9, -9, 2))  # parameters beyond the range: still a grid
     assert lam[0] == -5 and lam[-1] <= 5 and np.all(np.diff(lam) > 0)
+
+
+def test_optimize_steps_takes_numpy_ints_and_bounds_the_seed():
+    mixture = GaussianMixture.example(dim=2)
+    diffusion = diffreg.Diffusion.from_config({"schedule": "linear", "num_timesteps": 1000})
+    model = mixture.denoiser(diffusion, "eps")
+    common = {"sampler": "dpmpp_2m", "draws": 4, "dtype": torch.float64, "clip_denoised": False}
+    result = optimize_steps(
+        diffusion, model, (2,), nfe=np.int64(4), max_evals=np.int64(2), reference=("unipc", np.int64(10)), **common
+    )
+    assert result.steps == 4
+    with pytest.raises(ValueError, match=r"seed must be below 2\*\*63 \(a torch generator's seed\), got 18446744073709551616"):
+        optimize_steps(diffusion, model, (2,), nfe=4, seed=2**64, **common)
