@@ -108,6 +108,10 @@ class SamplingConfig(_DictMixin):
         sampler: the default sampler (a name or ``{"name": ..., **options}``), or ``None`` (``ddim``).
         steps: the default step count, an int >= 1, or ``None``; an explicit grid's length when
             the grid is explicit (a different value is refused).
+        final_level: ``"data"`` (default: the last step goes to sigma = 0) or ``"t_min"`` (it goes
+            to the process's least noisy level, whose state is the sample: diffusers' DDIM/PNDM
+            ``set_alpha_to_one=False``, recorded when such a folder is loaded); see
+            :func:`diffreg.sampling.levels.final_level`. Written only when ``"t_min"``.
         grids: named grids, name -> :class:`~diffreg.named_grids.NamedGrid` (a sampler and the
             explicit times fitted for it, as ``diffreg optimize-steps --save-to-checkpoint`` stores
             them); ``diffreg sample --grid NAME`` and ``sample_options(grid=NAME)`` use one. Names
@@ -129,6 +133,16 @@ class SamplingConfig(_DictMixin):
     )
     steps: int | None = attrs.field(default=None)
     grids: dict[str, NamedGrid] = attrs.field(factory=dict, converter=coerce_named_grids, hash=False)
+    final_level: str = attrs.field(default="data")
+
+    @final_level.validator
+    def _check_final_level(self, attribute, value):
+        from diffreg.sampling.levels import FINAL_LEVELS
+
+        if value not in FINAL_LEVELS:
+            raise ConfigError(
+                f"sampling.final_level must be one of {', '.join(repr(f) for f in FINAL_LEVELS)}, got {value!r}"
+            )
 
     @steps.validator
     def _check_steps(self, attribute, value):
@@ -161,8 +175,12 @@ class SamplingConfig(_DictMixin):
 
     def driver_options(self) -> dict[str, Any]:
         """Keyword options of :meth:`diffreg.Diffusion.sample`: ``clip_denoised`` and
-        ``dynamic_threshold`` (the guidance goes with a scale: :meth:`guidance_spec`)."""
-        return {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
+        ``dynamic_threshold``, and ``final_level`` when it is ``"t_min"`` (the guidance goes with
+        a scale: :meth:`guidance_spec`)."""
+        out: dict[str, Any] = {"clip_denoised": self.clip, "dynamic_threshold": self.dynamic_threshold}
+        if self.final_level != "data":
+            out["final_level"] = self.final_level
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """As the other configs; ``guidance``, ``grid``, ``sampler``, ``steps`` and ``grids`` only
@@ -172,6 +190,8 @@ class SamplingConfig(_DictMixin):
         for key in ("guidance", "grid", "sampler", "steps", "grids"):
             if out.get(key) is None or out.get(key) == {}:
                 out.pop(key, None)
+        if out.get("final_level") == "data":
+            out.pop("final_level")
         return out
 
     def named_grid(self, name: str) -> NamedGrid:

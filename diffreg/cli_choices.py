@@ -256,7 +256,8 @@ def _guidance_choice(name: str | None, pairs: tuple[str, ...], default: dict[str
 def _clip_text(clipping: dict[str, Any]) -> str:
     threshold = clipping.get("dynamic_threshold")
     text = "clip to [-1, 1]" if clipping.get("clip_denoised") else "no clipping"
-    return text + (f", dynamic threshold {threshold:g}" if threshold is not None else "")
+    text += f", dynamic threshold {threshold:g}" if threshold is not None else ""
+    return text + (", ending at t_min" if clipping.get("final_level") == "t_min" else "")
 
 
 def _gather_shares(x: torch.Tensor, share: int, total: int, device: str) -> torch.Tensor:

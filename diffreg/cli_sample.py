@@ -171,6 +171,13 @@ from diffreg.validation import check_guidance_scale, resolve_device
     metavar="P",
     help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Imagen). Default: the checkpoint's.",
 )
+@click.option(
+    "--final-level",
+    type=click.Choice(["data", "t_min"]),
+    default=None,
+    help="Where the last step goes: data (sigma = 0) or t_min, the process's least noisy level, whose "
+    "state is the sample (diffusers' set_alpha_to_one=False). Default: the checkpoint's (data unless recorded).",
+)
 @click.option("--option", "options", multiple=True, help="Extra sampler option KEY=VALUE (JSON value), repeatable.")
 @_threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="One progress bar for the run.")
@@ -196,6 +203,7 @@ def sample(
     dtype_name,
     clip,
     dynamic_threshold,
+    final_level,
     options,
     threads,
     progress,
@@ -255,6 +263,8 @@ def sample(
         clipping["clip_denoised"] = clip
     if dynamic_threshold is not None:
         clipping["dynamic_threshold"] = dynamic_threshold
+    if final_level is not None:
+        clipping["final_level"] = final_level
     explicit_scale = guidance_scale
     if guidance_scale is None:  # unconditional samples: no labels to guide towards
         guidance_scale = float(cfg.data.get("guidance_scale", 1.0)) if not unconditional else 1.0
@@ -275,7 +285,11 @@ def sample(
     rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
     share = math.ceil(num_samples / world)
     first, last = min(rank * share, num_samples), min((rank + 1) * share, num_samples)
-    steps_per_batch = len(diffusion.grid_times(steps, grid, sampler_obj))
+    from diffreg.sampling.levels import Levels
+
+    steps_per_batch = Levels.on_grid(
+        diffusion.process, diffusion.grid_times(steps, grid, sampler_obj), clipping.get("final_level", "data")
+    ).num_steps
     bar = tqdm(
         total=math.ceil((last - first) / batch_size) * steps_per_batch,
         desc=f"{num_samples} samples",

@@ -342,3 +342,110 @@ def test_info_on_the_weights_file_alone_names_its_folder_as_sample_does(pipe):
 
     result = CliRunner().invoke(main, ["info", str(pipe / "unet" / "diffusion_pytorch_model.safetensors")])
     assert result.exit_code == 1 and "diffusers UNet2DModel weights; load the folder that holds it" in result.output
+
+
+def _save_ddim(path, unet, **scheduler):
+    """A pipeline folder whose scheduler is diffusers' DDIMScheduler with ``scheduler`` options."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**scheduler)).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def no_alpha_one(tmp_path_factory):
+    return _save_ddim(tmp_path_factory.mktemp("p") / "ddim", _unet(), num_train_timesteps=1000, set_alpha_to_one=False)
+
+
+def _load_strict(path):
+    """load_checkpoint in float64, failing on any warning (none is expected)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return diffreg.load_checkpoint(path, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "spacing,grid",
+    [
+        ("trailing", "trailing"),  # last step 19 -> alpha_bar[0]: a real step
+        ("leading", "leading"),  # the grid ends at t = 0: diffusers' last step 0 -> alpha_bar[0] keeps x
+        # (not linspace: diffusers' DDIM steps to t - T // steps, which is not the next linspace level)
+    ],
+)
+def test_set_alpha_to_one_false_ends_at_alpha_bar_0_as_diffusers(no_alpha_one, spacing, grid):
+    model, diffusion, cfg = _load_strict(no_alpha_one)
+    assert cfg.sampling.final_level == "t_min"
+    sched = _scheduler64(diffusers.DDIMScheduler, no_alpha_one, timestep_spacing=spacing)
+    assert float(sched.final_alpha_cumprod) == float(sched.alphas_cumprod[0]) < 1.0
+    expected = _diffusers_ddim(model.unet, sched, 20, _noise())
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=20, grid=grid, noise=_noise(), dtype=torch.float64,
+        **cfg.sampling.driver_options(),
+    )
+    assert (got - expected).abs().max() <= 1e-10
+    # ... and not what ending at the data gives
+    to_data = diffusion.sample(model, SHAPE, sampler="ddim", steps=20, grid=grid, noise=_noise(), dtype=torch.float64)
+    assert (to_data - expected).abs().max() > 1e-3
+
+
+def test_stable_diffusion_style_scheduler_leading_offset_no_alpha_one(tmp_path):
+    # Stable Diffusion's DDIM settings: leading spacing, steps_offset=1, set_alpha_to_one=False,
+    # scaled_linear betas, no clipping; the model's own eps (diffusers' default) and diffreg's
+    # re-derived eps agree without clipping
+    path = _save_ddim(
+        tmp_path / "sd", _unet(), num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+        beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # steps_offset: chosen below as the grid's offset
+        model, diffusion, cfg = diffreg.load_checkpoint(path, dtype=torch.float64)
+    sched = _scheduler64(diffusers.DDIMScheduler, path)
+    expected = _diffusers_ddim_stock(model.unet, sched, 25, _noise())
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=25, grid={"name": "leading", "offset": 1}, noise=_noise(),
+        dtype=torch.float64, use_clipped_model_output=False, **cfg.sampling.driver_options(),
+    )
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_set_alpha_to_one_false_with_the_model_eps_and_clipping(no_alpha_one):
+    # diffusers' stock call (the model's eps beside the clipped x0) on trailing spacing: the last
+    # step 19 -> alpha_bar[0] keeps eps_model as well
+    model, diffusion, cfg = _load_strict(no_alpha_one)
+    sched = _scheduler64(diffusers.DDIMScheduler, no_alpha_one, timestep_spacing="trailing")
+    expected = _diffusers_ddim_stock(model.unet, sched, 20, _noise())
+    got = diffusion.sample(
+        model, SHAPE, sampler="ddim", steps=20, grid="trailing", noise=_noise(), dtype=torch.float64,
+        use_clipped_model_output=False, **cfg.sampling.driver_options(),
+    )
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_zero_terminal_snr_ddim_v_prediction_as_diffusers(tmp_path):
+    path = _save_ddim(
+        tmp_path / "zsnr", _unet(), num_train_timesteps=1000, rescale_betas_zero_snr=True,
+        prediction_type="v_prediction", timestep_spacing="trailing",
+    )
+    model, diffusion, cfg = _load_strict(path)  # nothing differs from diffusers' DDIM: no warning
+    sched = _scheduler64(diffusers.DDIMScheduler, path)
+    assert float(sched.alphas_cumprod[-1]) == 0.0  # diffusers' DDIM keeps alpha_bar = 0 at t = T-1
+    assert diffusion.alphas_cumprod[-1] == 0.0
+    np.testing.assert_allclose(diffusion.alphas_cumprod, sched.alphas_cumprod.numpy(), rtol=1e-14, atol=0)
+    for steps in (10, 25):
+        expected = _diffusers_ddim(model.unet, sched, steps, _noise())
+        got = diffusion.sample(model, SHAPE, sampler="ddim", steps=steps, noise=_noise(), dtype=torch.float64)
+        assert (got - expected).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_zero_terminal_snr_keeps_the_scheduler_classes_own_last_alpha_bar(tmp_path, cls):
+    # these classes replace alpha_bar[T-1] = 0 by 2**-24; the recorded schedule is theirs
+    scheduler = getattr(diffusers, cls)(
+        num_train_timesteps=100, rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers.DDPMPipeline(unet=_unet(), scheduler=scheduler).save_pretrained(str(tmp_path / "p"))
+    _, diffusion, _ = _load_strict(tmp_path / "p")
+    assert diffusion.alphas_cumprod[-1] == pytest.approx(2.0**-24, rel=1e-12)
+    np.testing.assert_allclose(diffusion.alphas_cumprod, scheduler.alphas_cumprod.double().numpy(), rtol=1e-12, atol=0)

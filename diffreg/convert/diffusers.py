@@ -16,9 +16,13 @@ translated into a diffreg diffusion:
   learned_range -> ``learned_range`` (``learned`` is refused: diffusers reads that output as a
   variance, diffreg's ``learned`` as a log-variance);
 - ``clip_sample`` / ``thresholding`` -> the checkpoint's sampling defaults;
-- ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``: recorded with the source config;
-  diffreg's samplers always end at alpha-bar = 1 (``set_alpha_to_one=True``) and its ``leading``
-  spacing has no offset, so a config that differs gets a warning naming the difference.
+- ``set_alpha_to_one=False`` (DDIM, PNDM: the last step goes to alpha-bar[0], not to the data)
+  -> the sampling default ``final_level="t_min"``, which every diffreg sampler honours;
+- ``rescale_betas_zero_snr``: the alpha-bars are the scheduler class's own, so they are exactly
+  what that class samples with: 0 at the last timestep for DDPM and DDIM, 2**-24 for the classes
+  that replace it (Euler, Euler ancestral, DPM-Solver multistep, UniPC);
+- ``timestep_spacing``, ``steps_offset``: recorded with the source config; diffreg's ``leading``
+  spacing has no offset, so a config with one gets a warning naming the difference.
 
 :func:`export_diffusers` writes the reverse: a folder that ``DDPMPipeline.from_pretrained`` loads.
 """
@@ -204,17 +208,13 @@ def translate_scheduler(scheduler: Mapping[str, Any], out_channels: int, in_chan
             clip = False
     elif clip and float(cfg.get("clip_sample_range", 1.0)) != 1.0:
         notes.append(f"clip_sample_range={cfg['clip_sample_range']}: diffreg clips x_0 to [-1, 1]")
-    if cfg.get("set_alpha_to_one") is False:
-        notes.append(
-            "set_alpha_to_one=False: diffusers' last DDIM step goes to alpha_bar[0], diffreg's samplers to 1"
-        )
     if cfg.get("steps_offset"):
         notes.append(
             f"steps_offset={cfg['steps_offset']}: diffusers' leading spacing is shifted by it, diffreg's is not"
         )
-    if cfg.get("rescale_betas_zero_snr") and name.startswith("DDIM"):
-        notes.append("rescale_betas_zero_snr: diffusers' DDIM replaces the last alpha_bar by 2**-24, diffreg does not")
-    sampling = {"clip": clip, "dynamic_threshold": dynamic}
+    sampling: dict[str, Any] = {"clip": clip, "dynamic_threshold": dynamic}
+    if cfg.get("set_alpha_to_one") is False:  # DDIM/PNDM: the last step goes to alpha_bar[0]
+        sampling["final_level"] = "t_min"
     return diffusion, sampling, notes
 
 
@@ -370,7 +370,9 @@ def _scheduler_for(cfg) -> dict[str, Any]:
     sampling = getattr(cfg, "sampling", None)
     clip = sampling.clip if sampling is not None else bool(cfg.data.get("sampling", {}).get("clip", True))
     dynamic = sampling.dynamic_threshold if sampling is not None else cfg.data.get("sampling", {}).get("dynamic_threshold")
+    extra = {"set_alpha_to_one": False} if getattr(sampling, "final_level", "data") == "t_min" else {}
     return {
+        **extra,
         "num_train_timesteps": len(betas),
         "trained_betas": [float(b) for b in betas],
         "variance_type": d.variance.name,
@@ -385,7 +387,9 @@ def _scheduler_for(cfg) -> dict[str, Any]:
 def export_diffusers(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
     """Write a diffreg checkpoint of a diffusers ``UNet2DModel`` as a diffusers ``DDPMPipeline``
     folder (``model_index.json``, ``unet/``, ``scheduler/``) that
-    ``DDPMPipeline.from_pretrained(output)`` loads; betas are written as ``trained_betas``.
+    ``DDPMPipeline.from_pretrained(output)`` loads; betas are written as ``trained_betas``, and
+    ``final_level="t_min"`` as ``set_alpha_to_one: false`` (used by a DDIM or PNDM scheduler built
+    from this config, and by diffreg when the folder is loaded back; ``DDPMScheduler`` ignores it).
 
     The folder is written beside ``output`` and renamed into place, so a failure leaves nothing.
 
@@ -407,7 +411,9 @@ def export_diffusers(checkpoint: str | os.PathLike[str], output: str | os.PathLi
             "embedding differ from diffusers' UNet2DModel); only models loaded from diffusers can be exported"
         )
     diffusers = require_diffusers("exporting to diffusers")
-    scheduler = diffusers.DDPMScheduler(**_scheduler_for(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # set_alpha_to_one is kept in the config for DDIM/PNDM, unused by DDPM
+        scheduler = diffusers.DDPMScheduler.from_config(_scheduler_for(cfg))
     pipeline = diffusers.DDPMPipeline(unet=model.unet, scheduler=scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

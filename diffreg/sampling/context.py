@@ -46,7 +46,10 @@ class SamplingContext:
     Attributes:
         diffusion: the :class:`~diffreg.Diffusion` being sampled; ``process``: its
             :class:`~diffreg.process.Process`.
-        levels: the grid's :class:`Levels` (``num_steps + 1`` entries, the last the data).
+        levels: the grid's :class:`Levels` (``num_steps + 1`` entries, the last the final level:
+            the data, or the process's ``t_min`` level for ``final_level="t_min"``, whose sigma
+            is not 0: samplers must not assume the last step reaches sigma = 0).
+        final_level: ``"data"`` or ``"t_min"`` (see :func:`~diffreg.sampling.levels.final_level`).
         num_steps: model-evaluating steps of the grid.
         shape, device, dtype: of the sampler's state (dtype float32 unless asked otherwise).
         nfe: model evaluations so far (a guided pass counts once, whatever its batch).
@@ -81,12 +84,14 @@ class SamplingContext:
         step_noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         noise_type: str = "gaussian",
         check_finite: bool = True,
+        final_level: str = "data",
     ):
         self.diffusion = diffusion
         self.process: Process = diffusion.process
         self.model = model
         self.shape = tuple(shape)
-        self.levels = Levels.on_grid(self.process, times)
+        self.final_level = final_level
+        self.levels = Levels.on_grid(self.process, times, final_level)
         self.num_steps = self.levels.num_steps
         self.device = device
         self.dtype = dtype
@@ -126,10 +131,13 @@ class SamplingContext:
                 uncond_model_kwargs if uncond_model_kwargs is not None else null_class_kwargs(model, self.model_kwargs)
             )
             self._cfg_kwargs = cat_kwargs(self.model_kwargs, self.uncond_model_kwargs)
-        # the network's time input at every grid level, made once per call (and for the doubled batch)
-        self._model_t = [self.process.model_input(float(t), n, device) for t in self.levels.t[:-1]]
+        # the network's time input at every grid level, made once per call (and for the doubled
+        # batch); the final level too when it is not the data (final_level="t_min": a 2nd-order
+        # sampler's corrector evaluates the model there, as index num_steps)
+        model_levels = self.levels.t[:-1] if self.levels.sigma[-1] == 0.0 else self.levels.t
+        self._model_t = [self.process.model_input(float(t), n, device) for t in model_levels]
         self._model_t2 = (
-            [self.process.model_input(float(t), 2 * n, device) for t in self.levels.t[:-1]]
+            [self.process.model_input(float(t), 2 * n, device) for t in model_levels]
             if self.uncond_model_kwargs is not None
             else None
         )
@@ -152,7 +160,7 @@ class SamplingContext:
         return [int(t) if float(t).is_integer() else float(t) for t in self.levels.t[:-1]]
 
     def is_last(self, i: int) -> bool:
-        """Whether step ``i`` is the final one (it goes to the data)."""
+        """Whether step ``i`` is the final one (it goes to the final level: the data, or ``t_min``)."""
         return i == self.num_steps - 1
 
     def level_at(self, *, log_snr: float | None = None, ve_sigma: float | None = None) -> NoiseLevel:

@@ -96,6 +96,7 @@ def sample_loop_progressive(
     callback: Callable[[int, Any, torch.Tensor, torch.Tensor], None] | None = None,
     check_finite: bool = True,
     stats: dict[str, Any] | None = None,
+    final_level: str = "data",
     **sampler_options: Any,
 ) -> SamplingRun:
     """Run ``sampler`` over the levels ``times`` of ``diffusion``'s process (default: every
@@ -130,6 +131,10 @@ def sample_loop_progressive(
             step whose state became non-finite.
         stats: a dict filled at the end with ``nfe`` (model evaluations), ``steps`` and
             ``timesteps`` (the network's time inputs visited).
+        final_level: where the last step goes: ``"data"`` (default; sigma = 0) or ``"t_min"``, the
+            process's least noisy level, whose state is returned (diffusers' DDIM/PNDM with
+            ``set_alpha_to_one=False``: the last step goes to alpha-bar[0]); any sampler, any grid
+            (see :func:`~diffreg.sampling.levels.final_level`).
 
     Raises:
         ValueError / TypeError: bad shape, ``noise`` of the wrong shape, mismatched generators,
@@ -194,6 +199,7 @@ def sample_loop_progressive(
         step_noise=step_noise,
         noise_type=noise_type,
         check_finite=check_finite,
+        final_level=final_level,
     )
     if step_noise is not None and len(step_noise) != ctx.num_steps:
         raise ValueError(f"step_noise has {len(step_noise)} entries, expected one per step ({ctx.num_steps})")

@@ -13,7 +13,8 @@ from diffreg.process import NoiseLevel, Process
 @dataclass(frozen=True)
 class Levels:
     """The levels of one sampling call, in visiting order: ``num_steps + 1`` entries, step ``i``
-    going from entry ``i`` to entry ``i + 1``; the last is the data level (sigma = 0).
+    going from entry ``i`` to entry ``i + 1``; the last is the final level: the data (sigma = 0),
+    or the process's least noisy level ``t_min`` for ``final_level="t_min"`` (see :func:`final_level`).
 
     Attributes (float64 numpy arrays): ``t`` (process times), ``alpha``, ``sigma``, ``log_snr``
     (lambda = log(alpha / sigma), ``+inf`` at the data level, ``-inf`` at pure noise).
@@ -36,11 +37,18 @@ class Levels:
         return NoiseLevel(float(self.t[i]), float(self.alpha[i]), float(self.sigma[i]))
 
     @classmethod
-    def on_grid(cls, process: Process, times: Sequence[float]) -> Levels:
-        """The levels at ``times`` of ``process`` followed by its data level.
+    def on_grid(cls, process: Process, times: Sequence[float], final: str = "data") -> Levels:
+        """The levels at ``times`` of ``process`` followed by the final level ``final`` (see
+        :func:`final_level`). With ``final="t_min"`` and a grid that already ends at ``t_min``
+        (``leading`` or ``linspace`` spacing, every timestep) that last grid level is the final
+        level: no zero-length step is taken to it, so the call makes ``len(times) - 1`` steps.
+        (diffusers' DDIM with ``set_alpha_to_one=False`` evaluates the model there once more and
+        steps from alpha-bar[0] to alpha-bar[0]: x' = alpha x0 + sigma eps, which is x again when
+        eps is re-derived from x0, diffreg's default.)
 
         Raises:
-            ValueError: ``times`` not a non-empty 1-D sequence of finite numbers within
+            ValueError: ``final`` not ``"data"`` or ``"t_min"``; one level at ``t_min`` with
+                ``final="t_min"`` (no step left); ``times`` not a non-empty 1-D sequence of finite numbers within
                 [t_min, t_max], or levels whose noise does not strictly fall (log-SNR strictly
                 increasing): a repeated, reversed or numerically equal level (naming the first one)
                 would divide by a zero step size or solve a different problem silently.
@@ -67,7 +75,33 @@ class Levels:
                 f"times[{k}] = {float(times[k])!r} follows times[{k - 1}] = {float(times[k - 1])!r} "
                 f"(log-SNR {lam[k - 1]:.6g} -> {lam[k]:.6g})"
             )
-        clean = process.clean
-        return cls(
-            np.append(times, clean.t), np.append(alpha, clean.alpha), np.append(sigma, clean.sigma)
-        )
+        end = final_level(process, final)
+        if not end.is_clean and lam[-1] >= end.log_snr:  # the grid ends at t_min: that is the final level
+            if times.size == 1:
+                raise ValueError(
+                    f"a grid of one level at t_min = {float(times[0])!r} leaves no step to take with "
+                    "final_level='t_min'; give more steps (or a grid that starts above t_min)"
+                )
+            return cls(times, np.asarray(alpha, dtype=np.float64), np.asarray(sigma, dtype=np.float64))
+        return cls(np.append(times, end.t), np.append(alpha, end.alpha), np.append(sigma, end.sigma))
+
+
+#: The accepted values of the sampling option ``final_level``.
+FINAL_LEVELS = ("data", "t_min")
+
+
+def final_level(process: Process, final: str = "data") -> NoiseLevel:
+    """The level a sampling call ends at: ``"data"`` (default): the data, alpha = 1, sigma = 0
+    (:attr:`Process.clean`); ``"t_min"``: the process's least noisy level (alpha-bar_0 of a discrete
+    process), whose state is returned as the sample without a final denoising step (diffusers'
+    DDIM/PNDM ``set_alpha_to_one=False``: the last step goes to alpha-bar[0]; score-SDE's samplers
+    ending at t = eps without denoising).
+
+    Raises:
+        ValueError: ``final`` not one of :data:`FINAL_LEVELS`.
+    """
+    if final == "data":
+        return process.clean
+    if final == "t_min":
+        return process.level(process.t_min)
+    raise ValueError(f"final_level must be one of {', '.join(repr(f) for f in FINAL_LEVELS)}, got {final!r}")
