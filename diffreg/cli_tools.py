@@ -393,7 +393,24 @@ def convert_openai_command(weights: Path, flags: str, source: str | None, output
 @_user_errors
 def convert_diffusers_command(checkpoint: Path, output: Path) -> None:
     """Write CHECKPOINT (a diffreg checkpoint of a diffusers UNet2DModel) as a diffusers
-    DDPMPipeline folder that DDPMPipeline.from_pretrained loads."""
+    DDPMPipeline folder that DDPMPipeline.from_pretrained loads (the reverse: from-diffusers)."""
     from diffreg.convert.diffusers import export_diffusers
 
     click.echo(f"wrote {shown_path(export_diffusers(checkpoint, output))}")
+
+
+@convert.command("from-diffusers")
+@click.argument("folder", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="diffreg checkpoint to write."
+)
+@_user_errors
+def convert_from_diffusers_command(folder: Path, output: Path) -> None:
+    """Convert a diffusers pipeline or UNet folder (FOLDER) into one self-describing diffreg
+    checkpoint: the model, diffusion and sampling defaults that loading the folder gives."""
+    from diffreg.convert.diffusers import import_diffusers
+
+    path, notes = import_diffusers(folder, output)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {shown_path(path)}")

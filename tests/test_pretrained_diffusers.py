@@ -449,3 +449,68 @@ def test_zero_terminal_snr_keeps_the_scheduler_classes_own_last_alpha_bar(tmp_pa
     _, diffusion, _ = _load_strict(tmp_path / "p")
     assert diffusion.alphas_cumprod[-1] == pytest.approx(2.0**-24, rel=1e-12)
     np.testing.assert_allclose(diffusion.alphas_cumprod, scheduler.alphas_cumprod.double().numpy(), rtol=1e-12, atol=0)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_convert_from_diffusers_writes_what_loading_the_folder_gives(no_alpha_one, tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = _cli("convert", "from-diffusers", no_alpha_one, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    model, diffusion, cfg = _load_strict(no_alpha_one)
+    model2, diffusion2, cfg2 = diffreg.load_checkpoint(out, dtype=torch.float64)
+    assert cfg2.sampling.final_level == "t_min" and cfg2.model.name == "diffusers_unet2d"
+    # the file samples as diffusers' own DDIM loop on the folder (set_alpha_to_one=False)
+    sched = _scheduler64(diffusers.DDIMScheduler, no_alpha_one, timestep_spacing="trailing")
+    expected = _diffusers_ddim(model.unet, sched, 10, _noise())
+    got = diffusion2.sample(
+        model2, SHAPE, sampler="ddim", steps=10, noise=_noise(), dtype=torch.float64, **cfg2.sampling.driver_options()
+    )
+    assert (got - expected).abs().max() <= 1e-10
+
+
+def test_cli_convert_from_diffusers_refuses_bad_inputs(no_alpha_one, tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    result = _cli("convert", "from-diffusers", tmp_path / "plain", "--output", tmp_path / "m.safetensors")
+    assert result.exit_code == 1 and "not a diffusers pipeline" in result.output
+    weights = no_alpha_one / "unet" / "diffusion_pytorch_model.safetensors"
+    result = _cli("convert", "from-diffusers", weights, "--output", tmp_path / "m.safetensors")
+    assert result.exit_code == 1 and "is not a folder" in result.output
+    before = weights.read_bytes()
+    result = _cli("convert", "from-diffusers", no_alpha_one, "--output", weights)
+    assert result.exit_code == 1 and "is the diffusers folder or one of its files" in result.output
+    assert weights.read_bytes() == before
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_round_trip_diffreg_to_diffusers_and_back_gives_the_same_samples(no_alpha_one, tmp_path):
+    first = tmp_path / "first.safetensors"
+    assert _cli("convert", "from-diffusers", no_alpha_one, "--output", first).exit_code == 0
+    result = _cli("convert", "diffusers", first, "--output", tmp_path / "exported")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exported" / "model_index.json").is_file()
+    back = tmp_path / "back.safetensors"
+    result = _cli("convert", "from-diffusers", tmp_path / "exported", "--output", back)
+    assert result.exit_code == 0, result.output
+    samples = []
+    for path in (first, back):
+        model, diffusion, cfg = diffreg.load_checkpoint(path, dtype=torch.float64)
+        assert cfg.sampling.final_level == "t_min"  # kept as set_alpha_to_one: false in the folder
+        for sampler in ("ddim", "ddpm"):
+            samples.append(
+                diffusion.sample(
+                    model, SHAPE, sampler=sampler, steps=8, noise=_noise(), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2), **cfg.sampling.driver_options(),
+                )
+            )
+    for a, b in zip(samples[:2], samples[2:]):
+        # diffusers rebuilds the betas in float32 from trained_betas: alpha-bars to ~1e-7 relative
+        assert (a - b).abs().max() <= 1e-5

@@ -210,7 +210,8 @@ def translate_scheduler(scheduler: Mapping[str, Any], out_channels: int, in_chan
         notes.append(f"clip_sample_range={cfg['clip_sample_range']}: diffreg clips x_0 to [-1, 1]")
     if cfg.get("steps_offset"):
         notes.append(
-            f"steps_offset={cfg['steps_offset']}: diffusers' leading spacing is shifted by it, diffreg's is not"
+            f"steps_offset={cfg['steps_offset']}: diffusers' leading spacing is shifted by it; sample with "
+            f"the grid {{\"name\": \"leading\", \"offset\": {cfg['steps_offset']}}} to match"
         )
     sampling: dict[str, Any] = {"clip": clip, "dynamic_threshold": dynamic}
     if cfg.get("set_alpha_to_one") is False:  # DDIM/PNDM: the last step goes to alpha_bar[0]
@@ -426,3 +427,37 @@ def export_diffusers(checkpoint: str | os.PathLike[str], output: str | os.PathLi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def import_diffusers(folder: str | os.PathLike[str], output: str | os.PathLike[str]) -> tuple[Path, list[str]]:
+    """Write a diffusers pipeline or UNet folder as one self-describing diffreg checkpoint: what
+    :func:`load_diffusers` builds (float32 weights, the translated diffusion and sampling defaults),
+    saved by :func:`diffreg.save_checkpoint` (atomically: a failure leaves no partial file).
+
+    Returns:
+        ``(the path written, the translation notes)`` (see :func:`translate_scheduler`).
+
+    Raises:
+        CheckpointError: ``folder`` is not a folder, or not a diffusers pipeline / UNet2DModel
+        folder. ValueError: ``output`` is ``folder`` itself or a file the conversion reads.
+        ConfigError, ImportError: see :func:`diffusers_config`.
+    """
+    from diffreg.checkpoint import save_checkpoint
+
+    root, out = Path(folder), Path(output)
+    if not root.is_dir():
+        raise CheckpointError(
+            f"{str(root)!r} is not a folder; give a diffusers pipeline folder (model_index.json) or UNet "
+            "folder (config.json + diffusion_pytorch_model.safetensors)"
+        )
+    unet_dir, _ = find_components(root)
+    read = {root / "model_index.json", unet_dir / "config.json", root / "scheduler" / "scheduler_config.json"}
+    read |= {unet_dir / name for name in WEIGHT_NAMES + PICKLE_WEIGHTS}
+    target = out.resolve()
+    if target == root.resolve() or target in {p.resolve() for p in read}:
+        raise ValueError(f"--output {str(out)!r} is the diffusers folder or one of its files; give a new .safetensors file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _, cfg = load_diffusers(root)
+    notes = [str(w.message) for w in caught]
+    return save_checkpoint(out, model, cfg), notes
