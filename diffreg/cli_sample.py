@@ -217,7 +217,9 @@ def sample(
     from diffreg.sampling import per_sample_generators
 
     path = resolve_bundled(checkpoint) if checkpoint else bundled_checkpoint_path()
-    resolve_device(device)
+    from diffreg.train_distributed import rank_device
+
+    device = rank_device(resolve_device(device))  # under torchrun: cuda -> cuda:LOCAL_RANK
     outputs = _check_outputs(output, npz_path, {"the checkpoint": path})  # before any work: a bad path costs nothing
     picture_format(outputs[0])
     check_npz_name(outputs[1])
@@ -282,7 +284,7 @@ def sample(
         guidance_scale = 1.0
     from diffreg.training import _distributed, finish_distributed
 
-    rank, world = _distributed()  # under torchrun, each rank samples a contiguous share
+    rank, world = _distributed(device)  # under torchrun, each rank samples a contiguous share
     share = math.ceil(num_samples / world)
     first, last = min(rank * share, num_samples), min((rank + 1) * share, num_samples)
     from diffreg.sampling.levels import Levels
@@ -309,9 +311,10 @@ def sample(
                 sampler=sampler_obj,  # --option values go to the sampler only, never to the driver
                 steps=steps,
                 grid=grid,
-                # sample k depends on (seed, k) only; generators live on the device, so drawing the
-                # noise of a step never copies from the host
-                generator=per_sample_generators(seed, n, start=lo, device=device),
+                # sample k depends on (seed, k) only, on any device: the generators are the CPU's
+                # (the same numbers on a GPU as on the CPU), each step's noise copied to the device
+                # through pinned memory without waiting for it
+                generator=per_sample_generators(seed, n, start=lo),
                 model_kwargs=kwargs,
                 guidance_scale=guidance_scale,
                 guidance=guidance,

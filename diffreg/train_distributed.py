@@ -10,16 +10,30 @@ import torch
 from diffreg.loss import TimestepSampler
 
 
-def init_distributed() -> tuple[int, int]:
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this process: under torchrun (``WORLD_SIZE`` > 1) a ``cuda`` device without
+    an index becomes ``cuda:LOCAL_RANK`` (one GPU per process, as torchrun launches them) and is
+    made the current device; anything else is returned unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
     """(rank, world size) of a torchrun launch (``WORLD_SIZE`` > 1), initialising the process
-    group once (NCCL on CUDA, gloo otherwise); ``(0, 1)`` otherwise."""
+    group once: NCCL when this process works on ``device`` of type ``cuda`` (NCCL cannot reduce
+    CPU tensors), gloo otherwise (default ``device``: CUDA if available); ``(0, 1)`` otherwise."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -28,7 +28,7 @@ from diffreg.diffusion import Diffusion
 from diffreg.ema import EMA, PowerEMA, snapshot_dir, write_snapshot
 from diffreg.errors import ConfigError
 from diffreg.train_config import TrainConfig
-from diffreg.train_distributed import finish_distributed, init_distributed, update_sampler
+from diffreg.train_distributed import finish_distributed, init_distributed, rank_device, update_sampler
 
 __all__ = [
     "EMA",
@@ -121,8 +121,8 @@ class Trainer:
         from diffreg.validation import resolve_device
 
         self.cfg = cfg
-        self.device = resolve_device(device)
-        self.rank, self.world_size = init_distributed()
+        self.device = rank_device(resolve_device(device))  # under torchrun: cuda -> cuda:LOCAL_RANK
+        self.rank, self.world_size = init_distributed(self.device)
         if cfg.batch_size % (self.world_size * cfg.grad_accum):
             raise ConfigError(
                 f"batch_size {cfg.batch_size} (the global batch) is not divisible by {self.world_size} process(es) "
@@ -156,7 +156,8 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.network = DistributedDataParallel(self.model)
+            on_cuda = self.device.type == "cuda"
+            self.network = DistributedDataParallel(self.model, device_ids=[self.device] if on_cuda else None)
 
     # -- data ----------------------------------------------------------------------------------
 

@@ -141,6 +141,9 @@ class SamplingContext:
             if self.uncond_model_kwargs is not None
             else None
         )
+        # ... and as Python numbers (for callbacks and reports: read from a CPU copy, never the device)
+        cpu = torch.device("cpu")
+        self._model_t_host = [self.process.model_input(float(t), 1, cpu).tolist()[0] for t in self.levels.t[:-1]]
         self._step_tables: DiffusionTables | None = None
         mean_type = diffusion.parameterization.mean_type
         self._scale_input = mean_type.scale_input if mean_type.scales_input else None
@@ -371,20 +374,30 @@ class SamplingContext:
         if self.noise_type == "brownian":
             lv = self.levels
             c = lv.alpha[i : i + 2] ** 2 / (lv.alpha[i : i + 2] ** 2 + lv.sigma[i : i + 2] ** 2)
-            if self._tree is None:  # seeded at the first draw (after x_T); the clock runs over [0, 1]
-                seeds = brownian_seeds(self.generator, like.shape[0])
-                per_path = like.shape[1:] if len(seeds) > 1 else like.shape
-                self._tree = BrownianTree(seeds, per_path, 0.0, 1.0, device=like.device, dtype=like.dtype)
+            self.start_noise(like)
+            assert self._tree is not None
             z = self._tree.increment(float(c[0]), float(c[1]))
             return z if len(self._tree.seeds) > 1 else z[0]
         return draw_noise(like.shape, self.generator, like.device, like.dtype)
 
     # -- for the driver ---------------------------------------------------------------------------
 
+    def start_noise(self, like: torch.Tensor) -> None:
+        """Seed the per-step noise that needs it (``noise_type="brownian"``: the tree's seeds,
+        drawn from the generator(s) after x_T; the clock runs over [0, 1]) once, before the first
+        step, so reading the seeds on the host (one read per call) happens outside the steps.
+        ``like``: the state (its shape, device and dtype)."""
+        if self.noise_type != "brownian" or self._tree is not None or self.step_noise is not None:
+            return
+        seeds = brownian_seeds(self.generator, like.shape[0])
+        per_path = like.shape[1:] if len(seeds) > 1 else like.shape
+        self._tree = BrownianTree(seeds, per_path, 0.0, 1.0, device=like.device, dtype=like.dtype)
+
     def model_time(self, i: int) -> int | float:
-        """The network's time input of grid level ``i`` as a Python number (for callbacks)."""
-        t = self._model_t[i][0]
-        return int(t) if not t.is_floating_point() else float(t)
+        """The network's time input of grid level ``i`` as a Python number (for callbacks): an
+        int for integer timesteps, else a float; kept on the host, so reading it costs no
+        device synchronisation."""
+        return self._model_t_host[i]
 
     def record_state(self, x: torch.Tensor) -> None:
         """Record whether the final state is finite (one reduction, on the device)."""

@@ -46,7 +46,10 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     default, ``trailing``). ``supports_unconditional_renoise``: the sampler renoises from
     ``ctx.renoise(x, pred)`` (or uses ``pred.renoise_eps``) when ``ctx.renoise_unconditional``
     is set, so CFG++-style guidance (Chung et al. 2024) works with it; others are refused for
-    such guidance.
+    such guidance. ``host_reads_per_step``: the sampler reads tensor values on the host inside
+    its steps (adaptive step-size control reads its error estimate); every other sampler keeps
+    per-step work on the device (no ``.item()``, ``.cpu()`` or branching on tensor values), which
+    the test suite checks for every registered sampler that does not declare this.
 
     Implement :meth:`steps` (the generator form, preferred), or :meth:`prepare` and :meth:`step`
     (the step form: per-call state from ``prepare``, then one call per step).
@@ -58,6 +61,7 @@ class Sampler(abc.ABC):  # noqa: B024 (either steps() or step() is implemented)
     warmup_steps: int | None = None
     grid: Any = None
     supports_unconditional_renoise: bool = False
+    host_reads_per_step: bool = False
 
     def steps(self, ctx: SamplingContext, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Run the sampler from ``x`` (float ``[N, ...]`` at ``ctx.levels`` level 0), yielding

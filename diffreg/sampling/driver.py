@@ -206,6 +206,8 @@ def sample_loop_progressive(
     x = noise.to(device=device, dtype=dtype) if noise is not None else draw_noise(shape, generator, device, dtype)
     if noise is None and getattr(process, "prior_std", 1.0) != 1.0:  # x_T = sigma_max z (VE processes)
         x = x.mul_(process.prior_std)
+    if sampler_obj.stochastic:
+        ctx.start_noise(x)  # Brownian seeds are read after x_T, before the steps
     return SamplingRun(ctx, sampler_obj, x, progress, callback, stats)
 
 

@@ -27,13 +27,21 @@ def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device,
     if generator is None:
         return torch.randn(tuple(shape), device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+        return _to_device(torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype), device)
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; give one per sample")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]).to(
-        device
-    )
+    z = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens])
+    return _to_device(z, device)
+
+
+def _to_device(z: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``z`` on ``device``; noise drawn on the CPU for a CUDA state goes through pinned memory
+    with a non-blocking copy, so the host never waits for the device's queued work."""
+    device = torch.device(device)
+    if z.device.type == "cpu" and device.type == "cuda":
+        return z.pin_memory().to(device, non_blocking=True)
+    return z.to(device)
 
 
 def per_sample_generators(
@@ -157,5 +165,12 @@ def brownian_seeds(generator: Generator, batch: int) -> list[int]:
     generator (sample k depends only on generator k), else one drawn from the single generator
     (or the global RNG) for the whole batch."""
     if isinstance(generator, (list, tuple)):
-        return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
-    return [int(torch.randint(0, 2**62, (1,), generator=generator))]
+        return [_seed(g) for g in generator]
+    return [_seed(generator)]
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    """One int in [0, 2**62) drawn from ``generator`` (on its own device; the global CPU RNG for
+    ``None``). Read on the host: one read per sampling call, before the first step."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))

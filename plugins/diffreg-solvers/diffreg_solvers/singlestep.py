@@ -191,6 +191,7 @@ class Adaptive(GridSampler):
     order = 2
     nfe_per_step = 401
     stochastic = False
+    host_reads_per_step = True  # step-size control reads the error norm on the host, once per substep
 
     def __init__(
         self, rtol: float = 0.05, atol: float = 0.0078, theta: float = 0.9, max_substeps: int = 200, sigmas=None
