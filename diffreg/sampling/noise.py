@@ -157,7 +157,7 @@ class BrownianTree:
         """(W(t) - W(s)) / sqrt(|t - s|): standard normal, ``[len(seeds), *shape]`` in the tree's
         dtype and device (for a single seed, that leading 1 is kept)."""
         z = (self.value(t) - self.value(s)) / np.sqrt(abs(t - s))
-        return z.to(device=self.device, dtype=self.dtype)
+        return _to_device(z.to(self.dtype), self.device)  # computed on the host, copied without waiting
 
 
 def brownian_seeds(generator: Generator, batch: int) -> list[int]:
