@@ -34,7 +34,7 @@ def info(checkpoint: Path | None, as_json: bool) -> None:
     if layout in (DIFFUSERS_PIPELINE, DIFFUSERS_MODEL):
         report = _diffusers_report(checkpoint, layout)
     else:
-        if layout is not None and layout != DIFFREG or checkpoint.is_dir():
+        if (layout is not None and layout != DIFFREG) or checkpoint.is_dir():
             load_foreign(checkpoint)  # raises as `sample` does: names what it is and what imports it
         report = _checkpoint_report(checkpoint)
     if as_json:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 
-
 class _DefaultSteps(int):
     """``Diffusion.sample``'s default ``steps`` (50), told apart from an explicit ``steps=50``."""
 
