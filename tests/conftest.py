@@ -52,4 +52,48 @@ def pytest_report_header(config):
     return f"diffreg {diffreg.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-__all__ = ["tiny_unet_checkpoint_config"]
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """``run("sample", ...)``: the diffreg CLI in a fresh working directory (``tmp_path``), its
+    result (exit code, output); exceptions propagate (``catch_exceptions=False``)."""
+    from click.testing import CliRunner
+
+    from diffreg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+#: a training configuration small enough for a test (a few seconds per step at most)
+TINY_TRAIN = {
+    "batch_size": 8,
+    "lr": 1e-3,
+    "diffusion": {"schedule": "cosine", "num_timesteps": 50},
+    "model": {"name": "unet", "model_channels": 8, "channel_mult": [1], "attention_resolutions": [], "num_heads": 1},
+}
+
+
+def tiny_train_config(**changes):
+    """:data:`TINY_TRAIN` with ``changes`` as a ``TrainConfig``."""
+    from diffreg.training import TrainConfig
+
+    return TrainConfig.from_dict({**TINY_TRAIN, **changes})
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if a Trainer is built (the checks must come before any work)."""
+    from diffreg import training
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(training.Trainer, "__init__", forbidden)
+
+
+__all__ = ["TINY_TRAIN", "tiny_train_config", "tiny_unet_checkpoint_config"]

@@ -14,17 +14,6 @@ from PIL import Image
 from diffreg.cli import main
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
 def test_sample_writes_grid_and_npz_in_evaluator_layout(run, tiny_checkpoint, tmp_path):
     result = run(
         "sample",

@@ -10,11 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 import diffreg
-from diffreg.cli import main
 from diffreg.config import CheckpointConfig, SamplingConfig
 from diffreg.errors import ConfigError
 
@@ -22,16 +20,6 @@ pytest.importorskip("diffreg_solvers")
 
 FAST = ("--draws", 4, "--max-evals", 1, "--reference-steps", 4, "--threads", 1)
 
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 @pytest.fixture

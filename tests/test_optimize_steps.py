@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import diffreg
-from diffreg.cli import main
 from diffreg.config import SamplingConfig
 from diffreg.errors import ConfigError
 from diffreg.optimize import optimize_steps
@@ -18,16 +16,6 @@ from diffreg.testing import GaussianMixture, exact_ode_solution
 
 pytest.importorskip("diffreg_solvers")
 
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 def _rms_to_exact(diffusion, model, mixture, times, x_T):
@@ -304,7 +292,7 @@ def test_steps_for_nfe_stops_at_what_the_default_grid_has():
     # that runs 1000 steps (it failed with "steps must be in [1, 1000], got 1001")
     from diffreg.optimize import steps_for_nfe
 
-    model, diffusion, cfg = diffreg.load_checkpoint("flow-digits")
+    _, diffusion, cfg = diffreg.load_checkpoint("flow-digits")
     zero = lambda x, t, **kwargs: torch.zeros_like(x)  # noqa: E731
     sampler = diffreg.registry.create("sampler", "dpmpp_2m")
     for nfe in (1000, 1001, 10**6):

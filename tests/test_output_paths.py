@@ -14,18 +14,13 @@ import warnings
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_TRAIN, tiny_train_config
 
-from diffreg import training
 from diffreg.checkpoint import read_config
 from diffreg.cli import main
 from diffreg.training import TrainConfig, train
 
-TINY = {
-    "batch_size": 8,
-    "lr": 1e-3,
-    "diffusion": {"schedule": "cosine", "num_timesteps": 50},
-    "model": {"name": "unet", "model_channels": 8, "channel_mult": [1], "attention_resolutions": [], "num_heads": 1},
-}
+TINY = TINY_TRAIN
 TINY_SET = [
     "--set", "diffusion.schedule=cosine", "--set", "diffusion.num_timesteps=50", "--set", "model.model_channels=8",
     "--set", "model.channel_mult=[1]", "--set", "model.attention_resolutions=[]", "--set", "model.num_heads=1",
@@ -33,16 +28,8 @@ TINY_SET = [
 ]  # fmt: skip
 
 
-def _cfg(**changes):
-    return TrainConfig.from_dict({**TINY, **changes})
+_cfg = tiny_train_config
 
-
-@pytest.fixture
-def no_training(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("training started before the outputs were checked")
-
-    monkeypatch.setattr(training.Trainer, "__init__", forbidden)
 
 
 class _Drain:

@@ -10,34 +10,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_TRAIN, tiny_train_config
 from safetensors.torch import load_file, save_file
 
 import diffreg
 from diffreg import training
 from diffreg.checkpoint import read_metadata
 from diffreg.cli import main
-from diffreg.training import TrainConfig, train
+from diffreg.training import train
 
-TINY = {
-    "batch_size": 8,
-    "lr": 1e-3,
-    "diffusion": {"schedule": "cosine", "num_timesteps": 50},
-    "model": {"name": "unet", "model_channels": 8, "channel_mult": [1], "attention_resolutions": [], "num_heads": 1},
-}
+TINY = TINY_TRAIN
 
 
-def _cfg(**changes):
-    return TrainConfig.from_dict({**TINY, **changes})
+_cfg = tiny_train_config
 
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fails the test if a Trainer is built (the checks must come before any work)."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("training started before the outputs were checked")
-
-    monkeypatch.setattr(training.Trainer, "__init__", forbidden)
 
 
 # -- outputs checked before training ----------------------------------------------------------------
