@@ -27,7 +27,7 @@ from diffreg.errors import CheckpointError
 from diffreg.fileio import naming
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffreg.training import Trainer
+    from diffreg.trainer import Trainer
 
 # optimizer hyper-parameters that must match the configuration (the config governs, the file is checked)
 _CHECKED_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
@@ -168,7 +168,7 @@ def load_state(trainer: Trainer, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import load_file
 
     from diffreg.checkpoint import read_metadata
-    from diffreg.training import TrainConfig
+    from diffreg.train_config import TrainConfig
 
     shown = repr(str(path))
     meta = read_metadata(path)
