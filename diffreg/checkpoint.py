@@ -131,6 +131,20 @@ def save_checkpoint(
     return Path(path)
 
 
+def stored_float_dtype(path: str | os.PathLike[str]) -> torch.dtype | None:
+    """The one floating-point dtype a checkpoint file stores its weights in (``torch.float16`` for the
+    bundled model), or ``None`` when it mixes several or holds none: what a re-save should keep.
+
+    Raises:
+        CheckpointError / OSError: as :func:`read_metadata` for a file that is not a readable checkpoint.
+    """
+    by_name = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    with safe_open(str(path), framework="pt") as f:
+        found = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    floats = found & set(by_name)
+    return by_name[floats.pop()] if len(floats) == 1 else None
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The header metadata of a safetensors file, without reading its tensors.
 

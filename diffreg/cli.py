@@ -62,12 +62,25 @@ def _user_errors(fn):
                 return fn(*args, **kwargs)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
+        except BrokenPipeError as exc:
+            if not _from_echo(exc):  # a pipe the command writes to as an output: an error like any other
+                raise _one_line(exc) from exc
+            # the reader of our output went away (`diffreg info | head -2`): stop quietly, as shell
+            # tools do (status 141 = 128 + SIGPIPE); stdout goes to /dev/null so the exit flush is quiet
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except (Exception, SystemExit, GeneratorExit) as exc:  # SystemExit/GeneratorExit: from a component's code
             if os.environ.get("DIFFREG_DEBUG"):
                 raise
             raise _one_line(exc) from exc
 
     return wrapper
+
+
+def _from_echo(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while printing (click.echo) rather than writing a file."""
+    return any(frame.name == "echo" and "click" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
 
 
 _OOM_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate")

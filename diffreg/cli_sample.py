@@ -338,8 +338,14 @@ def sample(
     grid_name = grid if isinstance(grid, str) else json.dumps(grid) if grid is not None else "trailing"
     if isinstance(grid, dict) and grid.get("name") == "explicit" and len(grid_name) > 60:
         grid_name = f"explicit ({stats.get('steps', steps)} levels)"
+    if named is None and isinstance(grid, dict):  # the checkpoint's default grid may have a name too
+        named = next((k for k, g in cfg.sampling.grids.items() if g.grid.to_dict() == grid), None)
     if named is not None:
         grid_name = f"{named} (explicit, {stats.get('steps', steps)} levels)"
+    if unconditional and not (guidance is not None and guidance.separate_unconditional):
+        guidance_text = "unconditional"  # no labels: nothing is guided
+    else:
+        guidance_text = f"guidance {(repr(guidance) + ' ') if guidance else ''}{guidance_scale:g}"
     arrays = {"arr_0": x.numpy()}
     recorded = recorded_labels(class_label, labels)
     if recorded is not None:
@@ -354,8 +360,7 @@ def sample(
     cpu = f", {used_threads} CPU thread{'s' if used_threads > 1 else ''}" if str(device).startswith("cpu") else ""
     click.echo(
         f"{num_samples} samples with {sampler} ({stats.get('steps', steps)} steps, "
-        f"{stats.get('nfe', '?')} NFE, grid {grid_name}, guidance {(repr(guidance) + ' ') if guidance else ''}"
-        f"{guidance_scale:g}, {_clip_text(clipping)}) "
+        f"{stats.get('nfe', '?')} NFE, grid {grid_name}, {guidance_text}, {_clip_text(clipping)}) "
         f"in {elapsed:.1f} s{cpu} -> {', '.join(map(shown_path, written)) or 'nothing written'}{shown}"
     )
     finish_distributed()

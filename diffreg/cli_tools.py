@@ -98,7 +98,8 @@ def apply_settings(data: dict[str, Any], settings: tuple[str, ...]) -> dict[str,
     default=None,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a copy of CHECKPOINT with the grid stored under --name (its named grids kept) and made the "
-    "default (this sampler, its steps, the grid). OUT may be CHECKPOINT's earlier output: run twice to keep two.",
+    "default (this sampler, its steps, the grid). OUT must not be CHECKPOINT; to keep several named grids, give an "
+    "earlier run's OUT as CHECKPOINT and write a new OUT.",
 )
 @click.option(
     "--name",
@@ -133,7 +134,13 @@ def optimize_steps_command(
     of DRAWS starting points and reported on the other half. See docs/samplers.md."""
     import attrs
 
-    from diffreg.checkpoint import bundled_checkpoint_path, load_checkpoint, resolve_bundled, save_checkpoint
+    from diffreg.checkpoint import (
+        bundled_checkpoint_path,
+        load_checkpoint,
+        resolve_bundled,
+        save_checkpoint,
+        stored_float_dtype,
+    )
     from diffreg.fileio import atomic_write
     from diffreg.optimize import check_optimizable, default_reference, optimize_steps
 
@@ -196,6 +203,13 @@ def optimize_steps_command(
     for name, err in result.held_out.items():
         used = result.nfe if name == "optimized" else result.baseline_nfe[name]
         click.echo(f"  {name:<12} {err:.4g}  ({used} NFE)")
+    rival = min((k for k in result.held_out if k != "optimized"), key=lambda k: result.held_out[k])
+    if result.held_out["optimized"] >= result.held_out[rival]:
+        click.echo(
+            f"note: on the held-out draws the optimized grid ({result.held_out['optimized']:.4g}) is no better than "
+            f"{rival} ({result.held_out[rival]:.4g}); more --draws or --max-evals usually help",
+            err=True,
+        )
     shown = [float(f"{t:.6g}") for t in result.times]
     if len(shown) > 24:  # the whole grid is in --output / the checkpoint
         head, tail = json.dumps(shown[:8])[:-1], json.dumps(shown[-4:])[1:]
@@ -221,7 +235,8 @@ def optimize_steps_command(
             "reference": {**result.reference, "held_out_draws": result.draws // 2, "seed": result.seed},
         }
         sampling = cfg.sampling.with_named_grid(grid_name, preset)  # and the default, as before
-        save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling))
+        # the weights as stored (the bundled model's float16 stays float16: the file does not double)
+        save_checkpoint(save_path, model, attrs.evolve(cfg, sampling=sampling), dtype=stored_float_dtype(path))
         others = sorted(set(sampling.grids) - {grid_name})
         click.echo(
             f"wrote {shown_path(save_path)}: `diffreg sample {shown_path(save_path)}` uses {result.sampler} on this "

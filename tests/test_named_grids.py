@@ -309,3 +309,38 @@ def test_options_without_sampler_go_to_the_checkpoints_sampler(run, tiny_checkpo
     result = _sample(run, tiny_checkpoint, "--option", "order=3")
     assert result.exit_code == 1
     assert "sampler 'ddim' has no option 'order'; accepted: eta, use_clipped_model_output" in result.output
+
+
+def test_saving_keeps_the_weights_dtype_and_the_summary_names_the_default_grid(run, tmp_path):
+    from safetensors import safe_open
+
+    from diffreg.checkpoint import bundled_checkpoint_path
+
+    out = tmp_path / "fast.safetensors"
+    result = run("optimize-steps", "--nfe", 4, *FAST, "--output", "", "--save-to-checkpoint", out)
+    assert result.exit_code == 0, result.output
+    with safe_open(str(bundled_checkpoint_path()), framework="pt") as f:
+        bundled = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    with safe_open(str(out), framework="pt") as f:
+        saved = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert saved == bundled and set(bundled.values()) == {"F16"}  # not doubled to F32
+    assert out.stat().st_size < 1.05 * bundled_checkpoint_path().stat().st_size
+    result = _sample(run, out)  # the default grid is also the named grid dpmpp_2m-4
+    assert result.exit_code == 0 and "grid dpmpp_2m-4 (explicit, 4 levels)" in result.output
+
+
+def test_a_grid_no_better_than_a_baseline_on_held_out_draws_gets_a_note(run, monkeypatch):
+    import diffreg.optimize
+
+    real = diffreg.optimize.optimize_steps
+
+    def worse(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.held_out["optimized"] = 2 * max(v for k, v in result.held_out.items() if k != "optimized")
+        return result
+
+    monkeypatch.setattr(diffreg.optimize, "optimize_steps", worse)
+    result = run("optimize-steps", "--nfe", 4, *FAST, "--output", "")
+    assert result.exit_code == 0
+    assert "note: on the held-out draws the optimized grid" in result.output
+    assert "more --draws or --max-evals usually help" in result.output

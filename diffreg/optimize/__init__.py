@@ -224,7 +224,7 @@ def optimize_steps(
     say(
         f"{_sampler_name(sampler)}, at most {nfe} NFE: {steps} steps; fit error of the baselines: "
         + ", ".join(f"{k} {v:.4g}" for k, v in fit_baselines.items())
-        + f"; starting from {start_name}"
+        + f"; best: {start_name}"
     )
     lam0 = times_to_lam(process, baselines[start_name], lo, hi)
     # a spacing grid may repeat a log-SNR after clipping: spread such levels apart
