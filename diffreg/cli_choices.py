@@ -11,6 +11,7 @@ import click
 import torch
 
 from diffreg.sampling import resolve_sampler
+from diffreg.sampling.grid import explicit_length
 
 
 def _check_outputs(
@@ -212,20 +213,9 @@ def _recorded_choice(
         )
         recorded_steps = None
     if steps is None:
-        given = _explicit_levels(grid)  # --grid '[999, 500, 20]' has its own length
+        given = explicit_length(grid) if grid is not None else None  # --grid '[999, 500, 20]': its length
         steps = given if given is not None else recorded_steps if recorded_steps is not None else 50
     return sampler, sampler_obj, steps, grid
-
-
-def _explicit_levels(grid: Any) -> int | None:
-    """The number of levels of an explicit grid (a list of times, or ``{"name": "explicit",
-    "times"|"sigmas": [...]}``), else ``None``."""
-    if isinstance(grid, list):
-        return len(grid)
-    if isinstance(grid, dict) and grid.get("name") == "explicit":
-        values = grid.get("times", grid.get("sigmas"))
-        return len(values) if isinstance(values, list) else None
-    return None
 
 
 def _guidance_choice(name: str | None, pairs: tuple[str, ...], default: dict[str, Any] | None, scale: float) -> Any:

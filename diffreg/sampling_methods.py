@@ -24,19 +24,6 @@ class _DefaultSteps(int):
 DEFAULT_STEPS = _DefaultSteps(50)
 
 
-def _explicit_length(grid: Any) -> int | None:
-    """The number of levels of an explicit grid (a list of times, ``{"name": "explicit", ...}`` or
-    an explicit :class:`~diffreg.sampling.Grid`), else ``None``."""
-    from diffreg.sampling import resolve_grid
-
-    try:
-        grid_obj = resolve_grid(grid)
-    except (TypeError, ValueError):
-        return None  # not a grid at all: grid_times says why
-    values = getattr(grid_obj, "times_", None)
-    values = values if values is not None else getattr(grid_obj, "sigmas", None)
-    return len(values) if values is not None and not isinstance(values, str) else None
-
 class SamplingMethods:
     """The sampling half of :class:`~diffreg.Diffusion` (see the module docstring)."""
 
@@ -125,13 +112,12 @@ class SamplingMethods:
             grid = getattr(sampler, "grid", None) or "trailing"
         grid_obj = resolve_grid(grid)
         if steps is None:
-            explicit = getattr(grid_obj, "times_", None)
-            explicit = explicit if explicit is not None else getattr(grid_obj, "sigmas", None)
+            explicit = grid_obj.fixed_steps()
             if explicit is None and not self.process.discrete:
                 raise ValueError(
                     f"{self.process!r} is continuous: give steps= (there is no 'every timestep'), or an explicit grid"
                 )
-            steps = len(explicit) if explicit is not None else self.num_timesteps
+            steps = explicit if explicit is not None else self.num_timesteps
         return grid_obj(self.process, steps)
 
     def sample(
@@ -170,6 +156,8 @@ class SamplingMethods:
         driver_options, sampler_options = split_options(options)
         sampler_obj = resolve_sampler(sampler, sampler_options)
         if steps is DEFAULT_STEPS:  # not given: an explicit grid's own length, else 50
-            steps = None if grid is not None and _explicit_length(grid) is not None else int(steps)
+            from diffreg.sampling.grid import explicit_length
+
+            steps = None if grid is not None and explicit_length(grid) is not None else int(steps)
         times = self.grid_times(steps, grid, sampler_obj)
         return sample_loop(self, model, shape, sampler=sampler_obj, times=times, **driver_options)

@@ -154,6 +154,9 @@ class Explicit(Grid):
         times = np.asarray(process.t_from_log_snr(lam), dtype=np.float64)
         return np.clip(times, process.t_min, process.t_max)
 
+    def fixed_steps(self) -> int:
+        return len(self.times_ if self.times_ is not None else self.sigmas)
+
     def times(self, process, steps):
         arr = self.times_ if self.times_ is not None else self._sigma_times(process)
         if len(arr) != steps:

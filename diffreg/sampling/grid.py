@@ -32,6 +32,11 @@ class Grid(abc.ABC):
         """The most steps this grid can give on ``process`` (``None``: no limit)."""
         return None
 
+    def fixed_steps(self) -> int | None:
+        """The one step count this grid gives (an explicit list of levels), or ``None`` when it
+        lays out any number of steps."""
+        return None
+
     def __call__(self, process: Process, steps: int) -> np.ndarray:
         """:meth:`times`, validated.
 
@@ -57,6 +62,16 @@ class Grid(abc.ABC):
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({options})"
+
+
+def explicit_length(grid: Any) -> int | None:
+    """:meth:`Grid.fixed_steps` of ``grid`` in any form :func:`resolve_grid` accepts (a list of times
+    has its length), or ``None``: for a grid of any length, and for anything that is not a grid
+    (where the caller's later :func:`resolve_grid` says why)."""
+    try:
+        return resolve_grid(grid).fixed_steps()
+    except (TypeError, ValueError):
+        return None
 
 
 def resolve_grid(grid: str | Grid | Sequence[float] | dict[str, Any]) -> Grid:
